@@ -1,0 +1,119 @@
+"""Framing: every message is `[topic, body]` with a JSON body (plus the identity
+frame ROUTER sockets add). Nothing outside messaging/ builds or parses frames.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from messaging.channels import PROTOCOL_VERSION
+from messaging.errors import ProtocolError
+from messaging.messages import ACTIONS, MESSAGE_TYPES
+
+ENVELOPE_FIELDS = ("v", "type", "id", "sender", "ts")
+
+
+@dataclass
+class Message:
+    type: str
+    fields: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    sender: str = ""
+    ts: float = field(default_factory=time.time)
+    v: int = PROTOCOL_VERSION
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def make(type_: str, sender: str = "", **fields: Any) -> Message:
+    """Build a message, checking its fields against the declaration."""
+    msg = Message(type_, fields, sender=sender)
+    _validate(msg)
+    return msg
+
+
+def command(action: str, sender: str = "", **args: Any) -> Message:
+    """A control command; its args are checked against ACTIONS."""
+    if action not in ACTIONS:
+        raise ProtocolError(f"unknown control action {action!r}",
+                            f"use one of: {', '.join(sorted(ACTIONS))}")
+    missing = [a for a in ACTIONS[action][0] if a not in args]
+    if missing:
+        raise ProtocolError(f"command {action!r} lacks args {missing}")
+    return make("command", sender, action=action, args=args)
+
+
+def reply(to: Message, sender: str = "", *, result: dict[str, Any] | None = None,
+          error: dict[str, Any] | None = None) -> Message:
+    return make("reply", sender, re=to.id, ok=error is None, result=result or {},
+                error=error)
+
+
+def _validate(msg: Message) -> None:
+    decl = MESSAGE_TYPES.get(msg.type)
+    if decl is None:
+        raise ProtocolError(f"unknown message type {msg.type!r}")
+    for name, typ in decl.required.items():
+        if name not in msg.fields:
+            raise ProtocolError(f"{msg.type} message lacks field {name!r}")
+        if not isinstance(msg.fields[name], typ):
+            raise ProtocolError(f"{msg.type}.{name} has type "
+                                f"{type(msg.fields[name]).__name__}")
+    for name, typ in decl.optional.items():
+        if name in msg.fields and not isinstance(msg.fields[name], typ):
+            raise ProtocolError(f"{msg.type}.{name} has type "
+                                f"{type(msg.fields[name]).__name__}")
+
+
+def encode(msg: Message) -> list[bytes]:
+    body = {"v": msg.v, "type": msg.type, "id": msg.id, "sender": msg.sender,
+            "ts": msg.ts, **msg.fields}
+    return [msg.type.encode(), json.dumps(body, separators=(",", ":")).encode()]
+
+
+def decode(frames: list[bytes]) -> Message:
+    if len(frames) != 2:
+        raise ProtocolError(f"expected [topic, body], got {len(frames)} frames")
+    try:
+        body = json.loads(frames[1])
+    except ValueError as exc:
+        raise ProtocolError(f"message body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("message body is not a JSON object")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {body.get('v')!r} is not "
+                            f"{PROTOCOL_VERSION}", "run the same Berth version everywhere")
+    if frames[0].decode(errors="replace") != body.get("type"):
+        raise ProtocolError("topic frame does not match the body's type")
+    fields = {k: v for k, v in body.items() if k not in ENVELOPE_FIELDS}
+    msg = Message(str(body["type"]), fields, id=str(body.get("id", "")),
+                  sender=str(body.get("sender", "")), ts=float(body.get("ts", 0)))
+    _validate(msg)
+    return msg
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None,
+         flags: int = 0) -> None:
+    """Send on any channel socket; ROUTER ends pass the peer identity."""
+    frames = encode(msg)
+    if identity is not None:
+        frames = [identity, *frames]
+    sock.send_multipart(frames, flags=flags)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
+    """Receive one message; returns (identity or None, message)."""
+    frames = sock.recv_multipart(flags=flags)
+    identity = None
+    if sock.socket_type == zmq.ROUTER:
+        identity, frames = frames[0], frames[1:]
+    return identity, decode(frames)

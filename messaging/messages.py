@@ -1,0 +1,61 @@
+"""Message types and their fields: the shape of every body on every channel.
+
+A message body is JSON: the envelope fields (v, type, id, sender, ts) and the
+declared fields below. Unknown fields are kept (newer peers may add some); missing
+required ones are a ProtocolError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MessageType:
+    name: str
+    required: dict[str, type | tuple[type, ...]]
+    optional: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+    doc: str = ""
+
+
+_OPT_DICT = (dict, type(None))
+
+MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
+    MessageType("command", {"action": str, "args": dict},
+                doc="Controller -> runner. `action` is one of ACTIONS; the reply "
+                    "carries the same id in `re`."),
+    MessageType("reply", {"re": str, "ok": bool},
+                {"result": dict, "error": _OPT_DICT},
+                doc="Runner -> controller answer to a command; error is "
+                    "{code, message, hint}."),
+    MessageType("heartbeat", {"host": str, "interval": (int, float)},
+                {"address": str, "inventory": list, "seq": int},
+                doc="Both ways over control. A runner's carries its full inventory "
+                    "(every instance with app, release, proc, port, state, "
+                    "restarts) so the controller never depends on a single event."),
+    MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
+                doc="One app's route; route None means the app is gone. Route: "
+                    "{hosts: [..], backends: [{id, address, port}], reason: str}."),
+    MessageType("route_tick", {"seq": int},
+                doc="The publisher's latest sequence number, every second."),
+    MessageType("snapshot_request", {}, doc="Replica -> publisher: send the table."),
+    MessageType("snapshot", {"seq": int, "routes": dict},
+                doc="The whole table {app: route} as of `seq`."),
+    MessageType("log", {"app": str, "line": str},
+                {"proc": str, "release": int, "host": str, "stream": str,
+                 "build": str, "instance": str},
+                doc="One line of tenant-visible output; `proc` is web/worker/..., "
+                    "'build' for build output, 'platform' for platform events."),
+)}
+
+# Control actions: name -> (required args, what the runner does)
+ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "prepare": (("build", "app", "slug", "slug_url"),
+                "Fetch and unpack a slug, build or reuse its virtualenv; output "
+                "goes to the logs channel with build=<id>. Replies when done."),
+    "start": (("instance", "app", "release", "proc", "command", "env", "slug",
+               "slug_url"),
+              "Start one instance of a process type; replies at once, the instance "
+              "then appears in heartbeats (PREPARING, STARTING, RUNNING...)."),
+    "stop": (("instance",),
+             "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`)."),
+}
