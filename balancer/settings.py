@@ -1,0 +1,20 @@
+"""Balancer settings, declared once."""
+from __future__ import annotations
+
+from config import Setting, Spec
+
+SPEC = Spec("balancer", [
+    Setting("host_id", str, "balancer-1", "This balancer's name in logs and stats."),
+    Setting("listen_host", str, "127.0.0.1", "Address to accept client connections on (loopback only here)."),
+    Setting("listen_port", int, 8000, "Port to accept client connections on."),
+    Setting("routes_endpoint", str, "tcp://127.0.0.1:8702", "Controller's route update PUB."),
+    Setting("routes_snapshot_endpoint", str, "tcp://127.0.0.1:8703", "Controller's route snapshot ROUTER."),
+    Setting("logs_endpoint", str, "tcp://127.0.0.1:8704", "Controller's logs PULL, for access logs."),
+    Setting("max_header_bytes", int, 65536, "Largest request head accepted (431 beyond)."),
+    Setting("header_timeout", float, 10.0, "Seconds a client has to send a whole request head (408)."),
+    Setting("idle_timeout", float, 60.0, "Seconds an idle keep-alive client connection is kept."),
+    Setting("connect_timeout", float, 3.0, "Seconds to connect to a backend before trying another."),
+    Setting("response_timeout", float, 60.0, "Seconds to wait for a backend's response head (504)."),
+    Setting("snapshot_timeout", float, 2.0, "Seconds to wait for a route snapshot before asking again."),
+    Setting("log_level", str, "info", "Platform log level."),
+])
