@@ -16,5 +16,6 @@ SPEC = Spec("balancer", [
     Setting("connect_timeout", float, 3.0, "Seconds to connect to a backend before trying another."),
     Setting("response_timeout", float, 60.0, "Seconds to wait for a backend's response head (504)."),
     Setting("snapshot_timeout", float, 2.0, "Seconds to wait for a route snapshot before asking again."),
+    Setting("shutdown_timeout", float, 10.0, "Seconds in-flight requests get to finish after SIGTERM."),
     Setting("log_level", str, "info", "Platform log level."),
 ])

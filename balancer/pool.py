@@ -1,0 +1,126 @@
+"""Backend bookkeeping without I/O: which instance gets the next request, which are
+down (with exponential backoff), and the idle keep-alive connections per backend.
+
+Choice is "least outstanding of two random choices": cheap, and it avoids the herd
+that pure least-outstanding sends to a backend that just came back. Connections
+are opaque objects here; proxy.py opens, checks and closes them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+BASE_BACKOFF = 0.5      # seconds down after the first failure, doubled after each
+MAX_BACKOFF = 30.0
+MAX_IDLE = 16           # idle keep-alive connections kept per backend
+IDLE_TTL = 4.0          # seconds an idle backend connection may be reused
+
+
+def backend_key(entry: dict[str, Any]) -> str:
+    return f"{entry['address']}:{int(entry['port'])}"
+
+
+@dataclass
+class Backend:
+    key: str
+    address: str
+    port: int
+    id: str = ""
+    outstanding: int = 0
+    failures: int = 0
+    down_until: float = 0.0
+    idle: list[tuple[Any, float]] = field(default_factory=list)
+
+    def is_up(self, now: float) -> bool:
+        return now >= self.down_until
+
+
+class Pool:
+    """Every backend of every app, keyed by address:port."""
+
+    def __init__(self, rng: random.Random | None = None, *,
+                 base_backoff: float = BASE_BACKOFF, max_backoff: float = MAX_BACKOFF,
+                 max_idle: int = MAX_IDLE, idle_ttl: float = IDLE_TTL) -> None:
+        self.rng = rng or random.Random()
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self.max_idle = max_idle
+        self.idle_ttl = idle_ttl
+        self.backends: dict[str, Backend] = {}
+
+    def sync(self, table: dict[str, dict[str, Any]]) -> list[Any]:
+        """Follow a new route table: keep the state of backends still listed, add
+        new ones, forget gone ones. Returns idle connections the caller closes."""
+        wanted: dict[str, dict[str, Any]] = {}
+        for route in table.values():
+            for entry in (route or {}).get("backends") or []:
+                wanted[backend_key(entry)] = entry
+        to_close: list[Any] = []
+        for key in list(self.backends):
+            if key not in wanted:
+                to_close.extend(conn for conn, _ in self.backends.pop(key).idle)
+        for key, entry in wanted.items():
+            if key not in self.backends:
+                self.backends[key] = Backend(key, str(entry["address"]),
+                                             int(entry["port"]), str(entry.get("id", "")))
+        return to_close
+
+    def _get(self, entry: dict[str, Any]) -> Backend:
+        key = backend_key(entry)
+        backend = self.backends.get(key)
+        if backend is None:   # route seen before sync: track it anyway
+            backend = self.backends[key] = Backend(key, str(entry["address"]),
+                                                   int(entry["port"]),
+                                                   str(entry.get("id", "")))
+        return backend
+
+    def choose(self, entries: Iterable[dict[str, Any]], exclude: set[str],
+               now: float) -> Backend | None:
+        """Pick a backend for one attempt, skipping keys in `exclude` (already
+        tried for this request). Up backends first; when every one left is down,
+        the one whose backoff ends soonest (it may have recovered)."""
+        candidates = [self._get(e) for e in entries if backend_key(e) not in exclude]
+        if not candidates:
+            return None
+        up = [b for b in candidates if b.is_up(now)]
+        if not up:
+            return min(candidates, key=lambda b: b.down_until)
+        if len(up) == 1:
+            return up[0]
+        a, b = self.rng.sample(up, 2)
+        return b if b.outstanding < a.outstanding else a
+
+    def mark_down(self, backend: Backend, now: float) -> float:
+        """Record a failure; returns the backoff in seconds."""
+        backend.failures += 1
+        backoff = min(self.max_backoff, self.base_backoff * 2 ** (backend.failures - 1))
+        backend.down_until = now + backoff
+        return backoff
+
+    def mark_up(self, backend: Backend) -> None:
+        backend.failures = 0
+        backend.down_until = 0.0
+
+    def acquire(self, backend: Backend) -> None:
+        backend.outstanding += 1
+
+    def release(self, backend: Backend) -> None:
+        backend.outstanding = max(0, backend.outstanding - 1)
+
+    def take_idle(self, backend: Backend, now: float) -> tuple[Any | None, list[Any]]:
+        """The freshest idle connection still within its TTL, and the expired ones
+        for the caller to close."""
+        expired = [c for c, since in backend.idle if now - since > self.idle_ttl]
+        backend.idle = [(c, s) for c, s in backend.idle if now - s <= self.idle_ttl]
+        conn = backend.idle.pop()[0] if backend.idle else None
+        return conn, expired
+
+    def put_idle(self, backend: Backend, conn: Any, now: float) -> list[Any]:
+        """Keep a reusable connection; returns any it displaced (to close)."""
+        if self.backends.get(backend.key) is not backend:
+            return [conn]     # backend left the table meanwhile
+        backend.idle.append((conn, now))
+        overflow = backend.idle[:-self.max_idle]
+        backend.idle = backend.idle[-self.max_idle:]
+        return [c for c, _ in overflow]

@@ -1,0 +1,516 @@
+"""The eventlet I/O layer: one green thread per client connection moves bytes as
+http1.py decides, picks backends through pool.py and routes through routes.py.
+
+Per request: read and parse the head; find the app; pick a backend and get a
+connection (pooled or fresh, trying another backend when a connect fails); send
+the head; stream the request body in a second green thread while this one waits
+for the response head (so 100-continue and early answers work); stream the
+response body back; return the backend connection to the pool when it is clean.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import eventlet
+from eventlet.green import socket as gsocket
+
+from balancer import http1, pages
+from balancer.errors import BackendError, BadRequest
+from balancer.pool import Backend, Pool
+from balancer.routes import RouteIndex
+
+log = logging.getLogger(__name__)
+
+BUFSIZE = 65536
+PUMP_GRACE = 2.0     # seconds the request body pump may lag behind a finished response
+
+
+class ClientGone(Exception):
+    """The client closed or stalled; nothing more can be said to it."""
+
+
+class Retry(Exception):
+    """A reused backend connection was closed before any response byte."""
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    bytes: int = 0
+    backend: str = "-"
+    keep_alive: bool = False
+
+
+def recv(sock: Any, timeout: float) -> bytes:
+    """One recv bounded by `timeout` seconds; TimeoutError past it."""
+    with eventlet.Timeout(max(timeout, 0.001), TimeoutError):
+        return sock.recv(BUFSIZE)
+
+
+def send(sock: Any, data: bytes, timeout: float) -> None:
+    with eventlet.Timeout(max(timeout, 0.001), TimeoutError):
+        sock.sendall(data)
+
+
+def close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class ClientConn:
+    def __init__(self, sock: Any, addr: tuple[str, int]) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.buf = b""
+        self.busy = False
+        self.accepted = time.monotonic()
+
+
+class PumpState:
+    """Shared between the response reader and the request body pump."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline      # for the response head; the pump pushes it on
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Proxy:
+    def __init__(self, settings: SimpleNamespace, index: RouteIndex, pool: Pool,
+                 access_log: Callable[[str, str], None] | None = None) -> None:
+        self.s = settings
+        self.index = index
+        self.pool = pool
+        self.access_log = access_log or (lambda app, line: None)
+        self.connections: set[ClientConn] = set()
+        self.draining = False
+
+    # -- client connection --------------------------------------------------------
+
+    def handle(self, sock: Any, addr: tuple[str, int]) -> None:
+        """Serve one client connection until it closes (green thread entry)."""
+        conn = ClientConn(sock, addr)
+        self.connections.add(conn)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._serve(conn)
+        except (OSError, ClientGone, TimeoutError):
+            pass
+        except Exception:
+            log.exception("connection failed", extra={"client": addr[0]})
+        finally:
+            self.connections.discard(conn)
+            close(sock)
+
+    def drain_idle(self) -> None:
+        """On shutdown: close connections waiting for a next request."""
+        for conn in list(self.connections):
+            if not conn.busy:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _serve(self, conn: ClientConn) -> None:
+        first = True
+        while True:
+            try:
+                req = self._read_request(conn, first)
+            except BadRequest as exc:
+                self._send_page(conn, exc.status, exc.message, exc.hint, None, "")
+                return
+            if req is None:
+                return
+            conn.busy = True
+            keep = self._exchange(conn, req)
+            conn.busy = bool(conn.buf)
+            if not keep or self.draining:
+                return
+            first = False
+
+    def _read_request(self, conn: ClientConn, first: bool) -> http1.Request | None:
+        """The next request head; None when the client closed or idled out."""
+        if first:
+            deadline = conn.accepted + self.s.header_timeout
+        else:
+            if not conn.buf:
+                try:
+                    data = recv(conn.sock, self.s.idle_timeout)
+                except TimeoutError:
+                    return None
+                if not data:
+                    return None
+                conn.buf = data
+            deadline = time.monotonic() + self.s.header_timeout
+        while True:
+            found = http1.find_head(conn.buf, self.s.max_header_bytes)
+            if found:
+                start, end = found
+                head, conn.buf = conn.buf[start:end], conn.buf[end:]
+                return http1.parse_request(head)
+            try:
+                data = recv(conn.sock, deadline - time.monotonic())
+            except TimeoutError:
+                if conn.buf.strip(b"\r\n"):
+                    raise BadRequest("the request head did not arrive in time",
+                                     f"send the whole head within "
+                                     f"{self.s.header_timeout:g} seconds", status=408)
+                return None
+            if not data:
+                return None
+            conn.buf += data
+            conn.busy = True
+
+    def _send_page(self, conn: ClientConn, status: int, message: str, hint: str,
+                   req: http1.Request | None, req_id: str, keep: bool = False) -> int:
+        data = pages.render(status, message, hint,
+                            accept=req.headers.get("accept") if req else None,
+                            request_id=req_id, keep_alive=keep,
+                            head_only=bool(req and req.method == "HEAD"))
+        try:
+            send(conn.sock, data, self.s.idle_timeout)
+        except (OSError, TimeoutError):
+            pass
+        return len(data)
+
+    # -- one request --------------------------------------------------------------
+
+    def _exchange(self, conn: ClientConn, req: http1.Request) -> bool:
+        """Answer one request; returns whether the client connection stays open."""
+        started = time.monotonic()
+        req_id = http1.request_id(req.headers)
+        out = Outcome()
+        match = self.index.lookup(req.host)
+        # an answer of our own leaves any request body unread: then we must close
+        can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        if match is None:
+            out.status, out.keep_alive = 404, can_keep
+            out.bytes = self._send_page(
+                conn, 404, f"No app is served at the host {req.host!r}.",
+                "Check the address for typos. If this is your app, add this host name "
+                "to its domains and wait a few seconds for the route to spread.",
+                req, req_id, can_keep)
+            log.info("unknown host", extra={"host_name": req.host, "request_id": req_id})
+            return out.keep_alive
+        try:
+            if not match.backends:
+                out.status, out.keep_alive = 503, can_keep
+                out.bytes = self._send_page(
+                    conn, 503, f"The app {match.app!r} has no running instance.",
+                    match.reason or "Start a web process for the app and retry.",
+                    req, req_id, can_keep)
+                return out.keep_alive
+            self._forward(conn, req, match.app, match.backends, req_id, out)
+            return out.keep_alive
+        finally:
+            ms = (time.monotonic() - started) * 1000
+            self.access_log(match.app, (
+                f"method={req.method} path={req.target} status={out.status} "
+                f"bytes={out.bytes} ms={ms:.1f} request_id={req_id} "
+                f"backend={out.backend}"))
+
+    def _forward(self, conn: ClientConn, req: http1.Request, app: str,
+                 entries: list[dict[str, Any]], req_id: str, out: Outcome) -> None:
+        head = http1.backend_request_head(req, client_addr=conn.addr[0],
+                                          port=self.s.listen_port, req_id=req_id)
+        can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        tried: set[str] = set()
+        retried = False
+        fresh_only = False
+        while True:
+            backend = self.pool.choose(entries, tried, time.monotonic())
+            if backend is None:
+                out.status, out.keep_alive = 502, can_keep
+                out.bytes = self._send_page(
+                    conn, 502, f"None of the instances of {app!r} accepted a connection.",
+                    "The app may be restarting or crashing; check `berth logs` and "
+                    "retry in a few seconds.", req, req_id, can_keep)
+                return
+            bsock, reused = self._backend_socket(backend, fresh_only)
+            if bsock is None:
+                tried.add(backend.key)
+                continue
+            out.backend = backend.key
+            self.pool.acquire(backend)
+            try:
+                self._attempt(conn, req, head, backend, bsock, reused, req_id, out)
+                return
+            except Retry:
+                # idempotent, no body: safe to send again on a fresh connection
+                if retried:
+                    raise AssertionError("retried twice")  # unreachable
+                retried, fresh_only = True, True
+                log.info("pooled connection was closed; retrying on a fresh one",
+                         extra={"backend": backend.key, "request_id": req_id})
+            finally:
+                self.pool.release(backend)
+
+    def _backend_socket(self, backend: Backend, fresh_only: bool) -> tuple[Any, bool]:
+        """(socket, reused) from the pool, else a new connection; (None, False) and
+        the backend marked down when it cannot be reached."""
+        if not fresh_only:
+            while True:
+                sock, expired = self.pool.take_idle(backend, time.monotonic())
+                for old in expired:
+                    close(old)
+                if sock is None:
+                    break
+                if _still_open(sock):
+                    return sock, True
+                close(sock)
+        try:
+            sock = gsocket.create_connection((backend.address, backend.port),
+                                             timeout=self.s.connect_timeout)
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            backoff = self.pool.mark_down(backend, time.monotonic())
+            log.warning("backend unreachable; marked down",
+                        extra={"backend": backend.key, "error": str(exc),
+                               "backoff": f"{backoff:g}"})
+            return None, False
+        self.pool.mark_up(backend)
+        return sock, False
+
+    def _attempt(self, conn: ClientConn, req: http1.Request, head: bytes,
+                 backend: Backend, bsock: Any, reused: bool, req_id: str,
+                 out: Outcome) -> None:
+        retryable = reused and req.idempotent and not req.framing.has_body
+        state = PumpState(time.monotonic() + self.s.response_timeout)
+        pump = None
+        reusable = False
+        try:
+            try:
+                send(bsock, head, self.s.response_timeout)
+            except (OSError, TimeoutError):
+                if retryable:
+                    raise Retry() from None
+                raise BackendError("the app's connection failed while sending the "
+                                   "request") from None
+            if req.framing.has_body:
+                pump = eventlet.spawn(self._pump_request, conn, req, bsock, state)
+            else:
+                state.done = True
+            resp, rest = self._read_response_head(conn, req, bsock, state, retryable)
+            reusable = self._relay_response(conn, req, resp, rest, bsock, req_id, out)
+            if pump is not None and not state.done:
+                try:
+                    with eventlet.Timeout(PUMP_GRACE, TimeoutError):
+                        pump.wait()
+                except TimeoutError:
+                    pass
+            if not state.done or state.error is not None:
+                out.keep_alive = False
+                reusable = False
+        except BackendError as exc:
+            reusable = False
+            if isinstance(state.error, ClientGone):
+                out.keep_alive = False
+                return
+            if isinstance(state.error, BadRequest):
+                out.status = state.error.status
+                out.bytes = self._send_page(conn, out.status, state.error.message,
+                                            state.error.hint, req, req_id)
+                out.keep_alive = False
+                return
+            out.status = exc.status
+            log.warning("backend failed", extra={"backend": backend.key,
+                                                 "error": exc.message,
+                                                 "request_id": req_id})
+            out.bytes = self._send_page(conn, exc.status, exc.message, exc.hint, req,
+                                        req_id)
+            out.keep_alive = False
+        finally:
+            if pump is not None and not pump.dead:
+                pump.kill()
+            if reusable and not self.draining:
+                for extra in self.pool.put_idle(backend, bsock, time.monotonic()):
+                    close(extra)
+            else:
+                close(bsock)
+
+    def _pump_request(self, conn: ClientConn, req: http1.Request, bsock: Any,
+                      state: PumpState) -> None:
+        """Stream the request body client -> backend (its own green thread)."""
+        try:
+            if req.framing.kind == "length":
+                remaining = req.framing.length
+                while remaining:
+                    data, conn.buf = conn.buf, b""
+                    if not data:
+                        data = recv(conn.sock, self.s.idle_timeout)
+                        if not data:
+                            raise ClientGone()
+                    piece, conn.buf = data[:remaining], data[remaining:] + conn.buf
+                    remaining -= len(piece)
+                    send(bsock, piece, self.s.response_timeout)
+                    state.deadline = time.monotonic() + self.s.response_timeout
+            else:
+                decoder = http1.ChunkedDecoder()
+                data, conn.buf = conn.buf, b""
+                while True:
+                    if data:
+                        out = b"".join(http1.encode_chunk(p) for p in decoder.feed(data))
+                        if decoder.done:
+                            out += http1.LAST_CHUNK
+                            conn.buf = decoder.leftover
+                        if out:
+                            send(bsock, out, self.s.response_timeout)
+                            state.deadline = time.monotonic() + self.s.response_timeout
+                        if decoder.done:
+                            break
+                    data = recv(conn.sock, self.s.idle_timeout)
+                    if not data:
+                        raise ClientGone()
+            state.done = True
+        except TimeoutError:
+            state.error = ClientGone()
+            _abort(bsock)
+        except (BadRequest, ClientGone) as exc:
+            state.error = exc
+            _abort(bsock)
+        except OSError as exc:
+            # the backend stopped reading; its response (if any) still counts
+            state.error = exc
+
+    def _read_response_head(self, conn: ClientConn, req: http1.Request, bsock: Any,
+                            state: PumpState, retryable: bool
+                            ) -> tuple[http1.Response, bytes]:
+        """Wait for the final response head, relaying 1xx to the client."""
+        buf = b""
+        got_any = False
+        while True:
+            found = http1.find_head(buf, 1 << 20) if buf else None
+            if found:
+                start, end = found
+                resp = http1.parse_response(buf[start:end], req.method)
+                buf = buf[end:]
+                if resp.status == 101:
+                    raise BackendError("the app switched protocols, which this proxy "
+                                       "does not support")
+                if resp.interim:
+                    if req.version >= (1, 1):
+                        self._to_client(conn, http1.client_response_head(
+                            resp, framing_out="none", keep_alive=True, req_id=""))
+                    continue
+                return resp, buf
+            remaining = state.deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendError("the app did not answer in time",
+                                   f"the app must start its response within "
+                                   f"{self.s.response_timeout:g} seconds; look for "
+                                   "slow requests in `berth logs`", status=504)
+            try:
+                data = recv(bsock, min(remaining, 1.0))
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                if not got_any and retryable:
+                    raise Retry()
+                raise BackendError("the app closed the connection without a "
+                                   "complete response",
+                                   "the app may have crashed; check `berth logs`")
+            got_any = True
+            buf += data
+
+    def _relay_response(self, conn: ClientConn, req: http1.Request,
+                        resp: http1.Response, rest: bytes, bsock: Any, req_id: str,
+                        out: Outcome) -> bool:
+        """Send the response to the client; returns whether the backend connection
+        may be reused."""
+        kind = resp.framing.kind
+        if kind in ("chunked", "close"):
+            framing_out = "chunked" if req.version >= (1, 1) else "close"
+        else:
+            framing_out = kind
+        keep = req.keep_alive and framing_out != "close" and not self.draining
+        out.status, out.keep_alive = resp.status, keep
+        self._to_client(conn, http1.client_response_head(
+            resp, framing_out=framing_out, keep_alive=keep, req_id=req_id))
+        chunked_out = framing_out == "chunked"
+        if kind == "none":
+            return resp.keep_alive and not rest
+        if kind == "length":
+            remaining = resp.framing.length
+            data = rest
+            while True:
+                piece = data[:remaining]
+                if piece:
+                    self._to_client(conn, piece)
+                    out.bytes += len(piece)
+                    remaining -= len(piece)
+                if remaining == 0:
+                    return resp.keep_alive and len(data) == len(piece)
+                data = self._from_backend(bsock)
+                if not data:
+                    raise ClientGone()   # truncated by the app: the client sees a short body
+        decoder = http1.ChunkedDecoder() if kind == "chunked" else None
+        data = rest
+        while True:
+            if data:
+                if decoder is not None:
+                    try:
+                        pieces = decoder.feed(data)
+                    except BadRequest:
+                        raise ClientGone() from None   # bad chunking from the app
+                else:
+                    pieces = [data]
+                payload = b"".join(http1.encode_chunk(p) if chunked_out else p
+                                   for p in pieces)
+                out.bytes += sum(len(p) for p in pieces)
+                if decoder is not None and decoder.done:
+                    if chunked_out:
+                        payload += http1.LAST_CHUNK
+                    if payload:
+                        self._to_client(conn, payload)
+                    return resp.keep_alive and not decoder.leftover
+                if payload:
+                    self._to_client(conn, payload)
+            data = self._from_backend(bsock)
+            if not data:
+                if decoder is not None:
+                    raise ClientGone()       # chunked body cut short
+                if chunked_out:
+                    self._to_client(conn, http1.LAST_CHUNK)
+                return False
+
+    def _from_backend(self, bsock: Any) -> bytes:
+        try:
+            return recv(bsock, self.s.response_timeout)
+        except (OSError, TimeoutError):
+            raise ClientGone() from None   # head already sent: all we can do is close
+
+    def _to_client(self, conn: ClientConn, data: bytes) -> None:
+        try:
+            send(conn.sock, data, self.s.idle_timeout)
+        except (OSError, TimeoutError):
+            raise ClientGone() from None
+
+
+def _still_open(sock: Any) -> bool:
+    """An idle pooled connection is usable if it has neither closed nor sent
+    anything unasked."""
+    raw = getattr(sock, "fd", sock)
+    try:
+        data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False   # closed (b"") or unexpected bytes: either way not reusable
+
+
+def _abort(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,184 @@
+"""The whole platform on one machine: controller, runners and balancers as child
+processes, each with its own data dir and loopback address. `berth up` and the test
+fixtures both use this, so the tests start the platform exactly as a newcomer does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from messaging.errors import BerthError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class Ports:
+    api: int = 8700
+    control: int = 8701
+    routes: int = 8702
+    snapshot: int = 8703
+    logs: int = 8704
+    balancer: int = 8000
+
+    @classmethod
+    def free(cls) -> "Ports":
+        return cls(*(free_port() for _ in range(6)))
+
+
+@dataclass
+class LocalPlatform:
+    data_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    runners: list[tuple[str, str]] = field(default_factory=lambda: [("runner-1", "127.0.0.1")])
+    venv_cache_dir: str = ""
+    drain_seconds: float = 2.0
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "controller" / "admin.token").read_text().strip()
+
+    def config_path(self) -> Path:
+        return self.data_dir / "berth.yaml"
+
+    def write_config(self) -> Path:
+        p, host = self.ports, "tcp://127.0.0.1"
+        zmq = {"routes_endpoint": f"{host}:{p.routes}",
+               "routes_snapshot_endpoint": f"{host}:{p.snapshot}"}
+        cfg = {
+            "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
+                           "control_endpoint": f"{host}:{p.control}",
+                           "logs_endpoint": f"{host}:{p.logs}", "balancer_port": p.balancer,
+                           "drain_seconds": self.drain_seconds, **zmq},
+            "runner": {"control_endpoint": f"{host}:{p.control}",
+                       "logs_endpoint": f"{host}:{p.logs}", "controller_url": self.api_url,
+                       "venv_cache_dir": self.venv_cache_dir},
+            "balancer": {"listen_port": p.balancer, "logs_endpoint": f"{host}:{p.logs}", **zmq},
+        }
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path().write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return self.config_path()
+
+    def _spawn(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(self.config_path())],
+            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def check_ports(self) -> None:
+        p = self.ports
+        for port in (p.balancer, p.api, p.control, p.routes, p.snapshot, p.logs):
+            if port_in_use("127.0.0.1", port):
+                raise BerthError(f"port {port} on 127.0.0.1 is already in use",
+                                 "stop what uses it (another `berth up`? try `berth down`) "
+                                 "or pick other ports")
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.check_ports()
+        self.write_config()
+        runner_token = self.data_dir / "controller" / "runner.token"
+        self.start_controller()
+        self._wait(lambda: self._health() is not None, timeout, "controller")
+        for name, address in self.runners:
+            self.start_runner(name, address, runner_token.read_text().strip())
+        self._wait(lambda: (self._health() or {}).get("runners", 0) >= len(self.runners),
+                   timeout, "runners")
+        self.start_balancer("balancer-1", self.ports.balancer)
+
+    def start_controller(self) -> None:
+        self._spawn("controller", "controller", {})
+
+    def start_runner(self, name: str, address: str, token: str | None = None) -> None:
+        token = token or (self.data_dir / "controller" / "runner.token").read_text().strip()
+        self._spawn(name, "runner", {
+            "BERTH_RUNNER_HOST_ID": name, "BERTH_RUNNER_ADDRESS": address,
+            "BERTH_RUNNER_DATA_DIR": str(self.data_dir / name),
+            "BERTH_RUNNER_RUNNER_TOKEN": token})
+
+    def start_balancer(self, name: str, port: int, timeout: float = 30.0) -> None:
+        self._spawn(name, "balancer", {"BERTH_BALANCER_HOST_ID": name,
+                                       "BERTH_BALANCER_LISTEN_PORT": str(port)})
+        self._wait(lambda: port_in_use("127.0.0.1", port), timeout, name)
+
+    def _health(self) -> dict[str, int] | None:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/v1/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            return None
+
+    def _wait(self, ready, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+            if dead:
+                name = next(iter(dead))
+                raise BerthError(f"{name} exited with code {dead[name]} while starting:\n"
+                                 + self.log_tail(name),
+                                 f"see {self.data_dir / 'logs' / (name + '.log')}")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise BerthError(f"{what} did not become ready within {timeout:.0f}s",
+                         f"see the logs in {self.data_dir / 'logs'}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.data_dir / "logs" / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def died(self) -> dict[str, int]:
+        return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+
+    def stop_one(self, name: str, timeout: float = 20.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop(self) -> None:
+        """Balancers first, then runners (which stop their apps), then the controller."""
+        order = sorted(self.procs, key=lambda n: (n == "controller", n.startswith("runner")))
+        for name in order:
+            self.stop_one(name)

@@ -1,0 +1,15 @@
+"""CLI settings, declared once (environment only: BERTH_CLI_*)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from config import Setting, Spec
+
+SPEC = Spec("cli", [
+    Setting("config_dir", str, str(Path(os.path.expanduser("~")) / ".config" / "berth"),
+            "Where `berth login` and `berth up` keep the API URL and token."),
+    Setting("api_url", str, "", "Controller API URL; overrides the saved login."),
+    Setting("token", str, "", "API token; overrides the saved login."),
+    Setting("deploy_timeout", float, 300.0, "Seconds `berth push` waits for the release to run."),
+])

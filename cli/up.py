@@ -1,0 +1,117 @@
+"""`berth up` / `berth down`: the platform on one machine for a newcomer."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from cli import credentials
+from cli.localplatform import LocalPlatform, Ports
+from cli.output import handle_errors, step
+from messaging.errors import BerthError
+
+PIDFILE = "up.pid"
+
+
+@click.command()
+@click.option("--data-dir", default=".berth-data", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where state, slugs, virtualenvs and logs live; reuse it to resume.")
+@click.option("--port", default=8000, show_default=True, help="Balancer port on 127.0.0.1.")
+@click.option("--api-port", default=8700, show_default=True, help="Controller API port.")
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; stop with `berth down`.")
+@handle_errors
+def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
+    """Start controller, runner and balancer here; Ctrl-C stops them all."""
+    data_dir = data_dir.resolve()
+    if detach:
+        return _detach(data_dir, port, api_port)
+    ports = Ports(api=api_port, control=api_port + 1, routes=api_port + 2,
+                  snapshot=api_port + 3, logs=api_port + 4, balancer=port)
+    platform = LocalPlatform(data_dir, ports)
+    stopping = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        platform.start()
+        path = credentials.save(platform.api_url, platform.admin_token)
+        (data_dir / PIDFILE).write_text(str(os.getpid()))
+        step(f"Berth is up: balancer http://127.0.0.1:{port}  API {platform.api_url}")
+        step(f"Admin token saved in {path}; state in {data_dir}")
+        step("Push an app: berth apps create hello && berth push examples/hello")
+        step("Ctrl-C stops everything")
+        while not stopping:
+            dead = platform.died()
+            if dead:
+                name = next(iter(dead))
+                raise BerthError(f"{name} exited with code {dead[name]}:\n"
+                                 + platform.log_tail(name),
+                                 f"see {data_dir / 'logs' / (name + '.log')}; run `berth up` "
+                                 "again to resume")
+            time.sleep(0.3)
+    finally:
+        if platform.procs:
+            step("Stopping balancer, runner and controller...")
+        platform.stop()
+        (data_dir / PIDFILE).unlink(missing_ok=True)
+
+
+def _detach(data_dir: Path, port: int, api_port: int) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir / "up.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir),
+                             "--port", str(port), "--api-port", str(api_port)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 90
+    pidfile = data_dir / PIDFILE
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (data_dir / "up.log").read_text(errors="replace").splitlines()[-15:]
+            raise BerthError("berth up failed to start:\n" + "\n".join(tail),
+                             f"see {data_dir / 'up.log'}")
+        if pidfile.exists() and pidfile.read_text().strip() == str(proc.pid):
+            step(f"Berth is up in the background (pid {proc.pid}); balancer "
+                 f"http://127.0.0.1:{port}; stop it with `berth down --data-dir {data_dir}`")
+            return
+        time.sleep(0.2)
+    proc.terminate()
+    raise BerthError("berth up did not become ready within 90s", f"see {data_dir / 'up.log'}")
+
+
+@click.command()
+@click.option("--data-dir", default=".berth-data", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path))
+@handle_errors
+def down(data_dir: Path) -> None:
+    """Stop a `berth up --detach` running from DATA_DIR."""
+    pidfile = data_dir.resolve() / PIDFILE
+    if not pidfile.exists():
+        raise BerthError(f"no running `berth up` found in {data_dir}",
+                         "pass the --data-dir you started it with")
+    pid = int(pidfile.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pidfile.unlink(missing_ok=True)
+        step("It had already stopped.")
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            step("Berth stopped.")
+            return
+        time.sleep(0.2)
+    raise BerthError(f"berth up (pid {pid}) did not stop within 60s",
+                     f"look at {data_dir / 'up.log'}; `kill {pid}` ends it")

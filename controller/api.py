@@ -1,0 +1,339 @@
+"""The HTTP JSON API the CLI speaks (and runners fetch slugs from).
+
+Plain `http.server` in threads: the API is low-volume and mostly waits on the loop,
+so a framework would add a dependency without earning it. Every error is
+`{"error": {"code", "message", "hint"}}` with a fitting status. Bearer tokens:
+user tokens from the store; the runner token only for slugs.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+from controller import slugcheck
+from controller.errors import Invalid, NotFound, Unauthorized
+from controller.logstore import format_line
+from messaging.errors import BerthError
+
+if TYPE_CHECKING:
+    from controller.daemon import Controller
+
+log = logging.getLogger(__name__)
+
+MAX_JSON = 1 << 20
+SLUG_NAME = re.compile(r"^[0-9a-f]{64}$")
+ROUTES: list[tuple[str, re.Pattern[str], str]] = []
+
+
+def route(method: str, pattern: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        ROUTES.append((method, re.compile(f"^{pattern}$"), fn.__name__))
+        return fn
+    return deco
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "ApiServer"
+
+    # -- plumbing -----------------------------------------------------------
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("api %s", fmt % args)
+
+    def _dispatch(self) -> None:
+        self.url = urlsplit(self.path)
+        self.query = {k: v[-1] for k, v in parse_qs(self.url.query).items()}
+        try:
+            for method, pattern, name in ROUTES:
+                m = pattern.match(self.url.path)
+                if m and method == self.command:
+                    if name != "health":
+                        self._auth(slug=name == "get_slug")
+                    getattr(self, name)(*m.groups())
+                    return
+            if any(p.match(self.url.path) for _, p, _ in ROUTES):
+                raise BerthError(f"method {self.command} is not allowed on {self.url.path}",
+                                 "see docs/architecture.md for the API", code="method",
+                                 status=405)
+            raise NotFound(f"no API endpoint {self.url.path}",
+                           "check that the CLI and the controller are the same version")
+        except BerthError as exc:
+            self._json(exc.status, {"error": exc.to_dict()}, close=exc.status == 413)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:               # keep the server up; tell the user
+            log.exception("api error", extra={"path": self.url.path})
+            self._json(500, {"error": {"code": "internal", "message": f"internal error: {exc}",
+                                       "hint": "see the controller's log"}})
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+
+    def _auth(self, slug: bool = False) -> None:
+        header = self.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise Unauthorized("missing bearer token",
+                               "log in with `berth login --token TOKEN` (the token is in "
+                               "the data directory's admin.token)")
+        token = header[7:].strip()
+        if slug and hmac.compare_digest(token, self.server.controller.runner_token):
+            return
+        if slug or self.server.controller.store.token_name(token) is None:
+            raise Unauthorized("the token is not recognized",
+                               "log in again with `berth login --token TOKEN`")
+
+    def _json(self, status: int, body: Any, close: bool = False) -> None:
+        data = json.dumps(body, indent=None).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_JSON:
+            raise Invalid("request body too large", "send less than 1 MB of JSON")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise Invalid(f"request body is not JSON: {exc}", "send a JSON object") from exc
+
+    def _stream_start(self, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def _chunk(self, text: str) -> None:
+        data = text.encode()
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def _stream_end(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    @property
+    def c(self) -> "Controller":
+        return self.server.controller
+
+    # -- endpoints ----------------------------------------------------------
+    @route("GET", r"/v1/health")
+    def health(self) -> None:
+        self._json(200, {"ok": True, "runners": len(self.c.hosts())})
+
+    @route("GET", r"/v1/hosts")
+    def get_hosts(self) -> None:
+        seq, table = self.c.routes()
+        self._json(200, {"runners": self.c.hosts(), "routes_seq": seq})
+
+    @route("GET", r"/v1/routes")
+    def get_routes(self) -> None:
+        seq, table = self.c.routes()
+        self._json(200, {"seq": seq, "routes": table})
+
+    @route("GET", r"/v1/apps")
+    def list_apps(self) -> None:
+        apps = []
+        for name in self.c.store.list_apps():
+            rel = self.c.store.current_release(name)
+            apps.append({"name": name, "release": rel.version if rel else None,
+                         "url": self.c_url(name)})
+        self._json(200, {"apps": apps})
+
+    def c_url(self, app: str) -> str:
+        s = self.c.settings
+        port = "" if s.balancer_port == 80 else f":{s.balancer_port}"
+        return f"http://{app}.{s.base_domain}{port}/"
+
+    @route("POST", r"/v1/apps")
+    def create_app(self) -> None:
+        body = self._body()
+        app = self.c.store.create_app(str(body.get("name", "")))
+        self.c.wake()
+        self._json(201, {**app, "url": self.c_url(app["name"])})
+
+    @route("GET", r"/v1/apps/([^/]+)")
+    def get_app(self, app: str) -> None:
+        self.c.store.require_app(app)
+        rel = self.c.store.current_release(app)
+        self._json(200, {"name": app, "release": rel.public() if rel else None,
+                         "formation": self.c.store.formation(app), "url": self.c_url(app),
+                         "domains": self.c.store.domains(app).get(app, [])})
+
+    @route("DELETE", r"/v1/apps/([^/]+)")
+    def destroy_app(self, app: str) -> None:
+        self.c.store.destroy_app(app)
+        self.c.logs.forget(app)
+        self.c.wake()
+        self._json(200, {"destroyed": app})
+
+    @route("POST", r"/v1/apps/([^/]+)/builds")
+    def create_build(self, app: str) -> None:
+        self.c.store.require_app(app)
+        if self.headers.get("Content-Length") is None:
+            raise BerthError("the push has no Content-Length", "push with `berth push`",
+                             code="length_required", status=411)
+        s = self.c.settings
+        path, sha = slugcheck.receive(self.rfile, int(self.headers["Content-Length"]),
+                                      self.c.data_dir / "uploads", s.max_upload_mb << 20)
+        try:
+            checked = slugcheck.check(path, sha, max_unpacked=s.max_unpacked_mb << 20,
+                                      max_files=s.max_files)
+            dest = self.c.data_dir / "slugs" / f"{sha}.tar.gz"
+            path.replace(dest)
+        finally:
+            path.unlink(missing_ok=True)
+        build = self.c.store.add_build(app, sha, checked.procfile)
+        self.c.logs.build_line(build, f"-----> Received {checked.size / 1024:.0f} kB, "
+                                      f"{checked.files} files (slug {sha[:12]})")
+        self.c.logs.build_line(build, "-----> Process types: " + ", ".join(
+            f"{k}: {v}" for k, v in checked.procfile.items()))
+        self.c.submit_build(build)
+        self._json(201, {"build": build, "slug": sha, "procfile": checked.procfile})
+
+    @route("GET", r"/v1/builds/([0-9a-f]+)")
+    def get_build(self, build: str) -> None:
+        self._json(200, self.c.store.build(build))
+
+    @route("GET", r"/v1/builds/([0-9a-f]+)/log")
+    def build_log(self, build: str) -> None:
+        self.c.store.build(build)
+        offset = int(self.query.get("offset", 0))
+        deadline = time.monotonic() + 1800
+        self._stream_start()
+        while time.monotonic() < deadline:
+            lines, done = self.c.logs.build_read(build, offset, 1.0)
+            offset += len(lines)
+            self._chunk("".join(line + "\n" for line in lines))
+            if done and not lines:
+                break
+        self._stream_end()
+
+    @route("GET", r"/v1/apps/([^/]+)/ps")
+    def ps(self, app: str) -> None:
+        self.c.store.require_app(app)
+        self._json(200, {"instances": self.c.instances(app),
+                         "formation": self.c.store.formation(app)})
+
+    @route("POST", r"/v1/apps/([^/]+)/formation")
+    def scale(self, app: str) -> None:
+        body = self._body()
+        if not isinstance(body, dict) or not body:
+            raise Invalid("nothing to scale", "give counts like `berth scale web=2`")
+        formation = self.c.store.scale(app, body)
+        self.c.wake()
+        self._json(200, {"formation": formation})
+
+    @route("GET", r"/v1/apps/([^/]+)/config")
+    def get_config(self, app: str) -> None:
+        self.c.store.require_app(app)
+        rel = self.c.store.current_release(app)
+        self._json(200, {"config": rel.config if rel else {}})
+
+    @route("PATCH", r"/v1/apps/([^/]+)/config")
+    def patch_config(self, app: str) -> None:
+        body = self._body()
+        if not isinstance(body, dict) or not body:
+            raise Invalid("no config changes given", "use `berth config set KEY=value`")
+        rel = self.c.store.change_config(app, body)
+        self.c.wake()
+        self._json(200, {"release": rel.version, "config": rel.config})
+
+    @route("GET", r"/v1/apps/([^/]+)/releases")
+    def releases(self, app: str) -> None:
+        cur = self.c.store.current_release(app)
+        self._json(200, {"releases": [r.public() for r in self.c.store.releases(app)],
+                         "current": cur.version if cur else None})
+
+    @route("POST", r"/v1/apps/([^/]+)/rollback")
+    def rollback(self, app: str) -> None:
+        version = self._body().get("version")
+        if version is not None and not isinstance(version, int):
+            raise Invalid(f"release version must be a number, got {version!r}",
+                          "use `berth rollback 3` or `berth rollback v3`")
+        rel = self.c.store.rollback(app, version)
+        self.c.wake()
+        self._json(200, {"release": rel.public()})
+
+    @route("GET", r"/v1/apps/([^/]+)/domains")
+    def list_domains(self, app: str) -> None:
+        self.c.store.require_app(app)
+        self._json(200, {"domains": self.c.store.domains(app).get(app, []),
+                         "default": f"{app}.{self.c.settings.base_domain}"})
+
+    @route("POST", r"/v1/apps/([^/]+)/domains")
+    def add_domain(self, app: str) -> None:
+        self.c.store.add_domain(app, str(self._body().get("hostname", "")),
+                                self.c.settings.base_domain)
+        self.c.wake()
+        self._json(201, {"domains": self.c.store.domains(app).get(app, [])})
+
+    @route("DELETE", r"/v1/apps/([^/]+)/domains/([^/]+)")
+    def remove_domain(self, app: str, hostname: str) -> None:
+        self.c.store.remove_domain(app, hostname)
+        self.c.wake()
+        self._json(200, {"domains": self.c.store.domains(app).get(app, [])})
+
+    @route("GET", r"/v1/apps/([^/]+)/logs")
+    def app_logs(self, app: str) -> None:
+        self.c.store.require_app(app)
+        lines = max(0, min(int(self.query.get("lines", 100)), 5000))
+        entries, last = self.c.logs.tail(app, lines)
+        follow = self.query.get("follow") in ("1", "true")
+        self._stream_start()
+        self._chunk("".join(format_line(e) + "\n" for e in entries))
+        while follow and not self.server.stopping.is_set():
+            entries, last = self.c.logs.wait_after(app, last, 1.0)
+            self._chunk("".join(format_line(e) + "\n" for e in entries))
+            if not entries:
+                self._chunk("")      # nothing; the next write notices a gone client
+        self._stream_end()
+
+    @route("GET", r"/v1/slugs/([^/]+)")
+    def get_slug(self, sha: str) -> None:
+        if not SLUG_NAME.match(sha):
+            raise Invalid(f"invalid slug id {sha!r}")
+        path: Path = self.c.data_dir / "slugs" / f"{sha}.tar.gz"
+        if not path.exists():
+            raise NotFound(f"slug {sha} not found", "push the app again")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/gzip")
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.end_headers()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 16):
+                self.wfile.write(chunk)
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, controller: "Controller", host: str, port: int) -> None:
+        super().__init__((host, port), Handler)
+        self.controller = controller
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,147 @@
+"""Desired state in, commands and routes out.
+
+`plan` is pure: it compares what the store wants (release, formation) with what the
+runners report in their heartbeats (plus starts already sent but not yet reported)
+and says what to start, drain and stop, and what each app's route is. The daemon
+runs it in a loop; running it twice on the same input gives the same plan, so a
+lost message is repaired by the next pass.
+
+Deploys are "preboot": instances of the new release start beside the old ones, and
+the old ones are drained only once as many new ones are RUNNING (health-checked) as
+the formation asks for. A release that cannot start leaves the old one serving.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+LIVE = {"PENDING", "PREPARING", "STARTING", "RUNNING", "BACKOFF", "FATAL"}
+
+
+@dataclass
+class StartSpec:
+    host: str
+    instance: str
+    app: str
+    release: Any          # store.Release
+    proc: str
+
+
+@dataclass
+class Plan:
+    starts: list[StartSpec] = field(default_factory=list)
+    drains: list[str] = field(default_factory=list)
+    stops: list[tuple[str, str]] = field(default_factory=list)   # (host, instance)
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def flatten(observed: dict[str, dict[str, Any]],
+            pending: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every instance on every live host, plus sent-but-unreported starts."""
+    out = []
+    seen = set()
+    for host, beat in observed.items():
+        for inst in beat.get("inventory", []):
+            out.append({**inst, "host": host})
+            seen.add(inst["instance"])
+    for iid, p in pending.items():
+        if iid not in seen:
+            out.append({"instance": iid, "state": "PENDING", "port": None, **p})
+    return out
+
+
+def _reason(app: str, release: Any, formation: dict[str, int], insts: list[dict[str, Any]],
+            hosts: int) -> str:
+    if release is None or not release.slug:
+        return f"app '{app}' has no release yet; deploy it with `berth push`"
+    if formation.get("web", 0) == 0:
+        return f"no web process is running; scale it up with `berth scale web=1 -a {app}`"
+    if hosts == 0:
+        return "no runner host is available to run the app; the operator has been told"
+    web = [i for i in insts if i["proc"] == "web"]
+    if web and all(i["state"] == "FATAL" for i in web):
+        return (f"the app crashed on start (release v{release.version}); "
+                f"see `berth logs -a {app}`")
+    return f"the app is starting (release v{release.version}); try again in a few seconds"
+
+
+def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]],
+         pending: dict[str, dict[str, Any]], draining: dict[str, float],
+         stopping: set[str], now: float, drain_seconds: float,
+         base_domain: str) -> Plan:
+    result = Plan()
+    insts = [i for i in flatten(observed, pending)
+             if i["state"] != "STOPPING" and i["instance"] not in stopping]
+    load = {host: 0 for host in observed}
+    for i in insts:
+        if i["host"] in load:
+            load[i["host"]] += 1
+
+    def retire(inst: dict[str, Any]) -> None:
+        if inst["instance"] in draining:
+            return
+        if inst["proc"] == "web" and inst["state"] == "RUNNING":
+            result.drains.append(inst["instance"])
+        elif inst["state"] != "PENDING":
+            result.stops.append((inst["host"], inst["instance"]))
+
+    by_app: dict[str, list[dict[str, Any]]] = {}
+    for i in insts:
+        by_app.setdefault(i["app"], []).append(i)
+
+    for app, want in desired.items():
+        release = want["release"]
+        mine = [i for i in by_app.get(app, []) if i["instance"] not in draining]
+        wanted = {}
+        if release is not None and release.slug:
+            wanted = {p: n for p, n in want["formation"].items() if p in release.procfile}
+        for proc in sorted(set(wanted) | {i["proc"] for i in mine}):
+            n = wanted.get(proc, 0)
+            cur = [i for i in mine if i["proc"] == proc and release
+                   and i["release"] == release.version and i["state"] in LIVE]
+            old = [i for i in mine if i["proc"] == proc and i not in cur]
+            missing = n - len(cur)
+            for _ in range(max(0, missing)):
+                if not load:
+                    break
+                host = min(sorted(load), key=lambda h: load[h])
+                load[host] += 1
+                result.starts.append(StartSpec(host, new_instance_id(), app, release, proc))
+            if missing < 0:
+                extras = sorted(cur, key=lambda i: (i["state"] == "RUNNING", -i.get("since", 0)))
+                for inst in extras[:-missing]:
+                    retire(inst)
+            ready = sum(1 for i in cur if i["state"] == "RUNNING")
+            if ready >= n:
+                for inst in old:
+                    retire(inst)
+        backends = [{"id": i["instance"], "address": i["address"], "port": i["port"]}
+                    for i in mine if i["proc"] == "web" and i["state"] == "RUNNING"
+                    and i["port"] and i["instance"] not in result.drains]
+        backends.sort(key=lambda b: b["id"])
+        route: dict[str, Any] = {
+            "hosts": [f"{app}.{base_domain}", *want["domains"]],
+            "backends": backends,
+        }
+        if not backends:
+            route["reason"] = _reason(app, release, want["formation"],
+                                      [i for i in mine if release and i["release"] == release.version],
+                                      len(observed))
+        result.routes[app] = route
+
+    for app, gone in by_app.items():
+        if app not in desired:
+            for inst in gone:
+                retire(inst)
+
+    for iid, since in draining.items():
+        if now - since >= drain_seconds:
+            host = next((i["host"] for i in insts if i["instance"] == iid), None)
+            if host is not None:
+                result.stops.append((host, iid))
+    return result

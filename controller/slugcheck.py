@@ -1,0 +1,110 @@
+"""Checking a pushed tarball before anything is stored.
+
+The tarball comes from a user and is hostile until proven otherwise: every member
+goes through tarfile's own `data_filter` (the stdlib's vetted rules for absolute
+paths, `..`, links that leave the tree and special files), and sizes are bounded so
+a gzip bomb costs us nothing. Then the app must have what it needs to run.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from controller.errors import Invalid, TooLarge
+
+PROC_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,29}$")
+
+
+@dataclass
+class CheckedSlug:
+    sha256: str
+    size: int
+    files: int
+    unpacked: int
+    procfile: dict[str, str]
+
+
+def receive(stream: BinaryIO, length: int, dest_dir: Path, max_bytes: int) -> tuple[Path, str]:
+    """Copy an upload of `length` bytes to a temp file, hashing as it goes."""
+    if length > max_bytes:
+        raise TooLarge(f"the push is {length / 1e6:.1f} MB, above the limit of "
+                       f"{max_bytes / 1e6:.0f} MB",
+                       "add large files to .gitignore (data, media, virtualenvs) and push again")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd = tempfile.NamedTemporaryFile(dir=dest_dir, suffix=".upload", delete=False)
+    with fd:
+        left = length
+        while left:
+            chunk = stream.read(min(left, 1 << 16))
+            if not chunk:
+                Path(fd.name).unlink()
+                raise Invalid(f"the upload ended after {length - left} of {length} bytes",
+                              "push again; check your network connection")
+            digest.update(chunk)
+            fd.write(chunk)
+            left -= len(chunk)
+    return Path(fd.name), digest.hexdigest()
+
+
+def parse_procfile(text: str) -> dict[str, str]:
+    procs: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, command = line.partition(":")
+        name, command = name.strip(), command.strip()
+        if not sep or not PROC_NAME.match(name) or not command:
+            raise Invalid(f"Procfile line {number} is not `type: command`: {raw!r}",
+                          "write lines like `web: gunicorn app:app`")
+        procs[name] = command
+    return procs
+
+
+def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> CheckedSlug:
+    """Validate a gzip tarball; raises Invalid/TooLarge naming the offending member."""
+    files = unpacked = 0
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                files += 1
+                if files > max_files:
+                    raise TooLarge(f"the push has more than {max_files} files",
+                                   "add generated files and dependencies to .gitignore")
+                try:
+                    tarfile.data_filter(member, "/slug")
+                except tarfile.FilterError as exc:
+                    raise Invalid(f"unsafe path in push: {member.name!r}: {exc}",
+                                  "remove links that point outside the app directory and "
+                                  "paths with `..`, then push again") from exc
+                if member.issym() or member.islnk():
+                    continue
+                unpacked += member.size
+                if unpacked > max_unpacked:
+                    raise TooLarge(f"the push unpacks to more than {max_unpacked / 1e6:.0f} MB",
+                                   "add large files to .gitignore and push again")
+                name = member.name.removeprefix("./")
+                if name in ("requirements.txt", "Procfile") and member.isfile():
+                    fobj = tar.extractfile(member)
+                    found[name] = fobj.read(1 << 20) if fobj else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise Invalid(f"the push is not a readable gzip tarball: {exc}",
+                      "push with `berth push`, which packs the directory for you") from exc
+    if "requirements.txt" not in found:
+        raise Invalid("the app has no requirements.txt at its top level",
+                      "add requirements.txt listing your dependencies, including gunicorn")
+    if "Procfile" not in found:
+        raise Invalid("the app has no Procfile at its top level",
+                      "add a Procfile with a line like `web: gunicorn app:app`")
+    procfile = parse_procfile(found["Procfile"].decode("utf-8", errors="replace"))
+    if "web" not in procfile:
+        raise Invalid("the Procfile declares no `web` process",
+                      "add a line like `web: gunicorn app:app` to the Procfile")
+    return CheckedSlug(sha256, path.stat().st_size, files, unpacked, procfile)

@@ -1,0 +1,354 @@
+"""The controller's state store: desired state, durable across restarts.
+
+SQLite by default. The SQL is kept portable (no SQLite-only syntax beyond the
+`?` paramstyle, which a PostgreSQL backend translates) because a standby controller
+will run the same schema on PostgreSQL. The schema is created and migrated here:
+MIGRATIONS is append-only, each entry one schema version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.errors import Conflict, Invalid, NotFound, app_not_found
+
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE apps (name VARCHAR(64) PRIMARY KEY, created_at DOUBLE PRECISION NOT NULL)",
+        "CREATE TABLE releases (app VARCHAR(64) NOT NULL, version INTEGER NOT NULL, "
+        "slug VARCHAR(64), procfile TEXT NOT NULL, config TEXT NOT NULL, "
+        "description TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "PRIMARY KEY (app, version))",
+        "CREATE TABLE formation (app VARCHAR(64) NOT NULL, proc VARCHAR(64) NOT NULL, "
+        "count INTEGER NOT NULL, PRIMARY KEY (app, proc))",
+        "CREATE TABLE builds (id VARCHAR(32) PRIMARY KEY, app VARCHAR(64) NOT NULL, "
+        "slug VARCHAR(64) NOT NULL, procfile TEXT NOT NULL, status VARCHAR(16) NOT NULL, "
+        "release_version INTEGER, error TEXT, created_at DOUBLE PRECISION NOT NULL, "
+        "finished_at DOUBLE PRECISION)",
+        "CREATE TABLE domains (hostname VARCHAR(255) PRIMARY KEY, app VARCHAR(64) NOT NULL)",
+        "CREATE TABLE tokens (hash VARCHAR(64) PRIMARY KEY, name VARCHAR(64) NOT NULL, "
+        "created_at DOUBLE PRECISION NOT NULL)",
+    ],
+]
+
+APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
+CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+RESERVED_KEYS = {"PORT", "PATH", "HOME", "GUNICORN_CMD_ARGS"}
+
+
+@dataclass
+class Release:
+    app: str
+    version: int
+    slug: str | None
+    procfile: dict[str, str]
+    config: dict[str, str]
+    description: str
+    created_at: float
+
+    def public(self) -> dict[str, Any]:
+        return {"version": self.version, "slug": self.slug, "description": self.description,
+                "created_at": self.created_at, "procfile": self.procfile,
+                "config_keys": sorted(self.config)}
+
+
+def check_app_name(name: str) -> None:
+    if not APP_NAME.match(name or ""):
+        raise Invalid(f"invalid app name {name!r}",
+                      "use 2-30 lowercase letters, digits and dashes, starting with a "
+                      "letter and not ending with a dash (it becomes a DNS label)")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    # -- plumbing -----------------------------------------------------------
+    def _q(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self)
+
+    def migrate(self) -> None:
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            rows = self._db.execute("SELECT version FROM schema_version").fetchall()
+            current = rows[0][0] if rows else 0
+            if not rows:
+                self._db.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for number, statements in enumerate(MIGRATIONS, start=1):
+                if number <= current:
+                    continue
+                with self._tx():
+                    for stmt in statements:
+                        self._db.execute(stmt)
+                    self._db.execute("UPDATE schema_version SET version = ?", (number,))
+
+    def schema_version(self) -> int:
+        return int(self._q("SELECT version FROM schema_version")[0][0])
+
+    # -- tokens -------------------------------------------------------------
+    def add_token(self, name: str) -> str:
+        token = uuid.uuid4().hex + uuid.uuid4().hex
+        self._q("INSERT INTO tokens (hash, name, created_at) VALUES (?, ?, ?)",
+                hash_token(token), name, time.time())
+        return token
+
+    def token_name(self, token: str) -> str | None:
+        rows = self._q("SELECT name FROM tokens WHERE hash = ?", hash_token(token))
+        return rows[0][0] if rows else None
+
+    def has_tokens(self) -> bool:
+        return bool(self._q("SELECT 1 FROM tokens"))
+
+    # -- apps ---------------------------------------------------------------
+    def create_app(self, name: str) -> dict[str, Any]:
+        check_app_name(name)
+        with self._tx():
+            if self._q("SELECT 1 FROM apps WHERE name = ?", name):
+                raise Conflict(f"app '{name}' already exists",
+                               "pick another name, or push to it with `berth push -a "
+                               f"{name}`")
+            now = time.time()
+            self._q("INSERT INTO apps (name, created_at) VALUES (?, ?)", name, now)
+            self._q("INSERT INTO formation (app, proc, count) VALUES (?, 'web', 1)", name)
+        return {"name": name, "created_at": now}
+
+    def require_app(self, name: str) -> None:
+        if not self._q("SELECT 1 FROM apps WHERE name = ?", name):
+            raise app_not_found(name)
+
+    def list_apps(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT name FROM apps ORDER BY name")]
+
+    def destroy_app(self, name: str) -> None:
+        self.require_app(name)
+        with self._tx():
+            for table in ("releases", "formation", "builds", "domains"):
+                self._q(f"DELETE FROM {table} WHERE app = ?", name)
+            self._q("DELETE FROM apps WHERE name = ?", name)
+
+    # -- releases -----------------------------------------------------------
+    def _release(self, row: tuple[Any, ...]) -> Release:
+        return Release(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]),
+                       row[5], row[6])
+
+    _RCOLS = "app, version, slug, procfile, config, description, created_at"
+
+    def releases(self, app: str) -> list[Release]:
+        self.require_app(app)
+        return [self._release(r) for r in self._q(
+            f"SELECT {self._RCOLS} FROM releases WHERE app = ? ORDER BY version DESC", app)]
+
+    def current_release(self, app: str) -> Release | None:
+        rows = self._q(f"SELECT {self._RCOLS} FROM releases WHERE app = ? "
+                       "ORDER BY version DESC LIMIT 1", app)
+        return self._release(rows[0]) if rows else None
+
+    def release(self, app: str, version: int) -> Release:
+        rows = self._q(f"SELECT {self._RCOLS} FROM releases WHERE app = ? AND version = ?",
+                       app, version)
+        if not rows:
+            raise NotFound(f"app '{app}' has no release v{version}",
+                           f"run `berth releases -a {app}` to see its releases")
+        return self._release(rows[0])
+
+    def add_release(self, app: str, *, slug: str | None, procfile: dict[str, str],
+                    config: dict[str, str], description: str) -> Release:
+        with self._tx():
+            self.require_app(app)
+            rows = self._q("SELECT MAX(version) FROM releases WHERE app = ?", app)
+            version = (rows[0][0] or 0) + 1
+            now = time.time()
+            self._q(f"INSERT INTO releases ({self._RCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    app, version, slug, json.dumps(procfile), json.dumps(config),
+                    description, now)
+        return Release(app, version, slug, procfile, config, description, now)
+
+    def change_config(self, app: str, changes: dict[str, str | None]) -> Release:
+        for key, value in changes.items():
+            if not CONFIG_KEY.match(key):
+                raise Invalid(f"invalid config key {key!r}",
+                              "use letters, digits and underscores, not starting with a digit")
+            if key in RESERVED_KEYS or key.startswith("BERTH_"):
+                raise Invalid(f"config key {key!r} is set by the platform",
+                              "choose another name")
+            if value is not None and not isinstance(value, str):
+                raise Invalid(f"config value for {key} must be a string")
+        with self._tx():
+            cur = self.current_release(app)
+            self.require_app(app)
+            config = dict(cur.config) if cur else {}
+            unknown = [k for k, v in changes.items() if v is None and k not in config]
+            if unknown:
+                raise NotFound(f"config var {unknown[0]} is not set on '{app}'",
+                               f"run `berth config get -a {app}` to see what is set")
+            for key, value in changes.items():
+                if value is None:
+                    config.pop(key, None)
+                else:
+                    config[key] = value
+            set_keys = [k for k, v in changes.items() if v is not None]
+            unset = [k for k, v in changes.items() if v is None]
+            desc = "; ".join(filter(None, [
+                f"Set {', '.join(set_keys)}" if set_keys else "",
+                f"Unset {', '.join(unset)}" if unset else ""]))
+            return self.add_release(app, slug=cur.slug if cur else None,
+                                    procfile=cur.procfile if cur else {},
+                                    config=config, description=desc)
+
+    def rollback(self, app: str, version: int | None) -> Release:
+        with self._tx():
+            cur = self.current_release(app)
+            self.require_app(app)
+            if cur is None:
+                raise Conflict(f"app '{app}' has no releases to roll back",
+                               "deploy it first with `berth push`")
+            if version is None:
+                older = [r for r in self.releases(app) if r.version < cur.version and r.slug]
+                if not older:
+                    raise Conflict(f"app '{app}' has no earlier deployed release",
+                                   f"run `berth releases -a {app}` to see its history")
+                target = older[0]
+            else:
+                target = self.release(app, version)
+                if not target.slug:
+                    raise Conflict(f"release v{version} of '{app}' has no code",
+                                   "roll back to a release that was deployed with a push")
+            return self.add_release(app, slug=target.slug, procfile=target.procfile,
+                                    config=target.config,
+                                    description=f"Rollback to v{target.version}")
+
+    # -- formation ----------------------------------------------------------
+    def formation(self, app: str) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._q(
+            "SELECT proc, count FROM formation WHERE app = ?", app)}
+
+    def scale(self, app: str, counts: dict[str, int]) -> dict[str, int]:
+        self.require_app(app)
+        cur = self.current_release(app)
+        for proc, count in counts.items():
+            if not isinstance(count, int) or count < 0 or count > 100:
+                raise Invalid(f"cannot scale {proc} to {count!r}", "give a count from 0 to 100")
+            if cur and cur.slug and proc not in cur.procfile:
+                raise Invalid(f"process type {proc!r} is not in the Procfile of "
+                              f"release v{cur.version}",
+                              f"known types: {', '.join(sorted(cur.procfile))}")
+        with self._tx():
+            for proc, count in counts.items():
+                self._q("DELETE FROM formation WHERE app = ? AND proc = ?", app, proc)
+                self._q("INSERT INTO formation (app, proc, count) VALUES (?, ?, ?)",
+                        app, proc, count)
+        return self.formation(app)
+
+    # -- builds -------------------------------------------------------------
+    def add_build(self, app: str, slug: str, procfile: dict[str, str]) -> str:
+        self.require_app(app)
+        build_id = uuid.uuid4().hex[:12]
+        self._q("INSERT INTO builds (id, app, slug, procfile, status, created_at) "
+                "VALUES (?, ?, ?, ?, 'pending', ?)", build_id, app, slug,
+                json.dumps(procfile), time.time())
+        return build_id
+
+    def build(self, build_id: str) -> dict[str, Any]:
+        rows = self._q("SELECT id, app, slug, procfile, status, release_version, error, "
+                       "created_at, finished_at FROM builds WHERE id = ?", build_id)
+        if not rows:
+            raise NotFound(f"build {build_id!r} not found", "push again with `berth push`")
+        r = rows[0]
+        return {"id": r[0], "app": r[1], "slug": r[2], "procfile": json.loads(r[3]),
+                "status": r[4], "release": r[5], "error": json.loads(r[6]) if r[6] else None,
+                "created_at": r[7], "finished_at": r[8]}
+
+    def finish_build(self, build_id: str, status: str, release: int | None = None,
+                     error: dict[str, Any] | None = None) -> None:
+        self._q("UPDATE builds SET status = ?, release_version = ?, error = ?, "
+                "finished_at = ? WHERE id = ?", status, release,
+                json.dumps(error) if error else None, time.time(), build_id)
+
+    def unfinished_builds(self) -> list[str]:
+        return [r[0] for r in self._q("SELECT id FROM builds WHERE status = 'pending'")]
+
+    # -- domains ------------------------------------------------------------
+    def domains(self, app: str | None = None) -> dict[str, list[str]]:
+        rows = (self._q("SELECT hostname, app FROM domains WHERE app = ? ORDER BY hostname", app)
+                if app else self._q("SELECT hostname, app FROM domains ORDER BY hostname"))
+        out: dict[str, list[str]] = {}
+        for host, owner in rows:
+            out.setdefault(owner, []).append(host)
+        return out
+
+    def add_domain(self, app: str, hostname: str, base_domain: str) -> None:
+        self.require_app(app)
+        hostname = hostname.lower().rstrip(".")
+        if not HOSTNAME.match(hostname):
+            raise Invalid(f"invalid hostname {hostname!r}", "give a name like www.example.com")
+        if hostname.endswith("." + base_domain) or hostname == base_domain:
+            raise Invalid(f"{hostname} is inside the platform's domain {base_domain}",
+                          f"apps get <app>.{base_domain} by themselves")
+        owner = self._q("SELECT app FROM domains WHERE hostname = ?", hostname)
+        if owner:
+            raise Conflict(f"{hostname} is already attached to an app",
+                           "remove it there first with `berth domains remove`")
+        self._q("INSERT INTO domains (hostname, app) VALUES (?, ?)", hostname, app)
+
+    def remove_domain(self, app: str, hostname: str) -> None:
+        rows = self._q("SELECT 1 FROM domains WHERE hostname = ? AND app = ?", hostname, app)
+        if not rows:
+            raise NotFound(f"{hostname} is not attached to '{app}'",
+                           f"run `berth domains -a {app}` to list its domains")
+        self._q("DELETE FROM domains WHERE hostname = ?", hostname)
+
+    # -- desired state for the reconciler -----------------------------------
+    def desired(self) -> dict[str, dict[str, Any]]:
+        """Every app with its current release, formation and domains, in one read."""
+        with self._lock:
+            out: dict[str, dict[str, Any]] = {}
+            domains = self.domains()
+            for name in self.list_apps():
+                out[name] = {"release": self.current_release(name),
+                             "formation": self.formation(name),
+                             "domains": domains.get(name, [])}
+            return out
+
+
+class _Tx:
+    """A transaction that nests (inner blocks join the outer one)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> "_Tx":
+        self.store._lock.acquire()
+        self.outer = not self.store._db.in_transaction
+        if self.outer:
+            self.store._db.execute("BEGIN")
+        return self
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        try:
+            if self.outer:
+                self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
+

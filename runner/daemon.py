@@ -1,0 +1,394 @@
+"""The runner daemon: one per app host.
+
+It connects to the controller's control ROUTER (DEALER, identity = host id) and logs
+PULL (PUSH), answers commands, heartbeats its full inventory every interval and
+supervises instances. One thread (the loop) owns the sockets and the instances; each
+`step` is bounded: poll the control socket for at most LOOP_POLL, drain at most
+MAX_EVENTS events from worker threads, tick every instance, heartbeat when due.
+
+When the controller goes away nothing changes on this host (static stability): the
+instances keep running and restarting, heartbeats keep being sent for when it returns.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import IO, Any, Callable
+
+import zmq
+
+from messaging.channels import connect
+from messaging.envelope import Message, make, recv, reply, send
+from messaging.errors import BerthError, ProtocolError
+from messaging.heartbeat import PeerTracker
+from messaging.messages import ACTIONS
+from runner.errors import BuildError, CommandError, RunnerError
+from runner.health import wait_healthy
+from runner.jobs import JobDone, Jobs, OutputLine
+from runner.process import Hooks, Instance, InstanceSpec, Policy, State
+from runner.slug import SlugStore
+from runner.venv import Venv, VenvCache, has_control_socket
+
+log = logging.getLogger(__name__)
+
+LOOP_POLL_MS = 50
+MAX_MESSAGES = 100          # control messages handled per step
+MAX_EVENTS = 1000           # worker events handled per step
+SHUTDOWN_SLACK = 5.0        # seconds past stop_grace before remaining groups are killed
+CONTROLLER = "controller"
+
+
+class Runner(Hooks):
+    def __init__(self, settings: SimpleNamespace, ctx: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self.host = settings.host_id
+        self.data_dir = Path(settings.data_dir).resolve()
+        venv_root = Path(settings.venv_cache_dir).resolve() if settings.venv_cache_dir \
+            else self.data_dir / "venvs"
+        self.slugs = SlugStore(self.data_dir, settings.runner_token)
+        self.venvs = VenvCache(venv_root, settings.python)
+        self.policy = Policy(address=settings.address,
+                             health_timeout=settings.health_timeout,
+                             stop_grace=settings.stop_grace,
+                             start_retries=settings.start_retries,
+                             backoff_max=settings.backoff_max)
+        self.ctx = ctx or zmq.Context.instance()
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.jobs = Jobs(self.events)
+        self.instances: dict[str, Instance] = {}
+        self.controller = PeerTracker(settings.heartbeat_interval, settings.dead_after)
+        self.controller_alive = False
+        self.done = False
+        self.shutting_down = False
+        self._shutdown_at = 0.0
+        self._signals: list[int] = []
+        self._seq = 0
+        self._next_heartbeat = 0.0
+        self._log_files: dict[str, IO[str]] = {}
+        self.control: zmq.Socket | None = None
+        self.logs: zmq.Socket | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        for sub in ("slugs", "apps", "logs", "instances"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (self.data_dir / "apps").glob("*/.unpack-*"):
+            shutil.rmtree(stale, ignore_errors=True)      # left by a killed unpack
+        self.control = connect(self.ctx, "control", self.settings.control_endpoint,
+                               identity=self.host)
+        self.logs = connect(self.ctx, "logs", self.settings.logs_endpoint)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("runner started", extra={"address": self.settings.address,
+                                          "control": self.settings.control_endpoint,
+                                          "data_dir": str(self.data_dir)})
+
+    def run(self) -> int:
+        try:
+            while not self.done:
+                self.step()
+        finally:
+            self.close()
+        log.info("runner stopped")
+        return 0
+
+    def stop(self, grace: float | None = None) -> None:
+        """Begin a graceful shutdown: stop every instance, exit once all are gone."""
+        grace = self.settings.stop_grace if grace is None else grace
+        if not self.shutting_down:
+            log.info("shutting down", extra={"instances": len(self.instances)})
+            self.shutting_down = True
+            self._shutdown_at = time.monotonic() + grace + SHUTDOWN_SLACK
+        for inst in list(self.instances.values()):
+            inst.stop(grace)
+
+    def close(self) -> None:
+        for fh in self._log_files.values():
+            fh.close()
+        self._log_files.clear()
+        for sock in (self.control, self.logs):
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)     # the loop dispatches; nothing else here
+
+    # ---- the loop ----------------------------------------------------------------
+    def step(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            # a second signal while shutting down: no more grace
+            self.stop(0.0 if self.shutting_down else None)
+            log.info("got %s", signal.Signals(signum).name)
+        assert self.control is not None
+        if self.control.poll(LOOP_POLL_MS, zmq.POLLIN):
+            for _ in range(MAX_MESSAGES):
+                try:
+                    _, msg = recv(self.control, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ProtocolError as exc:
+                    log.warning("dropped a bad control message: %s", exc)
+                    continue
+                self._on_message(msg)
+        for _ in range(MAX_EVENTS):
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            self._on_event(event)
+        changed = False
+        for inst in list(self.instances.values()):
+            changed |= inst.tick()
+            if inst.state is State.STOPPED:
+                del self.instances[inst.id]
+                shutil.rmtree(inst.instance_dir, ignore_errors=True)
+                changed = True
+        now = time.monotonic()
+        if changed or now >= self._next_heartbeat:
+            self._heartbeat(now)
+        self._watch_controller(now)
+        for fh in self._log_files.values():
+            fh.flush()
+        if self.shutting_down:
+            if not self.instances:
+                self.done = True
+            elif now >= self._shutdown_at:
+                log.warning("instances still up after the grace; killing them")
+                for inst in self.instances.values():
+                    if inst.proc is not None:
+                        inst.ops.signal_group(inst.proc.pid, signal.SIGKILL)
+                        inst.ops.reap(inst.proc)
+                self.done = True
+
+    def _heartbeat(self, now: float) -> None:
+        self._seq += 1
+        self._next_heartbeat = now + self.settings.heartbeat_interval
+        self._send(make("heartbeat", self.host, host=self.host,
+                        interval=self.settings.heartbeat_interval,
+                        address=self.settings.address, inventory=self.inventory(),
+                        seq=self._seq))
+
+    def inventory(self) -> list[dict[str, Any]]:
+        return [inst.inventory() for inst in self.instances.values()]
+
+    def _watch_controller(self, now: float) -> None:
+        alive = bool(self.controller.alive(now))
+        if alive != self.controller_alive:
+            self.controller_alive = alive
+            if alive:
+                log.info("controller is back")
+            else:
+                log.warning("controller is away; keeping everything running")
+
+    def _send(self, msg: Message) -> None:
+        assert self.control is not None
+        try:
+            send(self.control, msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("control queue full; dropped a %s", msg.type)
+
+    # ---- control messages --------------------------------------------------------
+    def _on_message(self, msg: Message) -> None:
+        if msg.type == "heartbeat":
+            self.controller.seen(CONTROLLER, dict(msg.fields))
+            return
+        if msg.type != "command":
+            return
+        self.controller.seen(CONTROLLER)
+        handlers: dict[str, Callable[[Message, dict[str, Any]], dict[str, Any] | None]] = {
+            "prepare": self.handle_prepare, "start": self.handle_start,
+            "stop": self.handle_stop,
+        }
+        action, args = msg["action"], msg["args"]
+        try:
+            if action not in handlers:
+                raise CommandError(f"unknown action {action!r}",
+                                   f"this runner knows: {', '.join(sorted(handlers))}",
+                                   code="unknown_action")
+            missing = [a for a in ACTIONS[action][0] if a not in args]
+            if missing:
+                raise CommandError(f"{action} lacks args: {', '.join(missing)}")
+            result = handlers[action](msg, args)
+        except BerthError as exc:
+            self._send(reply(msg, self.host, error=exc.to_dict()))
+            return
+        if result is not None:
+            self._send(reply(msg, self.host, result=result))
+
+    def handle_prepare(self, msg: Message, args: dict[str, Any]) -> None:
+        """prepare {build, app, slug, slug_url}: replies when the venv is ready with
+        {venv, reused, seconds, release_dir} or error build_failed / slug_failed."""
+        app, build = str(args["app"]), str(args["build"])
+
+        def sink(line: str) -> None:
+            self.jobs.post(OutputLine(app, line, "build", build=build))
+        self.jobs.submit(("prepare", msg), self._prepare, app, str(args["slug"]),
+                         str(args["slug_url"]), sink)
+        return None
+
+    def handle_start(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
+        """start {instance, app, release, proc, command, env, slug, slug_url,
+        host_header?}: replies {accepted: true} at once; the instance then shows in
+        heartbeats as PREPARING, STARTING, RUNNING..."""
+        if self.shutting_down:
+            raise CommandError("runner is shutting down", "place the instance elsewhere",
+                               code="shutting_down")
+        spec = _start_spec(args)
+        existing = self.instances.get(spec.instance)
+        if existing is not None and existing.state is not State.STOPPING:
+            return {"accepted": True, "existing": True, "state": existing.state.value}
+        if existing is not None:
+            raise CommandError(f"instance {spec.instance} is still stopping",
+                               "send start again once it left the inventory",
+                               code="busy")
+        inst = Instance(spec, self.policy, self.data_dir / "instances" / spec.instance,
+                        hooks=self)
+        self.instances[spec.instance] = inst
+        self.prepare(inst)
+        self._next_heartbeat = 0.0
+        return {"accepted": True}
+
+    def handle_stop(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
+        """stop {instance, grace?}: replies at once {stopping: bool}; the instance
+        leaves the inventory once its process group is gone."""
+        inst = self.instances.get(str(args["instance"]))
+        if inst is None:
+            return {"stopping": False, "known": False}
+        grace = args.get("grace")
+        inst.stop(float(grace) if isinstance(grace, (int, float)) else None)
+        return {"stopping": True, "known": True}
+
+    # ---- jobs --------------------------------------------------------------------
+    def _prepare(self, app: str, sha: str, url: str,
+                 sink: Callable[[str], None]) -> tuple[Path, Venv]:
+        """Job thread: slug fetched and unpacked, venv built or reused."""
+        sink(f"-----> Fetching slug {sha[:12]}")
+        release_dir, had = self.slugs.ensure(app, sha, url)
+        if had:
+            sink(f"-----> Slug {sha[:12]} already unpacked")
+        venv = self.venvs.ensure(release_dir / "requirements.txt", sink)
+        return release_dir, venv
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, OutputLine):
+            self._emit(event)
+        elif isinstance(event, JobDone):
+            getattr(self, f"_done_{event.tag[0]}")(event)
+
+    def _done_prepare(self, event: JobDone) -> None:
+        msg: Message = event.tag[1]
+        if event.error is not None:
+            self._send(reply(msg, self.host, error=_error_dict(event.error)))
+            return
+        release_dir, venv = event.result
+        self._send(reply(msg, self.host, result={
+            "venv": venv.key, "reused": venv.reused, "seconds": round(venv.seconds, 3),
+            "release_dir": str(release_dir)}))
+
+    def _done_instance_prepare(self, event: JobDone) -> None:
+        inst: Instance = event.tag[1]
+        if self.instances.get(inst.id) is not inst:
+            return      # stopped (and maybe started anew) meanwhile
+        if event.error is not None:
+            err = event.error
+            message = err.message if isinstance(err, BerthError) else repr(err)
+            self.platform(inst, f"prepare failed: {message}")
+            inst.prepare_failed(message, retry=not isinstance(err, BuildError))
+            return
+        release_dir, venv = event.result
+        inst.prepared(release_dir, venv.bin, has_control_socket(venv.path))
+
+    def _done_health(self, event: JobDone) -> None:
+        inst: Instance = event.tag[1]
+        if event.result and self.instances.get(inst.id) is inst:
+            inst.healthy(event.tag[2])
+
+    # ---- Hooks (called by instances, on the loop thread) -------------------------
+    def prepare(self, inst: Instance) -> None:
+        spec = inst.spec
+
+        def sink(line: str) -> None:
+            self.jobs.post(OutputLine(spec.app, line, "build", instance=spec.instance,
+                                      release=spec.release))
+        self.jobs.submit(("instance_prepare", inst), self._prepare, spec.app, spec.slug,
+                         spec.slug_url, sink)
+
+    def spawned(self, inst: Instance) -> None:
+        assert inst.proc is not None and inst.proc.stdout and inst.proc.stderr
+        spec = inst.spec
+        for stream, pipe in (("stdout", inst.proc.stdout), ("stderr", inst.proc.stderr)):
+            self.jobs.read_lines(pipe, lambda line, stream=stream: OutputLine(
+                spec.app, line, spec.proc, stream, spec.instance, spec.release))
+        if spec.web:
+            assert inst.port is not None
+            generation, port = inst.generation, inst.port
+            host_header = spec.host_header or f"{self.settings.address}:{port}"
+            self.jobs.submit(
+                ("health", inst, generation), wait_healthy, self.settings.address, port,
+                host_header, self.settings.health_timeout,
+                lambda: inst.generation == generation and inst.state is State.STARTING)
+
+    def event(self, inst: Instance, text: str) -> None:
+        self.platform(inst, text)
+
+    def platform(self, inst: Instance, text: str) -> None:
+        self._emit(OutputLine(inst.spec.app, text, "platform", "stdout", inst.id,
+                              inst.spec.release))
+
+    # ---- logs --------------------------------------------------------------------
+    def _emit(self, out: OutputLine) -> None:
+        """Send one tenant-visible line to the controller and the app's local log."""
+        fields: dict[str, Any] = {"app": out.app, "line": out.line, "proc": out.proc,
+                                  "host": self.host, "stream": out.stream}
+        for name in ("instance", "release", "build"):
+            value = getattr(out, name)
+            if value is not None:
+                fields[name] = value
+        assert self.logs is not None
+        try:
+            send(self.logs, make("log", self.host, **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass        # controller away and the queue is full: the local file has it
+        who = out.build and f"build.{out.build}" or f"{out.proc}.{out.instance or '-'}"
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        self._log_file(out.app).write(f"{ts} {who} {out.stream}: {out.line}\n")
+
+    def _log_file(self, app: str) -> IO[str]:
+        fh = self._log_files.get(app)
+        if fh is None:
+            fh = open(self.data_dir / "logs" / f"{app}.log", "a", encoding="utf-8")
+            self._log_files[app] = fh
+        return fh
+
+
+def _start_spec(args: dict[str, Any]) -> InstanceSpec:
+    def text(name: str) -> str:
+        value = args[name]
+        if not isinstance(value, str) or not value:
+            raise CommandError(f"start arg {name!r} must be a non-empty string")
+        return value
+    release = args["release"]
+    if not isinstance(release, int) or isinstance(release, bool):
+        raise CommandError("start arg 'release' must be an integer")
+    env = args["env"]
+    if not isinstance(env, dict):
+        raise CommandError("start arg 'env' must be a mapping of config vars")
+    host_header = args.get("host_header")
+    return InstanceSpec(
+        instance=text("instance"), app=text("app"), release=release, proc=text("proc"),
+        command=text("command"), env={str(k): str(v) for k, v in env.items()},
+        slug=text("slug"), slug_url=text("slug_url"),
+        host_header=str(host_header) if host_header else None)
+
+
+def _error_dict(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, BerthError):
+        return exc.to_dict()
+    log.error("prepare failed unexpectedly", exc_info=exc)
+    return RunnerError(f"prepare failed: {exc!r}", "see the runner's log").to_dict()

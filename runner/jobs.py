@@ -1,0 +1,69 @@
+"""Work that may block runs in threads; results come back as events on one queue.
+
+Threads never touch a ZeroMQ socket or an Instance: they post `JobDone` or
+`OutputLine` events and the daemon's loop, the only owner of sockets and instances,
+acts on them.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import IO, Any, Callable
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024
+
+
+@dataclass
+class JobDone:
+    tag: tuple[Any, ...]
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class OutputLine:
+    """One line of output: app stdout/stderr, build output or a platform event."""
+    app: str
+    line: str
+    proc: str
+    stream: str = "stdout"
+    instance: str | None = None
+    release: int | None = None
+    build: str | None = None
+
+
+class Jobs:
+    def __init__(self, events: "queue.Queue[Any]") -> None:
+        self.events = events
+
+    def post(self, event: Any) -> None:
+        self.events.put(event)
+
+    def submit(self, tag: tuple[Any, ...], fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) in a thread; post JobDone(tag, result or error)."""
+        def work() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes an event
+                if not isinstance(exc, Exception):
+                    log.exception("job %s died", tag[0])
+                self.events.put(JobDone(tag, error=exc))
+            else:
+                self.events.put(JobDone(tag, result=result))
+        threading.Thread(target=work, name=f"job-{tag[0]}", daemon=True).start()
+
+    def read_lines(self, pipe: IO[bytes], make: Callable[[str], OutputLine]) -> None:
+        """Post every line of a pipe until EOF (when the whole process group closed it)."""
+        def work() -> None:
+            try:
+                for raw in iter(lambda: pipe.readline(MAX_LINE), b""):
+                    self.events.put(make(raw.decode("utf-8", "replace").rstrip("\r\n")))
+            except (OSError, ValueError):
+                pass
+            finally:
+                pipe.close()
+        threading.Thread(target=work, name="output", daemon=True).start()

@@ -1,0 +1,402 @@
+"""One app instance as an explicit state machine, in the style of supervisor.
+
+    PREPARING --prepared--> STARTING --healthy / settled--> RUNNING
+        |                      |  ^                            |
+        |                 exit |  | delay over                 | exit
+        |                      v  |                            v
+        +--prepare failed---> BACKOFF <------------------------+
+                               |  (start_retries failures in a row)
+                               v
+                             FATAL
+    any state --stop--> STOPPING (process alive) or STOPPED (none) ; STOPPING --exit--> STOPPED
+
+Every change of state goes through `Instance._transition`, which checks it against
+TRANSITIONS. The instance is owned by the daemon's loop thread: it never blocks and
+never starts threads; the daemon feeds it events (prepared, healthy, stop, tick) and
+learns what happened through `Hooks`. OS calls go through `ProcessOps`.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from runner.ports import free_port
+
+log = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    PREPARING = "PREPARING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    FATAL = "FATAL"
+    STOPPED = "STOPPED"     # terminal; the daemon drops the instance from its inventory
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    # slug fetched and venv ready -> spawned; fetch failed -> retry later;
+    # build failed -> FATAL; stop while preparing -> STOPPED (nothing to kill)
+    State.PREPARING: frozenset({State.STARTING, State.BACKOFF, State.FATAL, State.STOPPED}),
+    # health check passed (web) or stayed up (others) -> RUNNING; died or failed the
+    # health check -> BACKOFF, or FATAL when out of retries; stop -> STOPPING
+    State.STARTING: frozenset({State.RUNNING, State.BACKOFF, State.FATAL, State.STOPPING}),
+    # crashed -> BACKOFF / FATAL; stop -> STOPPING
+    State.RUNNING: frozenset({State.BACKOFF, State.FATAL, State.STOPPING}),
+    # delay over -> spawn again (STARTING) or re-prepare; spawn itself failed -> stay
+    # in BACKOFF with a longer delay or FATAL; stop -> STOPPED (no process)
+    State.BACKOFF: frozenset({State.STARTING, State.PREPARING, State.BACKOFF, State.FATAL,
+                              State.STOPPED}),
+    # the process group is gone -> STOPPED
+    State.STOPPING: frozenset({State.STOPPED}),
+    # only a command ends it
+    State.FATAL: frozenset({State.STOPPED}),
+    State.STOPPED: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+def backoff_delay(failures: int, maximum: float) -> float:
+    """Seconds to wait after `failures` consecutive failures: 2, 4, 8... up to maximum."""
+    return float(min(maximum, 2 ** max(failures, 0)))
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class Policy:
+    """How instances are supervised; filled from the runner settings."""
+    address: str = "127.0.0.1"
+    health_timeout: float = 60.0
+    stop_grace: float = 10.0
+    start_retries: int = 5
+    backoff_max: float = 30.0
+    settle_seconds: float = 1.0     # a non-web process up this long is RUNNING
+    stable_seconds: float = 10.0    # RUNNING this long forgives earlier failures
+
+
+@dataclass
+class InstanceSpec:
+    """What the controller asked for in a `start` command."""
+    instance: str
+    app: str
+    release: int
+    proc: str
+    command: str
+    env: dict[str, str]
+    slug: str
+    slug_url: str
+    host_header: str | None = None
+
+    @property
+    def web(self) -> bool:
+        return self.proc == "web"
+
+
+class ProcessOps:
+    """The OS calls a supervisor makes; one object so a test can watch or replace it."""
+
+    def spawn(self, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+
+    def exited(self, proc: subprocess.Popen[bytes]) -> bool:
+        """True once the process has exited, without reaping it: the zombie keeps its
+        pid (and so its process group id) from being reused until `reap`."""
+        if proc.returncode is not None:
+            return True
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return proc.poll() is not None
+        return info is not None
+
+    def reap(self, proc: subprocess.Popen[bytes]) -> int:
+        return proc.wait()
+
+    def signal_group(self, pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Hooks:
+    """What the daemon wants to hear about; the default hears nothing."""
+
+    def spawned(self, inst: "Instance") -> None:
+        """A process was started: read its output and (web) health-check it."""
+
+    def prepare(self, inst: "Instance") -> None:
+        """The instance went back to PREPARING: fetch and build again."""
+
+    def event(self, inst: "Instance", text: str) -> None:
+        """A platform event the tenant should see (started, crashed, fatal, stopped)."""
+
+
+@dataclass
+class Instance:
+    spec: InstanceSpec
+    policy: Policy
+    instance_dir: Path
+    ops: ProcessOps = field(default_factory=ProcessOps)
+    hooks: Hooks = field(default_factory=Hooks)
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+
+    state: State = State.PREPARING
+    reason: str = "fetching slug and preparing virtualenv"
+    since: float = 0.0
+    restarts: int = 0
+    failures: int = 0               # consecutive failed starts
+    generation: int = 0             # bumped on every spawn; stale job results are ignored
+    port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    release_dir: Path | None = None
+    venv_bin: Path | None = None
+    control_socket: bool = False
+
+    _started_at: float = 0.0
+    _running_at: float = 0.0
+    _retry_at: float = 0.0
+    _kill_at: float | None = None
+    _fail_reason: str | None = None
+    _reprepare: bool = False
+
+    def __post_init__(self) -> None:
+        self.since = self.wall()
+
+    @property
+    def id(self) -> str:
+        return self.spec.instance
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    # ---- the one place state changes -------------------------------------------
+    def _transition(self, new: State, reason: str) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise TransitionError(f"{self.id}: {self.state.value} -> {new.value} "
+                                  "is not a transition")
+        old = self.state
+        self.state, self.reason, self.since = new, reason, self.wall()
+        log.info("%s -> %s: %s", old.value, new.value, reason,
+                 extra={"app": self.spec.app, "release": self.spec.release,
+                        "instance": self.id})
+        self.hooks.event(self, f"{self.spec.proc}.{self.id} {new.value}: {reason}")
+
+    # ---- events fed by the daemon ----------------------------------------------
+    def prepared(self, release_dir: Path, venv_bin: Path, control_socket: bool) -> None:
+        """The slug is unpacked and the venv is ready: spawn the process."""
+        if self.state is not State.PREPARING:
+            return      # stopped meanwhile
+        self.release_dir, self.venv_bin, self.control_socket = \
+            release_dir, venv_bin, control_socket
+        self._spawn()
+
+    def prepare_failed(self, message: str, retry: bool) -> None:
+        """Fetching or building failed. A failed build will fail again: FATAL at
+        once; a failed fetch (controller away?) is retried with backoff."""
+        if self.state is not State.PREPARING:
+            return
+        if retry:
+            self._reprepare = True
+            self._failed(message, count_restart=False)
+        else:
+            # build failed -> FATAL: another try would build the same thing
+            self._transition(State.FATAL, message)
+
+    def healthy(self, generation: int) -> None:
+        """The web health check got an answer below 500."""
+        if self.state is State.STARTING and generation == self.generation \
+                and self._fail_reason is None:
+            self._running_at = self.clock()
+            # STARTING -> RUNNING: it answers HTTP, so it can take traffic
+            self._transition(State.RUNNING, f"answering HTTP on "
+                                            f"{self.policy.address}:{self.port}")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Commanded stop: SIGTERM to the process group, SIGKILL after grace."""
+        grace = self.policy.stop_grace if grace is None else grace
+        if self.state is State.STOPPED:
+            return
+        if self.state is State.STOPPING:
+            # a second stop may only shorten the grace
+            assert self._kill_at is not None
+            self._kill_at = min(self._kill_at, self.clock() + grace)
+            return
+        if self.proc is None:
+            # PREPARING / BACKOFF / FATAL -> STOPPED: nothing runs
+            self._transition(State.STOPPED, "stopped by command")
+            return
+        self.ops.signal_group(self.proc.pid, signal.SIGTERM)
+        self._kill_at = self.clock() + grace
+        # STARTING / RUNNING -> STOPPING: waits for the group to exit
+        self._transition(State.STOPPING, f"SIGTERM sent, SIGKILL in {grace:g}s")
+
+    def tick(self) -> bool:
+        """Time-driven step: reap exits, act on deadlines. True when something
+        changed that a heartbeat should carry."""
+        before = (self.state, self.restarts, self.failures)
+        now = self.clock()
+        if self.proc is not None and self.ops.exited(self.proc):
+            self._exited()
+        elif self.state is State.STARTING:
+            if self.spec.web:
+                if now - self._started_at >= self.policy.health_timeout \
+                        and self._fail_reason is None:
+                    self._fail_reason = (f"did not answer HTTP within "
+                                         f"{self.policy.health_timeout:g}s")
+                    assert self.proc is not None
+                    self.ops.signal_group(self.proc.pid, signal.SIGKILL)
+            elif now - self._started_at >= self.policy.settle_seconds:
+                self._running_at = now
+                # STARTING -> RUNNING: a non-web process that stayed up
+                self._transition(State.RUNNING, f"up for {self.policy.settle_seconds:g}s")
+        elif self.state is State.RUNNING:
+            if self.failures and now - self._running_at >= self.policy.stable_seconds:
+                self.failures = 0
+        elif self.state is State.BACKOFF and now >= self._retry_at:
+            if self._reprepare:
+                self._reprepare = False
+                # BACKOFF -> PREPARING: try the fetch/build again
+                self._transition(State.PREPARING, "fetching slug and preparing virtualenv")
+                self.hooks.prepare(self)
+            else:
+                self._spawn()
+        elif self.state is State.STOPPING and self._kill_at is not None \
+                and now >= self._kill_at:
+            assert self.proc is not None
+            self.ops.signal_group(self.proc.pid, signal.SIGKILL)
+            self._kill_at = None
+        return before != (self.state, self.restarts, self.failures)
+
+    # ---- internals --------------------------------------------------------------
+    def _exited(self) -> None:
+        assert self.proc is not None
+        # the zombie still pins the group id: kill what is left of the group (gunicorn
+        # workers orphaned by a killed master), then reap
+        self.ops.signal_group(self.proc.pid, signal.SIGKILL)
+        code = self.ops.reap(self.proc)
+        self.proc = None
+        self.port = None
+        if self.state is State.STOPPING:
+            # STOPPING -> STOPPED: a commanded stop, never counted as a crash
+            self._transition(State.STOPPED, f"stopped ({describe_exit(code)})")
+            return
+        why = self._fail_reason or describe_exit(code)
+        self._failed(why, count_restart=True)
+
+    def _failed(self, why: str, count_restart: bool) -> None:
+        """A start failed or a running process died: back off, or give up."""
+        self.failures += 1
+        self._fail_reason = None
+        if self.failures >= self.policy.start_retries:
+            # -> FATAL: stop the restart storm; stays listed with the reason
+            self._transition(State.FATAL, f"{why}; gave up after {self.failures} "
+                                          "failed starts in a row")
+            return
+        delay = backoff_delay(self.failures, self.policy.backoff_max)
+        self._retry_at = self.clock() + delay
+        if count_restart:
+            self.restarts += 1
+        # -> BACKOFF: wait, then start again on a new port
+        self._transition(State.BACKOFF, f"{why}, restarting in {delay:g}s")
+
+    def _spawn(self) -> None:
+        assert self.release_dir is not None and self.venv_bin is not None
+        self.generation += 1
+        self._fail_reason = None
+        self._kill_at = None
+        try:
+            self.instance_dir.mkdir(parents=True, exist_ok=True)
+            self.port = free_port(self.policy.address) if self.spec.web else None
+            args = self.args()
+            self.proc = self.ops.spawn(args, self.release_dir, self.environment())
+        except (OSError, ValueError) as exc:
+            self.proc = None
+            self._failed(f"cannot start `{self.spec.command}`: {exc}", count_restart=True)
+            return
+        self._started_at = self.clock()
+        where = (f"waiting for HTTP on {self.policy.address}:{self.port}"
+                 if self.spec.web else "waiting for it to stay up")
+        # PREPARING / BACKOFF -> STARTING
+        self._transition(State.STARTING, f"pid {self.proc.pid}, {where}")
+        self.hooks.spawned(self)
+
+    def args(self) -> list[str]:
+        """shlex-split command; the first word is looked up in the venv's bin first."""
+        args = shlex.split(self.spec.command)
+        if not args:
+            raise ValueError("empty command")
+        if self.venv_bin is not None and "/" not in args[0]:
+            candidate = self.venv_bin / args[0]
+            if candidate.exists():
+                args[0] = str(candidate)
+        return args
+
+    def environment(self) -> dict[str, str]:
+        assert self.release_dir is not None
+        path = ":".join(p for p in (str(self.venv_bin) if self.venv_bin else "",
+                                    "/usr/local/bin", "/usr/bin", "/bin") if p)
+        env = {
+            "PATH": path,
+            "HOME": str(self.release_dir),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "BERTH_APP": self.spec.app,
+            "BERTH_RELEASE": str(self.spec.release),
+            "BERTH_INSTANCE": self.id,
+        }
+        if self.venv_bin is not None:
+            env["VIRTUAL_ENV"] = str(self.venv_bin.parent)
+        env.update({str(k): str(v) for k, v in self.spec.env.items()})
+        if self.spec.web:
+            assert self.port is not None
+            env["PORT"] = str(self.port)
+            gunicorn = f"--bind {self.policy.address}:{self.port}"
+            if self.control_socket:
+                gunicorn += f" --control-socket {self.control_socket_path()}"
+            env["GUNICORN_CMD_ARGS"] = gunicorn
+        return env
+
+    def control_socket_path(self) -> str:
+        """<instance dir>/gunicorn.ctl, or a short path in /tmp when that would not fit
+        in a unix socket address (108 bytes)."""
+        path = self.instance_dir / "gunicorn.ctl"
+        if len(str(path)) < 100:
+            return str(path)
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"berth-{digest}.ctl")
+
+    def inventory(self) -> dict[str, Any]:
+        return {
+            "instance": self.id, "app": self.spec.app, "release": self.spec.release,
+            "proc": self.spec.proc, "address": self.policy.address, "port": self.port,
+            "state": self.state.value, "restarts": self.restarts, "pid": self.pid,
+            "since": self.since, "reason": self.reason,
+        }

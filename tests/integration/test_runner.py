@@ -1,0 +1,374 @@
+"""The runner as a real process against a stand-in controller: real ZeroMQ sockets,
+a real HTTP slug server, a real virtualenv with gunicorn + flask, real crashes.
+
+The first run builds the app's virtualenv from the package index (tens of seconds);
+set BERTH_TEST_VENV_CACHE to a directory to keep it between runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import zmq
+
+from messaging.channels import bind
+from messaging.envelope import Message, command, make, recv, send
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-runner-token"
+ADDRESS = "127.0.0.2"
+BUILD_TIMEOUT = 600.0       # a first venv build from the index
+STEP_TIMEOUT = 60.0
+
+APP_PY = b"""\
+import os
+from flask import Flask
+
+app = Flask(__name__)
+
+
+@app.route("/")
+def hello():
+    return f"hello from {os.environ['BERTH_INSTANCE']} {os.environ.get('GREETING', '')}"
+"""
+
+
+def make_slug(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+HELLO_SLUG = make_slug({
+    "app.py": APP_PY,
+    "requirements.txt": b"gunicorn\nflask\n",
+    "Procfile": b"web: gunicorn app:app\n",
+})
+HELLO_SHA = hashlib.sha256(HELLO_SLUG).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def venv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("BERTH_TEST_VENV_CACHE")
+    if env:
+        Path(env).mkdir(parents=True, exist_ok=True)
+        return Path(env)
+    return tmp_path_factory.mktemp("venv-cache")
+
+
+class SlugServer:
+    """GET /v1/slugs/<sha> with the bearer token; counts requests."""
+
+    def __init__(self, slugs: dict[str, bytes]) -> None:
+        self.slugs = slugs
+        self.requests: list[tuple[str, int]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                sha = self.path.rsplit("/", 1)[-1]
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    status, body = 401, b"no"
+                elif sha in outer.slugs and self.path.startswith("/v1/slugs/"):
+                    status, body = 200, outer.slugs[sha]
+                else:
+                    status, body = 404, b"missing"
+                outer.requests.append((self.path, status))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def slug_url(self, sha: str) -> str:
+        return f"{self.url}/v1/slugs/{sha}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeController:
+    """The controller's ends of control (ROUTER) and logs (PULL), driven by the test."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.control = bind(self.ctx, "control", "tcp://127.0.0.1:*")
+        self.logs = bind(self.ctx, "logs", "tcp://127.0.0.1:*")
+        self.control_endpoint = self.control.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.logs_endpoint = self.logs.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.replies: dict[str, Message] = {}
+        self.heartbeats: list[Message] = []
+        self.log_lines: list[Message] = []
+        self.runner_identity: bytes | None = None
+        self.pids: set[int] = set()
+
+    def pump(self, seconds: float) -> None:
+        """Receive whatever arrives for up to `seconds`."""
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.logs, zmq.POLLIN)
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            if self.logs in ready:
+                while self.logs.poll(0):
+                    self.log_lines.append(recv(self.logs)[1])
+            if self.control in ready:
+                while self.control.poll(0):
+                    identity, msg = recv(self.control)
+                    self.runner_identity = identity
+                    if msg.type == "heartbeat":
+                        self.heartbeats.append(msg)
+                        self.pids.update(i["pid"] for i in msg["inventory"] if i["pid"])
+                        send(self.control, make("heartbeat", "controller",
+                                                host="controller", interval=1.0), identity)
+                    elif msg.type == "reply":
+                        self.replies[msg["re"]] = msg
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pump(0.1)
+            value = check()
+            if value:
+                return value
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last "
+                             f"inventory: {self.inventory()}")
+
+    def command(self, action: str, **args: Any) -> str:
+        self.wait_for("the runner to connect", lambda: self.runner_identity, STEP_TIMEOUT)
+        msg = command(action, "controller", **args)
+        send(self.control, msg, self.runner_identity)
+        return msg.id
+
+    def reply(self, msg_id: str, timeout: float = STEP_TIMEOUT) -> Message:
+        return self.wait_for(f"reply to {msg_id}", lambda: self.replies.get(msg_id), timeout)
+
+    def inventory(self) -> list[dict[str, Any]]:
+        return self.heartbeats[-1]["inventory"] if self.heartbeats else []
+
+    def instance(self, instance_id: str) -> dict[str, Any] | None:
+        for inst in self.inventory():
+            if inst["instance"] == instance_id:
+                return inst
+        return None
+
+    def close(self) -> None:
+        self.control.close(0)
+        self.logs.close(0)
+        self.ctx.term()
+
+
+class RunnerProcess:
+    def __init__(self, tmp: Path, ctl: FakeController, slugs: SlugServer,
+                 venv_cache: Path, host_id: str = "host-2", **extra: Any) -> None:
+        self.data_dir = tmp / "data"
+        self.config = tmp / "runner.yaml"
+        settings = {
+            "host_id": host_id, "address": ADDRESS, "data_dir": str(self.data_dir),
+            "venv_cache_dir": str(venv_cache), "control_endpoint": ctl.control_endpoint,
+            "logs_endpoint": ctl.logs_endpoint, "controller_url": slugs.url,
+            "runner_token": TOKEN, "heartbeat_interval": 0.5, "stop_grace": 5.0,
+            "health_timeout": 30.0, "log_level": "debug", **extra,
+        }
+        self.config.write_text("runner:\n" + "".join(
+            f"  {k}: {v!r}\n" if isinstance(v, str) else f"  {k}: {v}\n"
+            for k, v in settings.items()))
+        self.stderr_path = tmp / "runner.stderr"
+        self.stderr = open(self.stderr_path, "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_RUNNER_")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner", "--config",
+                                      str(self.config)], cwd=REPO, env=env,
+                                     stdout=self.stderr, stderr=subprocess.STDOUT)
+
+    def terminate(self, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return None
+
+    def log_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def kill_leftovers(pids: set[int]) -> None:
+    """Instance process groups this test saw in heartbeats, if the runner left any."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.fixture
+def env(tmp_path: Path, venv_cache: Path) -> Iterator[tuple[FakeController, SlugServer, RunnerProcess]]:
+    ctl = FakeController()
+    slugs = SlugServer({HELLO_SHA: HELLO_SLUG})
+    runner = RunnerProcess(tmp_path, ctl, slugs, venv_cache)
+    try:
+        yield ctl, slugs, runner
+    finally:
+        code = runner.terminate()
+        if code != 0:
+            kill_leftovers(ctl.pids)
+        runner.stderr.close()
+        slugs.close()
+        ctl.close()
+        if code != 0:
+            print(runner.log_text()[-5000:])
+
+
+def http_get(port: int, host: str = "hello.localhost") -> tuple[int, str]:
+    conn = http.client.HTTPConnection(ADDRESS, port, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def start_hello(ctl: FakeController, slugs: SlugServer, instance: str) -> dict[str, Any]:
+    msg_id = ctl.command("start", instance=instance, app="hello", release=3, proc="web",
+                         command="gunicorn app:app", env={"GREETING": "hi"},
+                         slug=HELLO_SHA, slug_url=slugs.slug_url(HELLO_SHA),
+                         host_header="hello.localhost")
+    rep = ctl.reply(msg_id)
+    assert rep["ok"] and rep["result"]["accepted"] is True
+    return ctl.wait_for(f"{instance} RUNNING",
+                        lambda: (i := ctl.instance(instance)) and i["state"] == "RUNNING" and i,
+                        BUILD_TIMEOUT)
+
+
+def test_prepare_streams_build_log_and_reuses_venv(env: Any) -> None:
+    ctl, slugs, runner = env
+    started = time.monotonic()
+    rep = ctl.reply(ctl.command("prepare", build="b1", app="hello", slug=HELLO_SHA,
+                                slug_url=slugs.slug_url(HELLO_SHA)), BUILD_TIMEOUT)
+    first = time.monotonic() - started
+    assert rep["ok"], rep["error"]
+    result = rep["result"]
+    assert len(result["venv"]) == 64 and isinstance(result["seconds"], float)
+    ctl.pump(0.3)
+    build_lines = [m for m in ctl.log_lines if m.get("build") == "b1"]
+    assert build_lines, "no build log lines arrived"
+    assert all(m["proc"] == "build" and m["app"] == "hello" and m["host"] == "host-2"
+               for m in build_lines)
+    if not result["reused"]:
+        text = "\n".join(m["line"] for m in build_lines)
+        assert "flask" in text.lower(), text
+    print(f"first prepare: {first:.1f}s reused={result['reused']}")
+
+    started = time.monotonic()
+    again = ctl.reply(ctl.command("prepare", build="b2", app="hello", slug=HELLO_SHA,
+                                  slug_url=slugs.slug_url(HELLO_SHA)))
+    assert again["ok"] and again["result"]["reused"] is True
+    assert again["result"]["venv"] == result["venv"]
+    assert time.monotonic() - started < 10
+    assert [s for _, s in slugs.requests] == [200]      # fetched once, then reused
+    assert (runner.data_dir / "apps" / "hello" / HELLO_SHA / "app.py").is_file()
+
+
+def test_prepare_rejects_a_slug_with_the_wrong_sha(env: Any) -> None:
+    ctl, slugs, runner = env
+    wrong = "0" * 64
+    slugs.slugs[wrong] = HELLO_SLUG          # served under a name it does not hash to
+    rep = ctl.reply(ctl.command("prepare", build="b3", app="hello", slug=wrong,
+                                slug_url=slugs.slug_url(wrong)))
+    assert not rep["ok"]
+    assert rep["error"]["code"] == "slug_failed"
+    assert "sha256" in rep["error"]["message"]
+    assert not list((runner.data_dir / "slugs").iterdir())
+
+
+def test_prepare_reports_pip_failure(env: Any) -> None:
+    ctl, slugs, runner = env
+    bad = make_slug({"app.py": b"", "requirements.txt": b"berth-no-such-package-x9q\n"})
+    sha = hashlib.sha256(bad).hexdigest()
+    slugs.slugs[sha] = bad
+    rep = ctl.reply(ctl.command("prepare", build="b4", app="broken", slug=sha,
+                                slug_url=slugs.slug_url(sha)), BUILD_TIMEOUT)
+    assert not rep["ok"]
+    assert rep["error"]["code"] == "build_failed"
+    assert "pip install" in rep["error"]["message"]
+    assert "berth-no-such-package-x9q" in rep["error"]["message"]
+
+
+def test_start_crash_restart_stop(env: Any) -> None:
+    ctl, slugs, runner = env
+    inst = start_hello(ctl, slugs, "web-1")
+    assert inst["app"] == "hello" and inst["release"] == 3 and inst["proc"] == "web"
+    assert inst["address"] == ADDRESS and inst["restarts"] == 0
+    status, body = http_get(inst["port"])
+    assert status == 200 and body == "hello from web-1 hi"
+    # gunicorn's own output arrives as web log lines
+    ctl.wait_for("gunicorn's log lines", lambda: any(
+        m.get("proc") == "web" and m.get("instance") == "web-1" and m.get("stream") == "stderr"
+        for m in ctl.log_lines), STEP_TIMEOUT)
+    assert (runner.data_dir / "logs" / "hello.log").read_text()
+
+    # a crash: the master dies without warning
+    old_port, old_pid = inst["port"], inst["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    backoff = ctl.wait_for("BACKOFF", lambda: (i := ctl.instance("web-1"))
+                           and i["state"] == "BACKOFF" and i, STEP_TIMEOUT)
+    assert "SIGKILL" in backoff["reason"] and "restarting in 2s" in backoff["reason"]
+    back = ctl.wait_for("RUNNING again", lambda: (i := ctl.instance("web-1"))
+                        and i["state"] == "RUNNING" and i["restarts"] == 1 and i,
+                        STEP_TIMEOUT)
+    assert back["port"] != old_port and back["pid"] != old_pid
+    assert http_get(back["port"])[0] == 200
+    with pytest.raises(OSError):
+        http_get(old_port)                  # orphaned workers were killed with the group
+    assert any(m.get("proc") == "platform" and "BACKOFF" in m["line"] for m in ctl.log_lines)
+
+    # a commanded stop is not a crash, and the instance leaves the inventory
+    rep = ctl.reply(ctl.command("stop", instance="web-1", grace=5))
+    assert rep["ok"] and rep["result"]["stopping"] is True
+    ctl.wait_for("web-1 gone", lambda: ctl.heartbeats and ctl.instance("web-1") is None,
+                 STEP_TIMEOUT)
+    with pytest.raises(ProcessLookupError):
+        os.kill(back["pid"], 0)
+    with pytest.raises(OSError):
+        http_get(back["port"])
+
+
+def test_shutdown_stops_instances_and_exits_zero(env: Any) -> None:
+    ctl, slugs, runner = env
+    inst = start_hello(ctl, slugs, "web-2")
+    assert runner.terminate() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(inst["pid"], 0)
+    assert "shutting down" in runner.log_text()
