@@ -5,7 +5,7 @@ import argparse
 import sys
 import warnings
 
-warnings.filterwarnings("ignore", message=".*Eventlet is deprecated.*")
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="eventlet")
 
 from balancer.settings import SPEC  # noqa: E402

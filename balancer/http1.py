@@ -353,8 +353,8 @@ def client_response_head(resp: Response, *, framing_out: str, keep_alive: bool,
     """The head sent to the client. framing_out is how we send the body: none,
     length, chunked or close."""
     drop = hop_by_hop(resp.headers)
-    if framing_out != "length":
-        drop.add("content-length")
+    if framing_out in ("chunked", "close"):
+        drop.add("content-length")   # HEAD/204/304 keep theirs: it describes the GET
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}".rstrip(" ")]
     lines += [f"{k}: {v}" for k, v in resp.headers.items if k.lower() not in drop]
     if "x-request-id" not in resp.headers:

@@ -27,6 +27,7 @@ from balancer.routes import RouteIndex
 log = logging.getLogger(__name__)
 
 BUFSIZE = 65536
+MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
 PUMP_GRACE = 2.0     # seconds the request body pump may lag behind a finished response
 
 
@@ -222,7 +223,7 @@ class Proxy:
                                           port=self.s.listen_port, req_id=req_id)
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
         tried: set[str] = set()
-        retried = False
+        retries = 0
         fresh_only = False
         while True:
             backend = self.pool.choose(entries, tried, time.monotonic())
@@ -234,21 +235,29 @@ class Proxy:
                     "retry in a few seconds.", req, req_id, can_keep)
                 return
             bsock, reused = self._backend_socket(backend, fresh_only)
+            fresh_only = False
             if bsock is None:
                 tried.add(backend.key)
                 continue
             out.backend = backend.key
             self.pool.acquire(backend)
             try:
-                self._attempt(conn, req, head, backend, bsock, reused, req_id, out)
+                self._attempt(conn, req, head, backend, bsock, reused,
+                              retries < MAX_RETRIES, req_id, out)
                 return
             except Retry:
-                # idempotent, no body: safe to send again on a fresh connection
-                if retried:
-                    raise AssertionError("retried twice")  # unreachable
-                retried, fresh_only = True, True
-                log.info("pooled connection was closed; retrying on a fresh one",
-                         extra={"backend": backend.key, "request_id": req_id})
+                # idempotent and bodiless, and nothing came back: safe to send again.
+                # A reused connection may just have timed out at the backend: retry
+                # on a fresh one. A fresh one dying means the instance is in trouble.
+                retries += 1
+                if reused:
+                    fresh_only = True
+                else:
+                    tried.add(backend.key)
+                    self.pool.mark_down(backend, time.monotonic())
+                log.info("backend closed the connection before answering; retrying",
+                         extra={"backend": backend.key, "reused": reused,
+                                "request_id": req_id})
             finally:
                 self.pool.release(backend)
 
@@ -280,9 +289,9 @@ class Proxy:
         return sock, False
 
     def _attempt(self, conn: ClientConn, req: http1.Request, head: bytes,
-                 backend: Backend, bsock: Any, reused: bool, req_id: str,
-                 out: Outcome) -> None:
-        retryable = reused and req.idempotent and not req.framing.has_body
+                 backend: Backend, bsock: Any, reused: bool, may_retry: bool,
+                 req_id: str, out: Outcome) -> None:
+        retryable = may_retry and req.idempotent and not req.framing.has_body
         state = PumpState(time.monotonic() + self.s.response_timeout)
         pump = None
         reusable = False

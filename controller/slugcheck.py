@@ -79,6 +79,9 @@ def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> Chec
                     raise TooLarge(f"the push has more than {max_files} files",
                                    "add generated files and dependencies to .gitignore")
                 try:
+                    if member.name.startswith("/") or (member.islnk() and
+                                                       member.linkname.startswith("/")):
+                        raise tarfile.AbsolutePathError(member)
                     tarfile.data_filter(member, "/slug")
                 except tarfile.FilterError as exc:
                     raise Invalid(f"unsafe path in push: {member.name!r}: {exc}",

@@ -114,6 +114,6 @@ def recv(sock: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
     """Receive one message; returns (identity or None, message)."""
     frames = sock.recv_multipart(flags=flags)
     identity = None
-    if sock.socket_type == zmq.ROUTER:
+    if sock.type == zmq.ROUTER:
         identity, frames = frames[0], frames[1:]
     return identity, decode(frames)

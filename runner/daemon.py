@@ -182,7 +182,7 @@ class Runner(Hooks):
         if alive != self.controller_alive:
             self.controller_alive = alive
             if alive:
-                log.info("controller is back")
+                log.info("controller is up")
             else:
                 log.warning("controller is away; keeping everything running")
 

@@ -331,6 +331,8 @@ def test_start_crash_restart_stop(env: Any) -> None:
     inst = start_hello(ctl, slugs, "web-1")
     assert inst["app"] == "hello" and inst["release"] == 3 and inst["proc"] == "web"
     assert inst["address"] == ADDRESS and inst["restarts"] == 0
+    assert set(inst) == {"instance", "app", "release", "proc", "address", "port", "state",
+                         "restarts", "pid", "since", "reason"}
     status, body = http_get(inst["port"])
     assert status == 200 and body == "hello from web-1 hi"
     # gunicorn's own output arrives as web log lines
@@ -372,3 +374,19 @@ def test_shutdown_stops_instances_and_exits_zero(env: Any) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(inst["pid"], 0)
     assert "shutting down" in runner.log_text()
+
+
+def test_instances_keep_running_while_the_controller_is_away(env: Any) -> None:
+    ctl, slugs, runner = env
+    inst = start_hello(ctl, slugs, "web-3")
+    endpoint = ctl.control_endpoint
+    ctl.control.close(0)                     # the controller goes away...
+    time.sleep(3.0)                          # ...for longer than dead_after intervals
+    assert http_get(inst["port"])[0] == 200
+    assert "controller is away" in runner.log_text()
+    ctl.control = bind(ctl.ctx, "control", endpoint)       # ...and comes back
+    ctl.heartbeats.clear()
+    back = ctl.wait_for("a heartbeat after the return", lambda: ctl.instance("web-3"),
+                        STEP_TIMEOUT)
+    assert back["state"] == "RUNNING" and back["pid"] == inst["pid"]
+    assert back["restarts"] == 0

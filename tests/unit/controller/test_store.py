@@ -1,0 +1,91 @@
+import sqlite3
+
+import pytest
+
+from controller.errors import Conflict, Invalid, NotFound
+from controller.store import MIGRATIONS, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "state.db")
+
+
+def test_schema_is_created_and_migration_is_idempotent(tmp_path):
+    s = Store(tmp_path / "s.db")
+    assert s.schema_version() == len(MIGRATIONS)
+    s.create_app("keep")
+    again = Store(tmp_path / "s.db")
+    assert again.list_apps() == ["keep"]
+
+
+@pytest.mark.parametrize("name", ["", "A", "a", "Bad_Name", "-x", "x-", "a" * 31, "x.y", "../etc"])
+def test_invalid_app_names_are_refused(store, name):
+    with pytest.raises(Invalid, match="invalid app name"):
+        store.create_app(name)
+    assert store.list_apps() == []
+
+
+def test_duplicate_app_conflicts(store):
+    store.create_app("web1")
+    with pytest.raises(Conflict):
+        store.create_app("web1")
+
+
+def test_config_changes_make_releases_and_rollback(store):
+    store.create_app("shop")
+    v1 = store.add_release("shop", slug="a" * 64, procfile={"web": "gunicorn app:app"},
+                           config={}, description="Deploy")
+    v2 = store.change_config("shop", {"GREETING": "hi"})
+    assert (v1.version, v2.version) == (1, 2) and v2.slug == v1.slug
+    assert v2.config == {"GREETING": "hi"} and v2.description == "Set GREETING"
+    v3 = store.rollback("shop", None)
+    assert v3.version == 3 and v3.config == {} and v3.description == "Rollback to v1"
+    assert [r.version for r in store.releases("shop")] == [3, 2, 1]
+
+
+def test_config_rejects_reserved_and_unknown_keys(store):
+    store.create_app("shop")
+    for key in ("PORT", "BERTH_APP", "1BAD", "A-B"):
+        with pytest.raises(Invalid):
+            store.change_config("shop", {key: "x"})
+    with pytest.raises(NotFound, match="NOPE"):
+        store.change_config("shop", {"NOPE": None})
+    assert store.releases("shop") == []
+
+
+def test_rollback_without_deploys_explains(store):
+    store.create_app("shop")
+    with pytest.raises(Conflict, match="no releases"):
+        store.rollback("shop", None)
+    store.change_config("shop", {"A": "1"})
+    with pytest.raises(Conflict, match="no earlier deployed release"):
+        store.rollback("shop", None)
+
+
+def test_unknown_app_is_not_found_everywhere(store):
+    for call in (lambda: store.releases("ghost"), lambda: store.scale("ghost", {"web": 1}),
+                 lambda: store.change_config("ghost", {"A": "1"}),
+                 lambda: store.destroy_app("ghost")):
+        with pytest.raises(NotFound, match="app 'ghost' not found"):
+            call()
+
+
+def test_domains_are_unique_and_outside_base_domain(store):
+    store.create_app("one")
+    store.create_app("two")
+    store.add_domain("one", "WWW.Example.com", "localhost")
+    assert store.domains("one") == {"one": ["www.example.com"]}
+    with pytest.raises(Conflict):
+        store.add_domain("two", "www.example.com", "localhost")
+    with pytest.raises(Invalid):
+        store.add_domain("two", "two.localhost", "localhost")
+
+
+def test_destroy_removes_everything(store, tmp_path):
+    store.create_app("gone")
+    store.change_config("gone", {"A": "1"})
+    store.destroy_app("gone")
+    db = sqlite3.connect(tmp_path / "state.db")
+    for table in ("apps", "releases", "formation", "domains"):
+        assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0

@@ -1,0 +1,53 @@
+import pytest
+import zmq
+
+from messaging import channels, envelope
+from messaging.errors import ProtocolError
+
+
+def test_roundtrip_keeps_fields_and_envelope():
+    msg = envelope.make("log", "runner-1", app="a", line="hi", proc="web")
+    back = envelope.decode(envelope.encode(msg))
+    assert back.type == "log" and back["line"] == "hi" and back.sender == "runner-1"
+    assert back.id == msg.id
+
+
+@pytest.mark.parametrize("frames,needle", [
+    ([b"log"], "frames"),
+    ([b"log", b"not json"], "not JSON"),
+    ([b"log", b'{"v": 99, "type": "log", "app": "a", "line": "x"}'], "version"),
+    ([b"route_tick", b'{"v": 1, "type": "log", "app": "a", "line": "x"}'], "topic"),
+    ([b"log", b'{"v": 1, "type": "log", "app": "a"}'], "line"),
+    ([b"nope", b'{"v": 1, "type": "nope"}'], "unknown"),
+])
+def test_decode_rejects_bad_frames(frames, needle):
+    with pytest.raises(ProtocolError, match=needle):
+        envelope.decode(frames)
+
+
+def test_command_checks_declared_args():
+    with pytest.raises(ProtocolError, match="lacks args"):
+        envelope.command("stop")
+    with pytest.raises(ProtocolError, match="unknown control action"):
+        envelope.command("format-disk")
+    cmd = envelope.command("stop", "c", instance="i1")
+    rep = envelope.reply(cmd, "r", result={"x": 1})
+    assert rep["re"] == cmd.id and rep["ok"] is True
+
+
+def test_router_dealer_carry_identity_over_real_sockets():
+    ctx = zmq.Context()
+    try:
+        router = channels.bind(ctx, "control", "tcp://127.0.0.1:*")
+        endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        dealer = channels.connect(ctx, "control", endpoint, identity="runner-9")
+        envelope.send(dealer, envelope.make("heartbeat", "runner-9", host="runner-9", interval=1.0))
+        assert router.poll(5000)
+        identity, msg = envelope.recv(router)
+        assert identity == b"runner-9" and msg["host"] == "runner-9"
+        envelope.send(router, envelope.command("stop", "c", instance="x"), identity)
+        assert dealer.poll(5000)
+        ident, cmd = envelope.recv(dealer)
+        assert ident is None and cmd["action"] == "stop"
+    finally:
+        ctx.destroy(0)
