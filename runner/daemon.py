@@ -18,7 +18,8 @@ import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, Any, Callable
+from typing import IO, Any
+from collections.abc import Callable
 
 import zmq
 
@@ -32,7 +33,7 @@ from runner.health import wait_healthy
 from runner.jobs import JobDone, Jobs, OutputLine
 from runner.process import Hooks, Instance, InstanceSpec, Policy, State
 from runner.slug import SlugStore
-from runner.venv import Venv, VenvCache, has_control_socket
+from runner.venv import Venv, VenvCache, has_control_socket, kill_builds
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Runner(Hooks):
             inst.stop(grace)
 
     def close(self) -> None:
+        kill_builds()
         for fh in self._log_files.values():
             fh.close()
         self._log_files.clear()
@@ -230,7 +232,6 @@ class Runner(Hooks):
             self.jobs.post(OutputLine(app, line, "build", build=build))
         self.jobs.submit(("prepare", msg), self._prepare, app, str(args["slug"]),
                          str(args["slug_url"]), sink)
-        return None
 
     def handle_start(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
         """start {instance, app, release, proc, command, env, slug, slug_url,

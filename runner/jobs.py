@@ -10,7 +10,8 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import IO, Any
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class OutputLine:
 
 
 class Jobs:
-    def __init__(self, events: "queue.Queue[Any]") -> None:
+    def __init__(self, events: queue.Queue[Any]) -> None:
         self.events = events
 
     def post(self, event: Any) -> None:
@@ -48,7 +49,7 @@ class Jobs:
         def work() -> None:
             try:
                 result = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - every failure becomes an event
+            except BaseException as exc:
                 if not isinstance(exc, Exception):
                     log.exception("job %s died", tag[0])
                 self.events.put(JobDone(tag, error=exc))

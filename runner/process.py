@@ -28,7 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from runner.ports import free_port
 
@@ -147,13 +148,13 @@ class ProcessOps:
 class Hooks:
     """What the daemon wants to hear about; the default hears nothing."""
 
-    def spawned(self, inst: "Instance") -> None:
+    def spawned(self, inst: Instance) -> None:
         """A process was started: read its output and (web) health-check it."""
 
-    def prepare(self, inst: "Instance") -> None:
+    def prepare(self, inst: Instance) -> None:
         """The instance went back to PREPARING: fetch and build again."""
 
-    def event(self, inst: "Instance", text: str) -> None:
+    def event(self, inst: Instance, text: str) -> None:
         """A platform event the tenant should see (started, crashed, fatal, stopped)."""
 
 

@@ -14,13 +14,14 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from runner.errors import BuildError
 
@@ -33,6 +34,8 @@ TAIL_LINES = 12
 
 LineSink = Callable[[str], None]
 
+_builds: set[subprocess.Popen[str]] = set()   # running build steps, killed at shutdown
+_builds_lock = threading.Lock()
 _versions: dict[str, str] = {}
 _versions_lock = threading.Lock()
 
@@ -132,11 +135,14 @@ def run_streaming(args: list[str], sink: LineSink, what: str,
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                text=True, errors="replace", bufsize=1)
+                                text=True, errors="replace", bufsize=1,
+                                start_new_session=True)
     except OSError as exc:
         raise BuildError(f"{what} could not start: {exc}",
                          "check the runner setting `python`") from exc
-    timer = threading.Timer(timeout, proc.kill)
+    with _builds_lock:
+        _builds.add(proc)
+    timer = threading.Timer(timeout, _kill_group, (proc,))
     timer.daemon = True
     timer.start()
     try:
@@ -149,13 +155,31 @@ def run_streaming(args: list[str], sink: LineSink, what: str,
     finally:
         timer.cancel()
         if proc.poll() is None:
-            proc.kill()
+            _kill_group(proc)
             proc.wait()
+        with _builds_lock:
+            _builds.discard(proc)
     if code != 0:
         last = "\n".join(tail)
         why = f"killed after {timeout:.0f}s" if code < 0 else f"exit {code}"
         raise BuildError(f"{what} failed ({why}):\n{last}",
                          "check requirements.txt; the whole output is in the build log")
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_builds() -> None:
+    """Kill build steps still running (runner shutdown); their venvs have no marker
+    and are rebuilt on next use."""
+    with _builds_lock:
+        for proc in list(_builds):
+            if proc.poll() is None:
+                _kill_group(proc)
 
 
 _control_socket: dict[Path, bool] = {}

@@ -18,7 +18,8 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
@@ -82,7 +83,7 @@ class SlugServer:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 sha = self.path.rsplit("/", 1)[-1]
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     status, body = 401, b"no"
@@ -314,7 +315,7 @@ def test_prepare_rejects_a_slug_with_the_wrong_sha(env: Any) -> None:
 
 
 def test_prepare_reports_pip_failure(env: Any) -> None:
-    ctl, slugs, runner = env
+    ctl, slugs, _runner = env
     bad = make_slug({"app.py": b"", "requirements.txt": b"berth-no-such-package-x9q\n"})
     sha = hashlib.sha256(bad).hexdigest()
     slugs.slugs[sha] = bad

@@ -7,7 +7,8 @@ import io
 import tarfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -41,7 +42,7 @@ def server() -> Iterator[tuple[str, dict[str, bytes]]]:
     blobs: dict[str, bytes] = {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             body = blobs.get(self.path.rsplit("/", 1)[-1])
             status = 200 if body is not None else 404
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
