@@ -92,7 +92,11 @@ class Pool:
         return b if b.outstanding < a.outstanding else a
 
     def mark_down(self, backend: Backend, now: float) -> float:
-        """Record a failure; returns the backoff in seconds."""
+        """Record a failure; returns the backoff in seconds. Failures of requests
+        that were already under way when the backend went down do not count again:
+        only a failure while it was up (or after its backoff ended) doubles it."""
+        if not backend.is_up(now):
+            return backend.down_until - now
         backend.failures += 1
         backoff = min(self.max_backoff, self.base_backoff * 2 ** (backend.failures - 1))
         backend.down_until = now + backoff

@@ -11,6 +11,7 @@ instances keep running and restarting, heartbeats keep being sent for when it re
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import shutil
@@ -324,8 +325,8 @@ class Runner(Hooks):
         assert inst.proc is not None and inst.proc.stdout and inst.proc.stderr
         spec = inst.spec
         for stream, pipe in (("stdout", inst.proc.stdout), ("stderr", inst.proc.stderr)):
-            self.jobs.read_lines(pipe, lambda line, stream=stream: OutputLine(
-                spec.app, line, spec.proc, stream, spec.instance, spec.release))
+            self.jobs.read_lines(pipe, functools.partial(
+                _app_line, spec=spec, stream=stream))
         if spec.web:
             assert inst.port is not None
             generation, port = inst.generation, inst.port
@@ -366,6 +367,10 @@ class Runner(Hooks):
             fh = open(self.data_dir / "logs" / f"{app}.log", "a", encoding="utf-8")
             self._log_files[app] = fh
         return fh
+
+
+def _app_line(line: str, *, spec: InstanceSpec, stream: str) -> OutputLine:
+    return OutputLine(spec.app, line, spec.proc, stream, spec.instance, spec.release)
 
 
 def _start_spec(args: dict[str, Any]) -> InstanceSpec:

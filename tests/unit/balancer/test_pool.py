@@ -46,6 +46,7 @@ def test_down_backend_is_skipped_until_backoff_ends() -> None:
     assert pool.mark_down(down, 100.0) == 1.0
     assert all(pool.choose(es, set(), 100.5).key == backend_key(es[1]) for _ in range(20))
     assert down.is_up(101.0)
+    assert pool.mark_down(down, 100.5) == 0.5     # concurrent failures do not compound
     assert pool.mark_down(down, 101.0) == 2.0     # doubles
     assert pool.mark_down(down, 103.0) == 4.0
     assert pool.mark_down(down, 107.0) == 4.0     # capped
