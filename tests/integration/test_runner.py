@@ -65,15 +65,6 @@ HELLO_SLUG = make_slug({
 HELLO_SHA = hashlib.sha256(HELLO_SLUG).hexdigest()
 
 
-@pytest.fixture(scope="session")
-def venv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    env = os.environ.get("BERTH_TEST_VENV_CACHE")
-    if env:
-        Path(env).mkdir(parents=True, exist_ok=True)
-        return Path(env)
-    return tmp_path_factory.mktemp("venv-cache")
-
-
 class SlugServer:
     """GET /v1/slugs/<sha> with the bearer token; counts requests."""
 
