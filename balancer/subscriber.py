@@ -91,14 +91,6 @@ class RouteSubscriber:
             if msg.type == "route_update" and self.drop is not None \
                     and self.drop(int(msg["seq"])):
                 continue
-            if msg.type == "route_tick" and self.replica.synced \
-                    and int(msg["seq"]) < self.replica.seq:
-                # the publisher restarted with a fresh sequence: start over
-                log.warning("route publisher went back in sequence; resyncing",
-                            extra={"seq": self.replica.seq, "tick": msg["seq"]})
-                self.replica = CloneReplica()
-                self._asked_at = None
-                continue
             before = self.replica.needs_snapshot
             if self.replica.apply(msg):
                 self._changed()

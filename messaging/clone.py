@@ -63,7 +63,7 @@ class CloneReplica:
             return False
         seq = int(msg["seq"])
         if msg.type == "route_tick":
-            if seq > self.seq:
+            if seq != self.seq:     # ahead: we missed updates; behind: publisher restarted
                 self._gap()
             return False
         if seq <= self.seq:

@@ -36,12 +36,14 @@ def test_replica_that_drops_updates_converges_to_the_controller(berth):
             berth("domains", "add", f"www.drop{i}.example.com", "-a", f"drop{i}")
         deadline = time.monotonic() + 20
         received = 0
+        more_made = False
         while time.monotonic() < deadline:
             if replica.needs_snapshot:
                 envelope.send(snap, envelope.make("snapshot_request", "test"))
                 if snap.poll(2000):
                     replica.load(envelope.recv(snap)[1])
-                    if received == 0:
+                    if not more_made:
+                        more_made = True
                         for i in range(6, 10):      # changes after the first snapshot
                             berth("apps", "create", f"drop{i}")
             if sub.poll(200):

@@ -617,6 +617,82 @@ def test_killing_one_of_two_backends_fails_no_get(tmp, balancer, publisher):
         publisher.set("gamma", None)
 
 
+class FlakyBackend(threading.Thread):
+    """A raw HTTP/1.1 server that answers the first request on each connection
+    (keep-alive) and closes the connection on the second without a byte: what a
+    backend timing out an idle keep-alive connection looks like to a proxy."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server((BACKEND_HOST, 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.seen: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(sock, self.connections),
+                             daemon=True).start()
+        self.listener.close()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        with sock:
+            sock.settimeout(10)
+            buf = b""
+            for count in (1, 2):
+                while b"\r\n\r\n" not in buf:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                self.seen.append(f"{head.split()[0].decode()} conn={number}")
+                if count == 2:
+                    return          # close without answering
+                body = b"conn=%d" % number
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+
+
+def test_reused_connection_closed_by_backend_is_retried_when_idempotent(balancer,
+                                                                        publisher):
+    flaky = FlakyBackend()
+    flaky.start()
+    try:
+        publisher.set("flaky", {"hosts": ["flaky.localhost"], "reason": "",
+                                "backends": [{"id": "f", "address": BACKEND_HOST,
+                                              "port": flaky.port}]})
+        wait_for(lambda: get(balancer.port, "flaky.localhost")[0] != 404,
+                 what="flaky route")
+        # the probe above left conn N pooled; a GET now is sent on it, the backend
+        # closes without answering, and the balancer resends on a fresh connection
+        before = flaky.connections
+        status, _, body = get(balancer.port, "flaky.localhost", "/again")
+        assert status == 200 and body == b"conn=%d" % (before + 1)
+        # a POST is not idempotent: the same situation is a 502, sent once
+        status, _, _ = get(balancer.port, "flaky.localhost", "/pooled")
+        assert status == 200
+        c = Client(balancer.port)
+        try:
+            c.send(b"POST /once HTTP/1.1\r\nHost: flaky.localhost\r\n"
+                   b"Content-Length: 0\r\n\r\n")
+            assert c.response()[0] == 502
+        finally:
+            c.close()
+        assert sum(1 for s in flaky.seen if s.startswith("POST")) == 1
+    finally:
+        flaky.halt.set()
+        flaky.join(5)
+        publisher.set("flaky", None)
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp, publisher, backends):
     bal = BalancerProc(tmp, publisher)
     try:

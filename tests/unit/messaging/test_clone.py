@@ -58,3 +58,18 @@ def test_delete_removes_entry():
     rep.load(pub.snapshot())
     rep.apply(pub.set("a", None))
     assert rep.table == {} == pub.table
+
+
+def test_restarted_publisher_is_noticed_and_followed():
+    old, rep = ClonePublisher(), CloneReplica()
+    for port in (1, 2, 3):
+        old.set("a", _route(port))
+    rep.load(old.snapshot())
+    new = ClonePublisher()                     # the controller restarted: seq from 0
+    new.set("b", _route(9))
+    rep.apply(new.tick())
+    assert rep.needs_snapshot
+    assert rep.table == old.table              # keeps serving what it had meanwhile
+    rep.load(new.snapshot())
+    assert rep.table == new.table and rep.seq == 1
+    assert rep.apply(new.set("b", _route(10)))
