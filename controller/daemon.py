@@ -35,6 +35,7 @@ NO_RUNNER_WAIT = 30.0
 BUILD_TIMEOUT = 900.0
 START_PENDING = 15.0
 STOP_RETRY = 60.0
+LOG_CATCH_UP = 3.0
 
 
 class Controller:
@@ -57,6 +58,8 @@ class Controller:
         self.in_flight: dict[str, dict[str, Any]] = {}    # command id -> what it was
         self.build_queue: queue.Queue[str] = queue.Queue()
         self.waiting_builds: list[tuple[str, float]] = []
+        self.build_lines: dict[str, int] = {}             # build -> runner lines received
+        self.finishing: list[tuple[dict[str, Any], Message, float]] = []
         self._view_lock = threading.Lock()
         self._view: dict[str, Any] = {"hosts": {}, "instances": []}
         self._wake = threading.Event()
@@ -116,6 +119,7 @@ class Controller:
                     self._beat(now)
                     next_beat = now + interval
                 self._dispatch_builds(now)
+                self._finish_builds(now)
                 self._expire_commands(now)
                 if now >= next_reconcile or self._wake.is_set():
                     self._wake.clear()
@@ -160,6 +164,7 @@ class Controller:
 
     def _on_log(self, msg: Message) -> None:
         if msg.get("build"):
+            self.build_lines[msg["build"]] = self.build_lines.get(msg["build"], 0) + 1
             self.logs.build_line(msg["build"], msg["line"])
         else:
             self.logs.append(msg["app"], {**msg.fields, "ts": msg.ts})
@@ -253,12 +258,27 @@ class Controller:
         cmd = self.in_flight.pop(msg["re"], None)
         if cmd is None:
             return
-        if msg["ok"]:
-            if cmd["action"] == "prepare":
-                self._build_succeeded(cmd, msg.get("result") or {})
-        else:
+        if cmd["action"] == "prepare":
+            # build output travels on the logs socket: finish once it has all arrived
+            self.finishing.append((cmd, msg, time.monotonic() + LOG_CATCH_UP))
+        elif not msg["ok"]:
             self.in_flight[msg["re"]] = cmd
             self._command_failed(msg["re"], msg.get("error") or {})
+
+    def _finish_builds(self, now: float) -> None:
+        still = []
+        for cmd, msg, deadline in self.finishing:
+            body = (msg.get("result") if msg["ok"] else msg.get("error")) or {}
+            if self.build_lines.get(cmd["build"], 0) < body.get("log_lines", 0) \
+                    and now < deadline:
+                still.append((cmd, msg, deadline))
+                continue
+            self.build_lines.pop(cmd["build"], None)
+            if msg["ok"]:
+                self._build_succeeded(cmd, body)
+            else:
+                self._fail_build(cmd["build"], body)
+        self.finishing = still
 
     def _command_failed(self, cid: str, error: dict[str, Any]) -> None:
         cmd = self.in_flight.pop(cid)

@@ -72,6 +72,7 @@ class Runner(Hooks):
         self._seq = 0
         self._next_heartbeat = 0.0
         self._log_files: dict[str, IO[str]] = {}
+        self._build_lines: dict[str, int] = {}      # build id -> lines sent
         self.control: zmq.Socket | None = None
         self.logs: zmq.Socket | None = None
 
@@ -285,13 +286,17 @@ class Runner(Hooks):
 
     def _done_prepare(self, event: JobDone) -> None:
         msg: Message = event.tag[1]
+        # lines go on the logs socket, the reply on control: tell the controller how
+        # many lines to wait for so the build log it streams is complete
+        lines = self._build_lines.pop(str(msg["args"]["build"]), 0)
         if event.error is not None:
-            self._send(reply(msg, self.host, error=_error_dict(event.error)))
+            error = {**_error_dict(event.error), "log_lines": lines}
+            self._send(reply(msg, self.host, error=error))
             return
         release_dir, venv = event.result
         self._send(reply(msg, self.host, result={
             "venv": venv.key, "reused": venv.reused, "seconds": round(venv.seconds, 3),
-            "release_dir": str(release_dir)}))
+            "release_dir": str(release_dir), "log_lines": lines}))
 
     def _done_instance_prepare(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]
@@ -353,6 +358,8 @@ class Runner(Hooks):
             if value is not None:
                 fields[name] = value
         assert self.logs is not None
+        if out.build is not None:
+            self._build_lines[out.build] = self._build_lines.get(out.build, 0) + 1
         try:
             send(self.logs, make("log", self.host, **fields), flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -20,6 +20,8 @@ def test_push_example_is_served_through_the_balancer(berth):
     berth("apps", "create", "hello")
     out = berth("push", str(EXAMPLE), "-a", "hello")
     assert "-----> Build finished" in out.stdout
+    # the runner's whole build log reaches the CLI before the controller's verdict
+    assert out.stdout.index("Virtualenv ready") < out.stdout.index("Build finished")
     assert "-----> Deployed hello v1" in out.stdout
     assert f"http://hello.localhost:{berth.platform.ports.balancer}/" in out.stdout
     r = berth.get("hello")
