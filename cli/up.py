@@ -29,6 +29,10 @@ PIDFILE = "up.pid"
 def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
     """Start controller, runner and balancer here; Ctrl-C stops them all."""
     data_dir = data_dir.resolve()
+    running = _running_pid(data_dir)
+    if running:
+        raise BerthError(f"berth up is already running from {data_dir} (pid {running})",
+                         f"use it as it is, or stop it with `berth down --data-dir {data_dir}`")
     if detach:
         return _detach(data_dir, port, api_port)
     ports = Ports(api=api_port, control=api_port + 1, routes=api_port + 2,
@@ -62,7 +66,19 @@ def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
         if platform.procs:
             step("Stopping balancer, runner and controller...")
         platform.stop()
-        (data_dir / PIDFILE).unlink(missing_ok=True)
+        pidfile = data_dir / PIDFILE
+        if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()            # only ours: a refused second `up` leaves it alone
+
+
+def _running_pid(data_dir: Path) -> int | None:
+    pidfile = data_dir / PIDFILE
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def _detach(data_dir: Path, port: int, api_port: int) -> None:
