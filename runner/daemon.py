@@ -29,6 +29,7 @@ from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
 from messaging.messages import ACTIONS
+from runner import leftovers
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.health import wait_healthy
 from runner.jobs import JobDone, Jobs, OutputLine
@@ -82,6 +83,7 @@ class Runner(Hooks):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         for stale in (self.data_dir / "apps").glob("*/.unpack-*"):
             shutil.rmtree(stale, ignore_errors=True)      # left by a killed unpack
+        leftovers.end(self.data_dir / "instances", self.settings.stop_grace)
         self.control = connect(self.ctx, "control", self.settings.control_endpoint,
                                identity=self.host)
         self.logs = connect(self.ctx, "logs", self.settings.logs_endpoint)

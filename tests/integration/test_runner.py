@@ -382,3 +382,37 @@ def test_instances_keep_running_while_the_controller_is_away(env: Any) -> None:
                         STEP_TIMEOUT)
     assert back["state"] == "RUNNING" and back["pid"] == inst["pid"]
     assert back["restarts"] == 0
+
+
+def alive(pid: int) -> bool:
+    """A zombie (reparented to an init that does not reap) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_restarted_runner_ends_what_a_killed_one_left(env: Any, tmp_path: Path,
+                                                      venv_cache: Path) -> None:
+    """kill -9 of the runner leaves its gunicorn running (own session); the next
+    start of the runner on the same data dir ends it before taking new work."""
+    ctl, slugs, runner = env
+    inst = start_hello(ctl, slugs, "web-orphan")
+    runner.proc.kill()
+    runner.proc.wait(10)
+    assert alive(inst["pid"])                             # still alive: orphaned
+    assert http_get(inst["port"])[0] == 200
+    ctl.pids.add(inst["pid"])                             # fixture cleans up on failure
+    again = RunnerProcess(tmp_path, ctl, slugs, venv_cache)
+    try:
+        ctl.heartbeats.clear()
+        ctl.wait_for("heartbeat from the new runner", lambda: ctl.heartbeats, STEP_TIMEOUT)
+        assert not alive(inst["pid"])
+        with pytest.raises(OSError):
+            http_get(inst["port"])
+        assert ctl.instance("web-orphan") is None
+        assert "ended a leftover instance" in again.log_text()
+    finally:
+        assert again.terminate() == 0
+        again.stderr.close()
