@@ -10,6 +10,7 @@ SPEC = Spec("balancer", [
     Setting("routes_endpoint", str, "tcp://127.0.0.1:8702", "Controller's route update PUB."),
     Setting("routes_snapshot_endpoint", str, "tcp://127.0.0.1:8703", "Controller's route snapshot ROUTER."),
     Setting("logs_endpoint", str, "tcp://127.0.0.1:8704", "Controller's logs PULL, for access logs."),
+    Setting("stats_endpoint", str, "tcp://127.0.0.1:8705", "Controller's stats XSUB, for per-app figures."),
     Setting("max_header_bytes", int, 65536, "Largest request head accepted (431 beyond)."),
     Setting("header_timeout", float, 10.0, "Seconds a client has to send a whole request head (408)."),
     Setting("idle_timeout", float, 60.0, "Seconds an idle keep-alive client connection is kept."),

@@ -44,10 +44,12 @@ class Ports:
     snapshot: int = 8703
     logs: int = 8704
     balancer: int = 8000
+    stats: int = 8705
+    stats_out: int = 8706
 
     @classmethod
     def free(cls) -> "Ports":
-        return cls(*(free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in range(8)))
 
 
 @dataclass
@@ -73,12 +75,14 @@ class LocalPlatform:
     def write_config(self) -> Path:
         p, host = self.ports, "tcp://127.0.0.1"
         zmq = {"routes_endpoint": f"{host}:{p.routes}",
-               "routes_snapshot_endpoint": f"{host}:{p.snapshot}"}
+               "routes_snapshot_endpoint": f"{host}:{p.snapshot}",
+               "stats_endpoint": f"{host}:{p.stats}"}
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
                            "control_endpoint": f"{host}:{p.control}",
                            "logs_endpoint": f"{host}:{p.logs}", "balancer_port": p.balancer,
-                           "drain_seconds": self.drain_seconds, **zmq},
+                           "drain_seconds": self.drain_seconds,
+                           "stats_out_endpoint": f"{host}:{p.stats_out}", **zmq},
             "runner": {"control_endpoint": f"{host}:{p.control}",
                        "logs_endpoint": f"{host}:{p.logs}", "controller_url": self.api_url,
                        "venv_cache_dir": self.venv_cache_dir},
@@ -102,7 +106,8 @@ class LocalPlatform:
 
     def check_ports(self) -> None:
         p = self.ports
-        for port in (p.balancer, p.api, p.control, p.routes, p.snapshot, p.logs):
+        for port in (p.balancer, p.api, p.control, p.routes, p.snapshot, p.logs, p.stats,
+                     p.stats_out):
             if port_in_use("127.0.0.1", port):
                 raise BerthError(f"port {port} on 127.0.0.1 is already in use",
                                  "stop what uses it (another `berth up`? try `berth down`) "

@@ -36,7 +36,8 @@ def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
     if detach:
         return _detach(data_dir, port, api_port)
     ports = Ports(api=api_port, control=api_port + 1, routes=api_port + 2,
-                  snapshot=api_port + 3, logs=api_port + 4, balancer=port)
+                  snapshot=api_port + 3, logs=api_port + 4, balancer=port,
+                  stats=api_port + 5, stats_out=api_port + 6)
     platform = LocalPlatform(data_dir, ports)
     stopping = False
 

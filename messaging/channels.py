@@ -48,6 +48,17 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
         "a gap.",
     ),
     Channel(
+        "stats", "PUB -> XSUB", "controller", zmq.XSUB, zmq.PUB,
+        "stats_endpoint", ("stats",),
+        "Per-app and per-host figures every second. Balancers and runners publish; the "
+        "controller's forwarder passes them on to stats_out.",
+    ),
+    Channel(
+        "stats_out", "XPUB/SUB", "controller", zmq.XPUB, zmq.SUB,
+        "stats_out_endpoint", ("stats",),
+        "The forwarder's outlet: operators (and the controller's own API) subscribe.",
+    ),
+    Channel(
         "logs", "PUSH/PULL", "controller", zmq.PULL, zmq.PUSH,
         "logs_endpoint", ("log",),
         "App output, build output and platform events for tenants, one line per "
@@ -78,7 +89,7 @@ def connect(ctx: zmq.Context, channel: str, endpoint: str,
     if ch.connect_type == zmq.SUB:
         for topic in ch.messages:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    if ch.connect_type == zmq.PUSH:
+    if ch.connect_type in (zmq.PUSH, zmq.PUB):
         # never block a runner on a slow controller: drop beyond the high-water mark
         sock.setsockopt(zmq.SNDHWM, 10000)
     sock.connect(endpoint)

@@ -34,12 +34,19 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "restarts) so the controller never depends on a single event."),
     MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
                 doc="One app's route; route None means the app is gone. Route: "
-                    "{hosts: [..], backends: [{id, address, port}], reason: str}."),
+                    "{hosts: [..], backends: [{id, address, port}], reason: str, "
+                    "maintenance: bool (answer 503 + Retry-After), max_body: int "
+                    "(request body limit in bytes, 413 beyond)}."),
     MessageType("route_tick", {"seq": int},
                 doc="The publisher's latest sequence number, every second."),
     MessageType("snapshot_request", {}, doc="Replica -> publisher: send the table."),
     MessageType("snapshot", {"seq": int, "routes": dict},
                 doc="The whole table {app: route} as of `seq`."),
+    MessageType("stats", {"host": str, "interval": (int, float), "apps": dict},
+                {"kind": str, "totals": dict},
+                doc="One host's figures for the last interval. apps: {app: {requests, "
+                    "status: {1xx..5xx: n}, bytes_in, bytes_out, p50_ms, p95_ms, "
+                    "p99_ms, open}}; kind is 'balancer' or 'runner'."),
     MessageType("log", {"app": str, "line": str},
                 {"proc": str, "release": int, "host": str, "stream": str,
                  "build": str, "instance": str},

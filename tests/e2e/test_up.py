@@ -20,7 +20,7 @@ def free_block(size: int) -> int:
 
 
 def test_up_detached_then_down_stops_everything(tmp_path):
-    api, port = free_block(5), free_port()
+    api, port = free_block(7), free_port()
     env = {**os.environ, "BERTH_CLI_CONFIG_DIR": str(tmp_path / "cfg"), "NO_COLOR": "1"}
     env.pop("BERTH_CLI_API_URL", None)
     env.pop("BERTH_CLI_TOKEN", None)
