@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cli import apps, configvars, deploy, domains, logs, ps, up
+from cli import apps, configvars, deploy, domains, limits, logs, ps, stats, up
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,7 +14,8 @@ def cli() -> None:
 
 for command in (apps.login, apps.apps, deploy.push, deploy.releases, deploy.rollback,
                 ps.ps, ps.scale, configvars.config_group, logs.logs, domains.domains,
-                up.up, up.down):
+                limits.maintenance, limits.limits, stats.stats, stats.hosts, up.up,
+                up.down):
     cli.add_command(command)
 
 

@@ -138,8 +138,37 @@ class Handler(BaseHTTPRequestHandler):
 
     @route("GET", r"/v1/hosts")
     def get_hosts(self) -> None:
-        seq, table = self.c.routes()
-        self._json(200, {"runners": self.c.hosts(), "routes_seq": seq})
+        seq, _ = self.c.routes()
+        runners = self.c.hosts()
+        for name, info in runners.items():
+            info["inventory"] = self.c.instances_on(name)
+        self._json(200, {"runners": runners, "routes_seq": seq,
+                         "stats_from": self.c.stats.current()["hosts"]})
+
+    @route("GET", r"/v1/stats")
+    def all_stats(self) -> None:
+        self._stats(None)
+
+    @route("GET", r"/v1/apps/([^/]+)/stats")
+    def app_stats(self, app: str) -> None:
+        self.c.store.require_app(app)
+        self._stats(app)
+
+    def _stats(self, app: str | None) -> None:
+        """Current figures; with follow=1 a JSON line per second until the client goes."""
+        if self.query.get("follow") not in ("1", "true"):
+            self._json(200, self.c.stats.current(app))
+            return
+        self._stream_start("application/x-ndjson")
+        seen = -1
+        limit = int(self.query.get("count", 0)) or None
+        sent = 0
+        while not self.server.stopping.is_set() and (limit is None or sent < limit):
+            seen = self.c.stats.wait(seen, 1.0)
+            self._chunk(json.dumps(self.c.stats.current(app)) + "\n")
+            sent += 1
+            time.sleep(1.0)
+        self._stream_end()
 
     @route("GET", r"/v1/routes")
     def get_routes(self) -> None:
@@ -174,6 +203,27 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"name": app, "release": rel.public() if rel else None,
                          "formation": self.c.store.formation(app), "url": self.c_url(app),
                          "domains": self.c.store.domains(app).get(app, [])})
+
+    @route("GET", r"/v1/apps/([^/]+)/limits")
+    def get_limits(self, app: str) -> None:
+        self._json(200, {**self.c.store.limits(app),
+                         "default_max_body_mb": self.c.settings.default_max_body_mb})
+
+    @route("PATCH", r"/v1/apps/([^/]+)/limits")
+    def patch_limits(self, app: str) -> None:
+        body = self._body()
+        if not isinstance(body, dict) or not set(body) <= {"maintenance", "max_body_mb"} \
+                or not body:
+            raise Invalid("give maintenance (true/false) and/or max_body_mb (number or null)",
+                          "use `berth maintenance on` or `berth limits --max-body-mb 50`")
+        if "maintenance" in body:
+            if not isinstance(body["maintenance"], bool):
+                raise Invalid("maintenance must be true or false")
+            self.c.store.set_maintenance(app, body["maintenance"])
+        if "max_body_mb" in body:
+            self.c.store.set_max_body(app, body["max_body_mb"])
+        self.c.wake()
+        self.get_limits(app)
 
     @route("DELETE", r"/v1/apps/([^/]+)")
     def destroy_app(self, app: str) -> None:

@@ -23,6 +23,7 @@ import zmq
 from controller.api import ApiServer
 from controller.logstore import LogStore
 from controller.reconciler import Plan, flatten, plan
+from controller.stats import StatsHub
 from controller.store import Store
 from messaging import channels, envelope
 from messaging.clone import ClonePublisher
@@ -98,6 +99,8 @@ class Controller:
         self.poller = zmq.Poller()
         for sock in (self.control, self.snapshots, self.log_pull):
             self.poller.register(sock, zmq.POLLIN)
+        self.stats = StatsHub(self.ctx, s.stats_endpoint, s.stats_out_endpoint)
+        self.stats.start()
         self.api = ApiServer(self, s.api_host, s.api_port)
         self.api.start()
         log.info("controller started", extra={"api": self.public_url})
@@ -131,6 +134,7 @@ class Controller:
     def _shutdown(self) -> None:
         if self.api:
             self.api.stop()
+        self.stats.stop()
         for sock in (self.control, self.routes_pub, self.snapshots, self.log_pull):
             sock.close(0)
         self.ctx.term()
@@ -316,7 +320,8 @@ class Controller:
                     del table[iid]
         desired = self.store.desired()
         p = plan(desired, observed, self.pending, self.draining, set(self.stopping), now,
-                 self.settings.drain_seconds, self.settings.base_domain)
+                 self.settings.drain_seconds, self.settings.base_domain,
+                 self.settings.default_max_body_mb << 20)
         for spec in p.starts:
             self._start(spec, now)
         for iid in p.drains:
@@ -369,9 +374,13 @@ class Controller:
         with self._view_lock:
             return [dict(i) for i in self._view["instances"] if i["app"] == app]
 
+    def instances_on(self, host: str) -> list[dict[str, Any]]:
+        with self._view_lock:
+            return [dict(i) for i in self._view["instances"] if i["host"] == host]
+
     def hosts(self) -> dict[str, dict[str, Any]]:
         with self._view_lock:
-            return dict(self._view["hosts"])
+            return {h: dict(v) for h, v in self._view["hosts"].items()}
 
     def routes(self) -> tuple[int, dict[str, Any]]:
         with self._view_lock:

@@ -73,7 +73,7 @@ def _reason(app: str, release: Any, formation: dict[str, int], insts: list[dict[
 def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]],
          pending: dict[str, dict[str, Any]], draining: dict[str, float],
          stopping: set[str], now: float, drain_seconds: float,
-         base_domain: str) -> Plan:
+         base_domain: str, default_max_body: int = 100 << 20) -> Plan:
     result = Plan()
     insts = [i for i in flatten(observed, pending)
              if i["state"] != "STOPPING" and i["instance"] not in stopping]
@@ -127,6 +127,9 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]]
         route: dict[str, Any] = {
             "hosts": [f"{app}.{base_domain}", *want["domains"]],
             "backends": backends,
+            "maintenance": bool(want.get("maintenance")),
+            "max_body": (want["max_body_mb"] << 20 if want.get("max_body_mb")
+                         else default_max_body),
         }
         if not backends:
             route["reason"] = _reason(app, release, want["formation"],

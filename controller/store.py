@@ -37,6 +37,10 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE tokens (hash VARCHAR(64) PRIMARY KEY, name VARCHAR(64) NOT NULL, "
         "created_at DOUBLE PRECISION NOT NULL)",
     ],
+    [
+        "ALTER TABLE apps ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE apps ADD COLUMN max_body_mb INTEGER",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
@@ -289,6 +293,26 @@ class Store:
     def unfinished_builds(self) -> list[str]:
         return [r[0] for r in self._q("SELECT id FROM builds WHERE status = 'pending'")]
 
+    # -- per-app limits and maintenance --------------------------------------
+    def limits(self, app: str) -> dict[str, Any]:
+        rows = self._q("SELECT maintenance, max_body_mb FROM apps WHERE name = ?", app)
+        if not rows:
+            raise app_not_found(app)
+        return {"maintenance": bool(rows[0][0]), "max_body_mb": rows[0][1]}
+
+    def set_maintenance(self, app: str, on: bool) -> None:
+        self.require_app(app)
+        self._q("UPDATE apps SET maintenance = ? WHERE name = ?", 1 if on else 0, app)
+
+    def set_max_body(self, app: str, megabytes: int | None) -> None:
+        self.require_app(app)
+        if megabytes is not None and (not isinstance(megabytes, int) or
+                                      isinstance(megabytes, bool) or
+                                      not 1 <= megabytes <= 10240):
+            raise Invalid(f"body limit must be 1 to 10240 MB, got {megabytes!r}",
+                          "use `berth limits --max-body-mb 50`, or --default")
+        self._q("UPDATE apps SET max_body_mb = ? WHERE name = ?", megabytes, app)
+
     # -- domains ------------------------------------------------------------
     def domains(self, app: str | None = None) -> dict[str, list[str]]:
         rows = (self._q("SELECT hostname, app FROM domains WHERE app = ? ORDER BY hostname", app)
@@ -328,7 +352,7 @@ class Store:
             for name in self.list_apps():
                 out[name] = {"release": self.current_release(name),
                              "formation": self.formation(name),
-                             "domains": domains.get(name, [])}
+                             "domains": domains.get(name, []), **self.limits(name)}
             return out
 
 

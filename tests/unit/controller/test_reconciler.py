@@ -85,3 +85,12 @@ def test_worker_procs_are_started_but_not_routed():
     d["app"]["formation"]["worker"] = 1
     p = run(d, [inst("w", 1, proc="web")])
     assert [s.proc for s in p.starts] == ["worker"]
+
+
+def test_routes_carry_maintenance_and_body_limit():
+    d = desired(1)
+    d["app"].update(maintenance=True, max_body_mb=5)
+    route = run(d, [inst("a", 1)]).routes["app"]
+    assert route["maintenance"] is True and route["max_body"] == 5 << 20
+    d["app"].update(maintenance=False, max_body_mb=None)
+    assert run(d, [inst("a", 1)]).routes["app"]["max_body"] == 100 << 20

@@ -89,3 +89,22 @@ def test_destroy_removes_everything(store, tmp_path):
     db = sqlite3.connect(tmp_path / "state.db")
     for table in ("apps", "releases", "formation", "domains"):
         assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    for stmt in MIGRATIONS[0]:
+        db.execute(stmt)
+    db.execute("INSERT INTO apps (name, created_at) VALUES ('old', 0)")
+    db.commit()
+    db.close()
+    s = Store(tmp_path / "old.db")
+    assert s.schema_version() == len(MIGRATIONS)
+    assert s.limits("old") == {"maintenance": False, "max_body_mb": None}
+    s.set_maintenance("old", True)
+    s.set_max_body("old", 5)
+    assert s.limits("old") == {"maintenance": True, "max_body_mb": 5}
+    with pytest.raises(Invalid):
+        s.set_max_body("old", 0)

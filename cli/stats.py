@@ -1,0 +1,70 @@
+"""`berth stats`: live per-app figures; `berth hosts`: what every runner runs."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from rich.table import Table
+
+from cli import appname
+from cli.client import Client
+from cli.output import console, handle_errors
+
+
+def _line(name: str, fig: dict[str, Any]) -> str:
+    status = " ".join(f"{k}={v}" for k, v in sorted(fig["status"].items()))
+    lat = "  ".join(f"{k[:3]}={fig[k]}ms" for k in ("p50_ms", "p95_ms", "p99_ms")
+                    if fig.get(k) is not None)
+    return (f"{time.strftime('%H:%M:%S')} {name}: req={fig['requests']} {status} "
+            f"{lat} open={fig['open']} in={fig['bytes_in']}B out={fig['bytes_out']}B")
+
+
+@click.command()
+@appname.app_option
+@click.option("--all", "all_apps", is_flag=True, help="Every app (operators).")
+@click.option("-f", "--follow", is_flag=True, help="A line per app every second.")
+@click.option("--count", default=0, help="With -f: stop after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def stats(app: str | None, all_apps: bool, follow: bool, count: int, as_json: bool) -> None:
+    """Requests, status classes, latency and bytes per second, from the balancers."""
+    path = "/v1/stats" if all_apps else f"/v1/apps/{appname.resolve(app)}/stats"
+    client = Client()
+    if not follow:
+        data = client.get(path)
+        snapshots = [data]
+    else:
+        query = "?follow=1" + (f"&count={count}" if count else "")
+        snapshots = (json.loads(line) for line in client.stream(path + query) if line)
+    for snap in snapshots:
+        if as_json:
+            click.echo(json.dumps(snap))
+            continue
+        if not snap["apps"]:
+            click.echo(f"{time.strftime('%H:%M:%S')} no traffic figures yet "
+                       f"(from {len(snap['hosts'])} hosts)")
+        for name, fig in sorted(snap["apps"].items()):
+            click.echo(_line(name, fig))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def hosts(as_json: bool) -> None:
+    """Every runner host and the instances it runs (operators)."""
+    data = Client().get("/v1/hosts")
+    if as_json:
+        console.print_json(data=data)
+        return
+    for name, info in sorted(data["runners"].items()):
+        click.echo(f"=== {name} ({info['address']}): {info['instances']} instances")
+        table = Table("instance", "app", "proc", "release", "state", "port", "restarts",
+                      box=None)
+        for i in info["inventory"]:
+            table.add_row(i["instance"], i["app"], i["proc"], f"v{i['release']}",
+                          i["state"].lower(), str(i.get("port") or "-"),
+                          str(i.get("restarts", 0)))
+        console.print(table)
+    click.echo(f"stats from: {', '.join(data['stats_from']) or 'nobody yet'}")

@@ -1,0 +1,73 @@
+"""What operators see: the stats stream forwarded by the controller, and every host's
+inventory; per-app limits and maintenance set through the CLI."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import zmq
+
+from messaging import channels, envelope
+from tests.e2e.conftest import EXAMPLE
+
+
+def test_stats_are_forwarded_and_summed_per_app(berth):
+    """Two publishers speaking the real protocol on the real controller's stats
+    channel (standing in for two balancers); an operator's SUB on stats_out gets them
+    and the API sums them per app."""
+    p = berth.platform
+    ctx = zmq.Context()
+    try:
+        sub = channels.connect(ctx, "stats_out", f"tcp://127.0.0.1:{p.ports.stats_out}")
+        pubs = [channels.connect(ctx, "stats", f"tcp://127.0.0.1:{p.ports.stats}")
+                for _ in range(2)]
+        figures = {"requests": 10, "status": {"2xx": 9, "5xx": 1}, "bytes_in": 100,
+                   "bytes_out": 1000, "p50_ms": 2.0, "p95_ms": 4.0, "p99_ms": 8.0, "open": 1}
+        got = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and got is None:
+            for n, pub in enumerate(pubs):
+                envelope.send(pub, envelope.make("stats", f"lb-{n}", host=f"lb-{n}",
+                                                 interval=1.0, kind="balancer",
+                                                 apps={"statsapp": figures}))
+            if sub.poll(500):
+                got = envelope.recv(sub)[1]
+        assert got is not None and got.type == "stats" and got["apps"]["statsapp"] == figures
+        current = json.loads(berth("stats", "--all", "--json").stdout)
+        assert {"lb-0", "lb-1"} <= set(current["hosts"])
+        total = current["apps"]["statsapp"]
+        assert total["requests"] == 20 and total["status"] == {"2xx": 18, "5xx": 2}
+        assert total["p99_ms"] == 8.0 and total["hosts"] == 2
+    finally:
+        ctx.destroy(0)
+
+
+def test_hosts_shows_what_every_runner_runs(berth):
+    berth("apps", "create", "shown")
+    berth("push", str(EXAMPLE), "-a", "shown")
+    data = berth.json("hosts")
+    inventory = data["runners"]["runner-1"]["inventory"]
+    assert data["runners"]["runner-1"]["address"] == "127.0.0.2"
+    assert any(i["app"] == "shown" and i["state"] == "RUNNING" for i in inventory)
+    assert "=== runner-1 (127.0.0.2)" in berth("hosts").stdout
+
+
+def test_limits_and_maintenance_through_the_cli(berth):
+    berth("apps", "create", "limited")
+    out = berth("limits", "-a", "limited").stdout
+    assert "max body: 100 MB (platform default)" in out and "maintenance: off" in out
+    out = berth("limits", "--max-body-mb", "5", "-a", "limited").stdout
+    assert "max body: 5 MB (set for the app)" in out
+    bad = berth("limits", "--max-body-mb", "0", "-a", "limited", check=False)
+    assert bad.returncode != 0 and "1 to 10240 MB" in bad.stderr
+    assert "is on" in berth("maintenance", "on", "-a", "limited").stdout
+
+    def route():
+        req = urllib.request.Request(berth.platform.api_url + "/v1/routes", headers={
+            "Authorization": f"Bearer {berth.platform.admin_token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            r = json.loads(resp.read())["routes"]["limited"]
+        return r["maintenance"] is True and r["max_body"] == 5 << 20
+    berth.wait_for(route, what="route carries the limits")
+    assert "is off" in berth("maintenance", "off", "-a", "limited").stdout
