@@ -11,6 +11,8 @@ import hmac
 import json
 import logging
 import re
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -123,6 +125,15 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
+    def _client_gone(self) -> bool:
+        """A follower that hung up: its socket reads as EOF. Checked between chunks so a
+        quiet stream does not keep a thread forever."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _stream_end(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
@@ -163,7 +174,8 @@ class Handler(BaseHTTPRequestHandler):
         seen = -1
         limit = int(self.query.get("count", 0)) or None
         sent = 0
-        while not self.server.stopping.is_set() and (limit is None or sent < limit):
+        while not self.server.stopping.is_set() and (limit is None or sent < limit) \
+                and not self._client_gone():
             seen = self.c.stats.wait(seen, 1.0)
             self._chunk(json.dumps(self.c.stats.current(app)) + "\n")
             sent += 1
@@ -350,8 +362,9 @@ class Handler(BaseHTTPRequestHandler):
         while follow and not self.server.stopping.is_set():
             entries, last = self.c.logs.wait_after(app, last, 1.0)
             self._chunk("".join(format_line(e) + "\n" for e in entries))
-            if not entries:
-                self._chunk("")      # nothing; the next write notices a gone client
+            if not entries and self._client_gone():
+                self.close_connection = True
+                return
         self._stream_end()
 
     @route("GET", r"/v1/slugs/([^/]+)")

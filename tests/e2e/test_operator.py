@@ -71,3 +71,27 @@ def test_limits_and_maintenance_through_the_cli(berth):
         return r["maintenance"] is True and r["max_body"] == 5 << 20
     berth.wait_for(route, what="route carries the limits")
     assert "is off" in berth("maintenance", "off", "-a", "limited").stdout
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
+
+
+def test_followers_that_hang_up_free_their_threads(berth):
+    import http.client
+    p = berth.platform
+    berth("apps", "create", "followed")
+    pid = p.procs["controller"].pid
+    before = _threads(pid)
+    conns = []
+    for path in ("/v1/apps/followed/logs?follow=1", "/v1/stats?follow=1") * 3:
+        conn = http.client.HTTPConnection("127.0.0.1", p.ports.api, timeout=10)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {p.admin_token}"})
+        assert conn.getresponse().status == 200
+        conns.append(conn)
+    assert _threads(pid) >= before + 6
+    for conn in conns:
+        conn.sock.close()
+        conn.close()
+    berth.wait_for(lambda: _threads(pid) <= before, timeout=15, what="threads freed")

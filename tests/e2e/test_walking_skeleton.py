@@ -127,3 +127,78 @@ def test_scale_and_ps(berth, tmp_path):
     berth.wait_for(lambda: berth.get("wide").status == 503, what="scaled to zero")
     r = berth.get("wide")
     assert "scale web=1" in r.text
+
+
+def test_logs_show_app_router_and_platform_lines_and_follow(berth, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import ROOT
+    app = copy_example(tmp_path / "chatty")
+    berth("apps", "create", "chatty")
+    berth("push", str(app), "-a", "chatty")
+    assert berth.get("chatty", "/env/BERTH_APP").status == 200
+
+    def has_all():
+        out = berth("logs", "-a", "chatty").stdout
+        return ("app[web." in out and "Listening at: http://127.0.0.2:" in out
+                and "router[router]:" in out and "path=/env/BERTH_APP" in out
+                and "berth[platform]:" in out) and out
+    out = berth.wait_for(has_all, what="app, router and platform lines")
+    assert "status=200" in out
+    follow = subprocess.Popen([sys.executable, "-m", "cli.main", "logs", "-f", "-n", "0",
+                               "-a", "chatty"], cwd=ROOT, env=berth.env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        berth.get("chatty", "/followed-path")
+        assert follow.stdout is not None
+        deadline = time.monotonic() + 20
+        line = ""
+        while time.monotonic() < deadline and "/followed-path" not in line:
+            line = follow.stdout.readline()
+        assert "/followed-path" in line and "status=404" in line
+    finally:
+        follow.kill()
+        follow.wait(10)
+    # another app's logs never show this app's lines
+    berth("apps", "create", "quiet")
+    assert "chatty" not in berth("logs", "-a", "quiet").stdout
+    assert "/followed-path" not in berth("logs", "-a", "quiet").stdout
+
+
+def test_custom_domain_routes_to_the_app(berth, tmp_path):
+    from tests.e2e.conftest import request
+    app = copy_example(tmp_path / "branded")
+    berth("apps", "create", "branded")
+    berth("push", str(app), "-a", "branded")
+    berth("domains", "add", "www.branded.example", "-a", "branded")
+    port = berth.platform.ports.balancer
+    r = berth.wait_for(lambda: (lambda r: r.status == 200 and r)(
+        request(port, "www.branded.example")), what="custom domain routed")
+    assert "app branded" in r.text
+    assert "www.branded.example" in berth("domains", "-a", "branded").stdout
+    berth("domains", "remove", "www.branded.example", "-a", "branded")
+    berth.wait_for(lambda: request(port, "www.branded.example").status == 404,
+                   what="domain removed")
+
+
+def test_destroy_stops_instances_and_unroutes(berth, tmp_path):
+    app = copy_example(tmp_path / "doomed")
+    berth("apps", "create", "doomed")
+    berth("push", str(app), "-a", "doomed")
+    pid = running(berth, "doomed")[0]["pid"]
+    refused = berth("apps", "destroy", "doomed", "--confirm", "wrong", check=False)
+    assert refused.returncode != 0
+    assert berth.get("doomed").status == 200
+    berth("apps", "destroy", "doomed", "--confirm", "doomed")
+    berth.wait_for(lambda: berth.get("doomed").status == 404, what="unrouted")
+    assert "doomed" not in berth("apps", "list").stdout
+
+    def gone():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+    berth.wait_for(gone, what="instance stopped")
