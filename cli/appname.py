@@ -1,8 +1,9 @@
 """Which app a command is about: -a/--app, $BERTH_APP, or a .berth-app file."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 

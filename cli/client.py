@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import http.client
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from cli.credentials import Credentials

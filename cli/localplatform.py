@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class Ports:
     stats_out: int = 8706
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         return cls(*(free_port() for _ in range(8)))
 
 
@@ -147,7 +148,7 @@ class LocalPlatform:
         except OSError:
             return None
 
-    def _wait(self, ready, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    def _wait(self, ready: Callable[[], object], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}

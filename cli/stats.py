@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -32,9 +33,9 @@ def stats(app: str | None, all_apps: bool, follow: bool, count: int, as_json: bo
     """Requests, status classes, latency and bytes per second, from the balancers."""
     path = "/v1/stats" if all_apps else f"/v1/apps/{appname.resolve(app)}/stats"
     client = Client()
+    snapshots: Iterable[dict[str, Any]]
     if not follow:
-        data = client.get(path)
-        snapshots = [data]
+        snapshots = [client.get(path)]
     else:
         query = "?follow=1" + (f"&count={count}" if count else "")
         snapshots = (json.loads(line) for line in client.stream(path + query) if line)

@@ -15,9 +15,10 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from controller import slugcheck
@@ -44,7 +45,7 @@ def route(method: str, pattern: str) -> Callable[[Callable[..., Any]], Callable[
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "ApiServer"
+    server: ApiServer
 
     # -- plumbing -----------------------------------------------------------
     def log_message(self, fmt: str, *args: Any) -> None:
@@ -139,7 +140,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     @property
-    def c(self) -> "Controller":
+    def c(self) -> Controller:
         return self.server.controller
 
     # -- endpoints ----------------------------------------------------------
@@ -387,7 +388,7 @@ class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, controller: "Controller", host: str, port: int) -> None:
+    def __init__(self, controller: Controller, host: str, port: int) -> None:
         super().__init__((host, port), Handler)
         self.controller = controller
         self.stopping = threading.Event()

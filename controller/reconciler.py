@@ -132,9 +132,8 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]]
                          else default_max_body),
         }
         if not backends:
-            route["reason"] = _reason(app, release, want["formation"],
-                                      [i for i in mine if release and i["release"] == release.version],
-                                      len(observed))
+            current = [i for i in mine if release and i["release"] == release.version]
+            route["reason"] = _reason(app, release, want["formation"], current, len(observed))
         result.routes[app] = route
 
     for app, gone in by_app.items():
@@ -144,7 +143,7 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]]
 
     for iid, since in draining.items():
         if now - since >= drain_seconds:
-            host = next((i["host"] for i in insts if i["instance"] == iid), None)
-            if host is not None:
-                result.stops.append((host, iid))
+            where = next((i["host"] for i in insts if i["instance"] == iid), None)
+            if where is not None:
+                result.stops.append((where, iid))
     return result

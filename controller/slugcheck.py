@@ -13,11 +13,15 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from controller.errors import Invalid, TooLarge
 
 PROC_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,29}$")
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 @dataclass
@@ -29,7 +33,7 @@ class CheckedSlug:
     procfile: dict[str, str]
 
 
-def receive(stream: BinaryIO, length: int, dest_dir: Path, max_bytes: int) -> tuple[Path, str]:
+def receive(stream: Readable, length: int, dest_dir: Path, max_bytes: int) -> tuple[Path, str]:
     """Copy an upload of `length` bytes to a temp file, hashing as it goes."""
     if length > max_bytes:
         raise TooLarge(f"the push is {length / 1e6:.1f} MB, above the limit of "

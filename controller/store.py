@@ -90,7 +90,7 @@ class Store:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def _tx(self) -> "_Tx":
+    def _tx(self) -> _Tx:
         return _Tx(self)
 
     def migrate(self) -> None:
@@ -362,7 +362,7 @@ class _Tx:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def __enter__(self) -> "_Tx":
+    def __enter__(self) -> _Tx:
         self.store._lock.acquire()
         self.outer = not self.store._db.in_transaction
         if self.outer:

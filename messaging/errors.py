@@ -28,7 +28,7 @@ class BerthError(Exception):
         return {"code": self.code, "message": self.message, "hint": self.hint}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], status: int = 400) -> "BerthError":
+    def from_dict(cls, data: dict[str, Any], status: int = 400) -> BerthError:
         return cls(str(data.get("message", "unknown error")), str(data.get("hint", "")),
                    code=str(data.get("code", "error")), status=status)
 

@@ -17,10 +17,10 @@ import queue
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
-from collections.abc import Callable
 
 import zmq
 

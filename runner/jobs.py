@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

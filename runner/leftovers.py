@@ -33,7 +33,9 @@ def _instance_of(pid: int) -> str | None:
 
 def find(instances_dir: Path) -> dict[str, set[int]]:
     """{instance id: process group ids} for live processes of our old instances."""
-    ours = {p.name for p in instances_dir.iterdir() if p.is_dir()} if instances_dir.exists() else set()
+    if not instances_dir.exists():
+        return {}
+    ours = {p.name for p in instances_dir.iterdir() if p.is_dir()}
     found: dict[str, set[int]] = {}
     if not ours:
         return found
