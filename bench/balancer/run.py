@@ -37,9 +37,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version  # not `import eventlet`: it warns at import
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -74,6 +76,7 @@ CASES = {c.name: c for c in (
     Case("1m-ka", "/1m", (), BIG, "1 MB body, keep-alive"),
 )}
 TARGETS = ("berth", "haproxy", "nginx", "direct")
+EXTRA_TARGETS = ("floor",)     # floor.py: a bare eventlet relay, on request only
 
 
 # -- small helpers -------------------------------------------------------------------
@@ -142,11 +145,11 @@ def wait_http(port: int, path: str = "/", timeout: float = 20.0,
     raise TimeoutError(f"127.0.0.1:{port}{path} gave no 200 in {timeout:g} s ({last})")
 
 
-def session_cpu(sid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of session
+def session_cpu(sid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) used so far by the live processes of session
     `sid`: a child started here and what it forked (nginx workers)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -156,8 +159,9 @@ def session_cpu(sid: int) -> float:
             continue
         fields = stat.rsplit(")", 1)[1].split()   # after "pid (comm)"
         if int(fields[3]) == sid:                  # field 6: session id
-            total += int(fields[11]) + int(fields[12])   # utime, stime
-    return total / tick
+            user += int(fields[11])                     # utime
+            system += int(fields[12])                   # stime
+    return user / tick, system / tick
 
 
 def loadavg() -> str:
@@ -377,6 +381,14 @@ class Bench:
         self.procs["berth"] = child
         return child
 
+    def start_floor(self) -> None:
+        port = free_port()
+        child = self.spawn("floor", [sys.executable, str(HERE / "floor.py"), str(port),
+                                     str(self.ports["direct"])])
+        self._ready(child, port)
+        self.ports["floor"] = port
+        self.procs["floor"] = child
+
     def _ready(self, child: Child, port: int) -> None:
         try:
             wait_http(port, alive=child.alive)
@@ -388,7 +400,7 @@ class Bench:
 
     # -- measuring -------------------------------------------------------------------
 
-    def wrk(self, target: str, case: Case, duration: int) -> "Result":
+    def wrk(self, target: str, case: Case, duration: int) -> Result:
         """wrk against a target; also the CPU its processes used per request."""
         a = self.args
         port = self.ports[target]
@@ -403,9 +415,12 @@ class Bench:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): "
                                f"{(done.stderr or done.stdout).strip()}")
-        cpu, wall = session_cpu(sid) - cpu0, time.monotonic() - wall0
+        (user1, sys1), wall = session_cpu(sid), time.monotonic() - wall0
+        user, system = user1 - cpu0[0], sys1 - cpu0[1]
+        cpu = user + system
         result = Result.parse(done.stdout)
         result.cpu_share = cpu / wall
+        result.sys_pct = 100 * system / cpu if cpu else float("nan")
         result.cpu_us = 1e6 * cpu / result.requests if result.requests else float("nan")
         return result
 
@@ -420,11 +435,12 @@ class Result:
     raw: str
     cpu_share: float = float("nan")   # cores the target's processes kept busy
     cpu_us: float = float("nan")      # their CPU microseconds per request
+    sys_pct: float = float("nan")     # the kernel's share of that CPU time
 
     UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
     @classmethod
-    def parse(cls, out: str) -> "Result":
+    def parse(cls, out: str) -> Result:
         def latency(pct: str) -> float:
             m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
             return float(m.group(1)) * cls.UNITS[m.group(2)] if m else float("nan")
@@ -458,7 +474,8 @@ def measure(bench: Bench, targets: list[str], cases: list[Case]
             note = f"  errors={r.errors}" if r.errors else ""
             print(f"       {target:8} {case.name:12} {r.rps:10.0f} req/s  "
                   f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
-                  f"cpu {r.cpu_share:4.2f} cores {r.cpu_us:6.1f} us/req  "
+                  f"cpu {r.cpu_share:4.2f} cores {r.cpu_us:6.1f} us/req "
+                  f"({r.sys_pct:2.0f}% sys)  "
                   f"load {loadavg()}{note}", flush=True)
             time.sleep(a.pause)
     return results
@@ -467,8 +484,8 @@ def measure(bench: Bench, targets: list[str], cases: list[Case]
 def table(results: dict[tuple[str, str], Result], targets: list[str],
           cases: list[Case]) -> str:
     rows = ["| target | case | req/s | p50 ms | p99 ms | vs HAProxy | CPU cores | "
-            "CPU us/req | errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU us/req | kernel % | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in cases:
         base = results.get(("haproxy", case.name))
         for target in targets:
@@ -478,7 +495,7 @@ def table(results: dict[tuple[str, str], Result], targets: list[str],
             ratio = f"{r.rps / base.rps:.2f}" if base and base.rps else "-"
             rows.append(f"| {target} | {case.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
                         f"{r.p99_ms:.2f} | {ratio} | {r.cpu_share:.2f} | "
-                        f"{r.cpu_us:.1f} | {r.errors} |")
+                        f"{r.cpu_us:.1f} | {r.sys_pct:.0f} | {r.errors} |")
     return "\n".join(rows)
 
 
@@ -571,7 +588,6 @@ def machine() -> str:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-    from importlib.metadata import version   # eventlet itself warns at import
     return "\n".join([
         f"cores: {os.cpu_count()}  cpu: {model}  kernel: {os.uname().release}  "
         f"load average (1 min): {loadavg()}",
@@ -595,7 +611,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=sorted(CASES),
                    help="run only this case (repeatable)")
     p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated subset of {','.join(TARGETS)}")
+                   help=f"comma-separated subset of {','.join(TARGETS + EXTRA_TARGETS)}")
     p.add_argument("--profile", choices=("py-spy", "cprofile"),
                    help="after the table, profile the balancer during one wrk run")
     p.add_argument("--profile-case", choices=sorted(CASES), default="small-ka")
@@ -605,15 +621,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep configs and logs")
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in TARGETS]
+    every = TARGETS + EXTRA_TARGETS
+    bad = [t for t in targets if t not in every]
     if bad:
-        p.error(f"unknown target(s) {', '.join(bad)}; use {', '.join(TARGETS)}")
-    args.target_list = [t for t in TARGETS if t in targets]
+        p.error(f"unknown target(s) {', '.join(bad)}; use {', '.join(every)}")
+    args.target_list = [t for t in every if t in targets]
     if args.duration <= 0 or args.duration > 600:
         p.error("--duration must be 1 to 600 seconds")
     if args.warmup < 0 or args.warmup > 60:
         p.error("--warmup must be 0 to 60 seconds")
     return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -622,9 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         ensure_tools()
     cases = [CASES[n] for n in (args.only or CASES)]
     bench = Bench(args)
-    # SIGTERM ends the run like Ctrl-C does, through the finally below
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(
-        KeyboardInterrupt()))
+    # SIGTERM and SIGINT end the run through the finally below
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if inherited as ignored
     try:
         print("-----> machine\n" + "\n".join(f"       {line}" for line in
                                                machine().splitlines()), flush=True)
@@ -634,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_haproxy()
         if "nginx" in args.target_list:
             bench.start_nginx_proxy()
+        if "floor" in args.target_list:
+            bench.start_floor()
         need_berth = "berth" in args.target_list or args.profile
         if need_berth:
             bench.start_controller()
