@@ -591,7 +591,8 @@ def machine() -> str:
     return "\n".join([
         f"cores: {os.cpu_count()}  cpu: {model}  kernel: {os.uname().release}  "
         f"load average (1 min): {loadavg()}",
-        f"python {sys.version.split()[0]}  eventlet {version('eventlet')}  "
+        f"python {sys.version.split()[0]} ({os.path.realpath(sys.executable)})  "
+        f"eventlet {version('eventlet')}  "
         f"pyzmq {zmq.__version__}",
         f"{first([tool('wrk'), '-v'])}",
         f"{first([tool('haproxy'), '-v'])}",
