@@ -1,9 +1,9 @@
 """Checking a pushed tarball before anything is stored.
 
 The tarball comes from a user and is hostile until proven otherwise: every member
-goes through tarfile's own `data_filter` (the stdlib's vetted rules for absolute
-paths, `..`, links that leave the tree and special files), and sizes are bounded so
-a gzip bomb costs us nothing. Then the app must have what it needs to run.
+goes through messaging.slugfile's rules (the ones the runner unpacks by: absolute
+paths, `..`, links that leave the tree and special files are refused), and sizes are
+bounded so a gzip bomb costs us nothing. Then the app must have what it needs to run.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from controller.errors import Invalid, TooLarge
+from messaging import slugfile
 
 PROC_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,29}$")
 
@@ -82,15 +83,11 @@ def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> Chec
                 if files > max_files:
                     raise TooLarge(f"the push has more than {max_files} files",
                                    "add generated files and dependencies to .gitignore")
-                try:
-                    if member.name.startswith("/") or (member.islnk() and
-                                                       member.linkname.startswith("/")):
-                        raise tarfile.AbsolutePathError(member)
-                    tarfile.data_filter(member, "/slug")
-                except tarfile.FilterError as exc:
-                    raise Invalid(f"unsafe path in push: {member.name!r}: {exc}",
+                problem = slugfile.member_problem(member)
+                if problem:
+                    raise Invalid(f"unsafe path in push: {member.name!r} {problem}",
                                   "remove links that point outside the app directory and "
-                                  "paths with `..`, then push again") from exc
+                                  "paths with `..`, then push again")
                 if member.issym() or member.islnk():
                     continue
                 unpacked += member.size

@@ -17,8 +17,9 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from messaging import slugfile
 from runner.errors import SlugError
 
 log = logging.getLogger(__name__)
@@ -36,42 +37,13 @@ def sha256_file(path: Path) -> str:
 
 
 def check_members(archive: tarfile.TarFile) -> None:
-    """Reject members that would land outside the destination.
-
-    tarfile's "data" filter also enforces this; checking first gives one clear error
-    naming the member and nothing is written at all.
-    """
+    """Reject members that would land outside the destination, before anything is
+    written, with one clear error naming the member."""
     for member in archive.getmembers():
-        name = PurePosixPath(member.name)
-        if name.is_absolute() or ".." in name.parts:
-            raise SlugError(f"slug member {member.name!r} points outside the app",
-                            "build the slug from paths relative to the app root")
-        if member.issym() or member.islnk():
-            target = PurePosixPath(member.linkname)
-            base = name.parent if member.issym() else PurePosixPath()
-            resolved = _normalize(base / target)
-            if target.is_absolute() or resolved is None:
-                raise SlugError(f"slug link {member.name!r} -> {member.linkname!r} "
-                                "points outside the app",
-                                "replace the link by the file it points to")
-        elif not (member.isfile() or member.isdir()):
-            raise SlugError(f"slug member {member.name!r} is not a file or directory",
-                            "remove devices and fifos from the app")
-
-
-def _normalize(path: PurePosixPath) -> PurePosixPath | None:
-    """Resolve `..` lexically; None when it climbs above the root."""
-    parts: list[str] = []
-    for part in path.parts:
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                return None
-            parts.pop()
-        else:
-            parts.append(part)
-    return PurePosixPath(*parts)
+        problem = slugfile.member_problem(member)
+        if problem:
+            raise SlugError(f"slug member {member.name!r} {problem}",
+                            "push the app again; links and paths must stay inside it")
 
 
 def unpack(archive_path: Path, dest: Path) -> Path:
@@ -87,7 +59,7 @@ def unpack(archive_path: Path, dest: Path) -> Path:
         try:
             with tarfile.open(archive_path, "r:gz") as archive:
                 check_members(archive)
-                archive.extractall(tmp, filter="data")
+                slugfile.extract(archive, tmp)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise SlugError(f"cannot unpack slug {archive_path.name}: {exc}",
                             "push the app again to make a fresh slug") from exc
