@@ -24,8 +24,9 @@ from messaging.clone import ClonePublisher
 from messaging.envelope import recv, send
 
 ROOT = Path(__file__).resolve().parents[2]
-PY = str(ROOT / ".venv" / "bin" / "python")
-GUNICORN = str(ROOT / ".venv" / "bin" / "gunicorn")
+# the interpreter running the tests (a worktree has no .venv of its own)
+PY = sys.executable
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 BACKEND_HOST = "127.0.0.2"
 
 APP = textwrap.dedent('''
