@@ -398,6 +398,17 @@ class BodyLimit:
                              f"send at most {self.max_body} bytes", status=413)
 
 
+def check_buffered_chunks(buf: bytes, max_body: int | None) -> None:
+    """Before a backend is chosen: decode the chunked body bytes already received
+    (a copy; the stream is not consumed) and raise 413 if they exceed the limit, or
+    400 if they are malformed, so that such a request never reaches a backend."""
+    if not max_body or not buf:
+        return
+    limit = BodyLimit(max_body)
+    for piece in ChunkedDecoder().feed(buf):
+        limit.add(len(piece))
+
+
 def backend_request_head(req: Request, *, client_addr: str, port: int,
                          req_id: str, trusted: bool = False) -> bytes:
     """The head sent to the backend: HTTP/1.1, hop-by-hop removed (except the

@@ -239,6 +239,14 @@ class Proxy:
                     f"Send at most {match.max_body} bytes; the app's owner sets this "
                     "limit.", req, req_id)
                 return False
+            if req.framing.kind == "chunked":
+                try:
+                    http1.check_buffered_chunks(conn.buf, match.max_body)
+                except BadRequest as exc:
+                    out.status, out.keep_alive = exc.status, False
+                    out.bytes = self._send_page(conn, exc.status, exc.message,
+                                                exc.hint, req, req_id)
+                    return False
             if not match.backends:
                 out.status, out.keep_alive = 503, can_keep
                 out.bytes = self._send_page(

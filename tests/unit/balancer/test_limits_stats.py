@@ -173,3 +173,14 @@ def test_stats_count_per_app_and_reset_each_interval() -> None:
     stats.connection_closed("blog")
     apps, totals = stats.collect()
     assert apps == {} and totals["connections"] == 0
+
+
+def test_buffered_chunks_are_checked_before_a_backend_is_chosen() -> None:
+    http1.check_buffered_chunks(b"5\r\nhello\r\n", 5)
+    http1.check_buffered_chunks(b"ff\r\nabc", 0)
+    with pytest.raises(BadRequest) as info:
+        http1.check_buffered_chunks(b"6\r\nhello!\r\n0\r\n\r\n", 5)
+    assert info.value.status == 413
+    with pytest.raises(BadRequest) as info:
+        http1.check_buffered_chunks(b"zz\r\n", 5)
+    assert info.value.status == 400
