@@ -401,8 +401,10 @@ class BodyLimit:
 def check_buffered_chunks(buf: bytes, max_body: int | None) -> None:
     """Before a backend is chosen: decode the chunked body bytes already received
     (a copy; the stream is not consumed) and raise 413 if they exceed the limit, or
-    400 if they are malformed, so that such a request never reaches a backend."""
-    if not max_body or not buf:
+    400 if they are malformed, so that such a request never reaches a backend.
+    (Faults that arrive later in the stream cut it there: the backend then sees a
+    truncated body, never the bytes past the fault.)"""
+    if not buf:
         return
     limit = BodyLimit(max_body)
     for piece in ChunkedDecoder().feed(buf):

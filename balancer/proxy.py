@@ -241,7 +241,7 @@ class Proxy:
                 return False
             if req.framing.kind == "chunked":
                 try:
-                    http1.check_buffered_chunks(conn.buf, match.max_body)
+                    http1.check_buffered_chunks(conn.buf[:BUFSIZE], match.max_body)
                 except BadRequest as exc:
                     out.status, out.keep_alive = exc.status, False
                     out.bytes = self._send_page(conn, exc.status, exc.message,
