@@ -599,6 +599,7 @@ def test_access_log_lines_are_pushed(balancer, publisher):
                     what="access log line")
     assert line["app"] == "beta" and line["proc"] == "router"
     assert "status=200" in line["line"] and "backend=127.0.0.2:" in line["line"]
+    assert "request_id=" in line["line"] and "client=127.0.0.1" in line["line"]
     assert line.sender == "bal-test"
 
 
