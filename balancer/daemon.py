@@ -6,9 +6,11 @@ SO_REUSEPORT when run alone) and spawns; run() is the loop that dispatches queue
 signals; stop() stops accepting, lets in-flight requests finish (bounded by
 shutdown_timeout) and closes everything. Signal handlers only enqueue.
 
-With `wait_routes` (a worker started by a reload) the worker accepts nothing until
-its first route table has arrived, so it never answers 404 for an app the worker it
-replaces still knows; it then tells the master it is ready through `ready_fd`.
+A worker accepts once its first route table has arrived, so it never answers 404
+for an app its siblings (or the worker it replaces) know; it then tells the master
+it is ready through `ready_fd`. A first start accepts anyway after
+startup_routes_wait (answering 503 until routes come); a worker started by a reload
+(`wait_routes`) never does: the master abandons the reload instead.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class Balancer:
         self._wait_routes = False
         self._ready_fd: int | None = None
         self._publisher: Any = None
+        self._parent: int | None = None
         self.signals: list[int] = []
         self.stopping = False
         self._acceptor: Any = None
@@ -65,6 +68,10 @@ class Balancer:
 
     def start(self, listen_fd: int | None = None, *, wait_routes: bool = False,
               ready_fd: int | None = None) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the master reloads, not us
+        self._parent = os.getppid() if listen_fd is not None else None
         check_loopback(self.s.listen_host)
         check_trusted(self.s.trusted_proxies)
         raise_open_files(self.s.max_open_files)
@@ -84,7 +91,10 @@ class Balancer:
         self.subscriber.start()
         self._publisher = eventlet.spawn(self._stats_loop)
         if not wait_routes:
-            self._start_accepting()
+            # a first start: serve once routes are here, or anyway after a while
+            # (static stability: a controller that is down must not keep us shut)
+            eventlet.spawn_after(max(0.0, float(self.s.startup_routes_wait)),
+                                 self._start_accepting)
 
     def _start_accepting(self) -> None:
         if self._acceptor is not None or self.stopping:
@@ -102,12 +112,14 @@ class Balancer:
             self._ready_fd = None
 
     def run(self) -> None:
-        """Install signal handlers and loop until a stop signal."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the master reloads, not us
+        """Loop until a stop signal (handlers were installed by start), or until
+        the master that started us is gone."""
         while not self.stopping:
             eventlet.sleep(0.1)
+            if self._parent is not None and os.getppid() != self._parent:
+                log.error("the balancer master is gone; stopping")
+                self.signals.append(signal.SIGTERM)
+                self._parent = None
             while self.signals:
                 signum = self.signals.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):

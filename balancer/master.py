@@ -71,6 +71,10 @@ class Master:
     def start(self) -> None:
         """Bind every slot's socket and start the first workers; raises when one
         of them cannot start."""
+        # handlers first: a signal during start is queued, never fatal (a master
+        # killed by a default handler would orphan its workers)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         check_loopback(self.s.listen_host)
         count = max(1, int(self.s.processes))
         port = self.s.listen_port
@@ -92,8 +96,6 @@ class Master:
             "workers": " ".join(str(w.pid) for w in self.workers)})
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         while True:
             while self.signals:
                 signum = self.signals.pop(0)

@@ -208,6 +208,14 @@ class Proxy:
         match = self.index.lookup(req.host)
         # an answer of our own leaves any request body unread: then we must close
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        if match is None and not self.index.loaded:
+            out.status, out.keep_alive = 503, can_keep
+            out.bytes = self._send_page(
+                conn, 503, "This balancer has not received its route table yet.",
+                "It is starting or cannot reach the controller; retry in a moment.",
+                req, req_id, can_keep)
+            self.stats.record(None, 503, out.bytes_in, conn.bytes_out - sent_before, 0.0)
+            return out.keep_alive
         if match is None:
             out.status, out.keep_alive = 404, can_keep
             out.bytes = self._send_page(

@@ -39,6 +39,7 @@ class RouteIndex:
         self.hosts: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.update(table or {})
+        self.loaded = table is not None   # a table has arrived (else every host is unknown)
 
     def update(self, table: dict[str, dict[str, Any]]) -> None:
         hosts: dict[str, str] = {}
@@ -53,6 +54,7 @@ class RouteIndex:
                     continue
                 hosts[key] = app
         self.hosts, self.table = hosts, table
+        self.loaded = True
 
     def lookup(self, host: str) -> Match | None:
         app = self.hosts.get(normalize_host(host))

@@ -23,6 +23,7 @@ SPEC = Spec("balancer", [
     Setting("trusted_proxies", list, [], "Addresses/CIDRs whose X-Forwarded-* headers are believed (For is appended to)."),
     Setting("stats_interval", float, 1.0, "Seconds between two stats messages."),
     Setting("processes", int, 1, "Worker processes sharing the port (each its own SO_REUSEPORT socket)."),
+    Setting("startup_routes_wait", float, 5.0, "Seconds a starting worker waits for its route table before accepting anyway (503 until it arrives)."),
     Setting("reload_timeout", float, 15.0, "Seconds new workers get to load routes on SIGHUP before the reload is abandoned."),
     Setting("max_open_files", int, 0, "Raise RLIMIT_NOFILE to this at start (0: up to the hard limit)."),
     Setting("log_level", str, "info", "Platform log level."),

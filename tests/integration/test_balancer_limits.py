@@ -582,7 +582,8 @@ def test_sigterm_with_workers_finishes_in_flight(tmp, publisher, backends):
         time.sleep(0.3)
         bal.proc.send_signal(signal.SIGTERM)
         for c in clients:
-            assert c.response()[0] == 200
+            status, _, body = c.response()
+            assert status == 200, body
             c.close()
         assert bal.proc.wait(15) == 0
     finally:

@@ -184,3 +184,10 @@ def test_buffered_chunks_are_checked_before_a_backend_is_chosen() -> None:
     with pytest.raises(BadRequest) as info:
         http1.check_buffered_chunks(b"zz\r\n", 5)
     assert info.value.status == 400
+
+
+def test_route_index_knows_whether_a_table_arrived() -> None:
+    index = RouteIndex()
+    assert not index.loaded
+    index.update({})
+    assert index.loaded and RouteIndex({}).loaded
