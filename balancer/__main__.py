@@ -1,4 +1,11 @@
-"""`python -m balancer --config FILE.yaml`: run the balancer daemon."""
+"""`python -m balancer --config FILE.yaml`: run the balancer (a master that binds
+the port and supervises `processes` workers; see master.py).
+
+`--worker` runs one worker (daemon.py) and is how the master starts them: it passes
+the inherited listening socket (`--listen-fd`), a pipe to say "ready" on
+(`--ready-fd`) and, on a reload, `--wait-routes`. A worker run by hand without
+`--listen-fd` binds the port itself (SO_REUSEPORT).
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,24 +24,47 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Berth HTTP/1.1 balancer")
     parser.add_argument("--config", help="YAML settings file (section `balancer:`)")
     parser.add_argument("--listen-port", type=int, help="override listen_port")
+    parser.add_argument("--worker", action="store_true",
+                        help="run one worker process (the master starts these)")
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--wait-routes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         settings = SPEC.load(args.config, listen_port=args.listen_port)
     except SettingsError as exc:
-        print(f"Error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"Hint: {exc.hint}", file=sys.stderr)
-        return 2
+        return _error(exc)
     setup_logging("balancer", settings.host_id, settings.log_level)
-    from balancer.daemon import Balancer   # imports eventlet
-    balancer = Balancer(settings)
+    if args.worker:
+        return _worker(settings, args)
+    from balancer.master import Master
+    master = Master(settings, args.config)
     try:
-        balancer.start()
+        master.start()
     except (SettingsError, OSError) as exc:
         print(f"Error: cannot start the balancer: {exc}", file=sys.stderr)
         return 1
+    return master.run()
+
+
+def _worker(settings, args: argparse.Namespace) -> int:
+    from balancer.daemon import Balancer   # imports eventlet
+    balancer = Balancer(settings)
+    try:
+        balancer.start(args.listen_fd, wait_routes=args.wait_routes,
+                       ready_fd=args.ready_fd)
+    except (SettingsError, OSError) as exc:
+        print(f"Error: cannot start the balancer worker: {exc}", file=sys.stderr)
+        return 1
     balancer.run()
     return 0
+
+
+def _error(exc: SettingsError) -> int:
+    print(f"Error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"Hint: {exc.hint}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

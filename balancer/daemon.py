@@ -1,13 +1,21 @@
-"""The balancer daemon: accept loop, route subscriber and access-log pusher.
+"""One balancer worker process: accept loop, route subscriber, access-log pusher
+and stats publisher, on eventlet.
 
-start() binds and spawns; run() is the loop that dispatches queued signals;
-stop() stops accepting, lets in-flight requests finish (bounded by
+start() takes the listening socket (inherited from the master, or bound here with
+SO_REUSEPORT when run alone) and spawns; run() is the loop that dispatches queued
+signals; stop() stops accepting, lets in-flight requests finish (bounded by
 shutdown_timeout) and closes everything. Signal handlers only enqueue.
+
+A worker accepts once its first route table has arrived, so it never answers 404
+for an app its siblings (or the worker it replaces) know; it then tells the master
+it is ready through `ready_fd`. A first start accepts anyway after
+startup_routes_wait (answering 503 until routes come); a worker started by a reload
+(`wait_routes`) never does: the master abandons the reload instead.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
+import os
 import signal
 import socket
 import time
@@ -15,27 +23,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import eventlet
+from eventlet.greenio import GreenSocket
 from eventlet.green import zmq
 
+from balancer.listener import check_loopback, check_trusted, raise_open_files, \
+    listening_socket
 from balancer.proxy import Proxy
 from balancer.pool import Pool
 from balancer.routes import RouteIndex
+from balancer.stats import Stats
 from balancer.subscriber import RouteSubscriber
-from config import SettingsError
 from messaging import channels
 from messaging.envelope import make, send
 
 log = logging.getLogger(__name__)
-
-
-def check_loopback(host: str) -> None:
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SettingsError(f"balancer.listen_host {host!r} is not a loopback address",
-                            "listen on 127.0.0.1 (or another 127.x address)")
 
 
 class Balancer:
@@ -43,11 +44,20 @@ class Balancer:
         self.s = settings
         self.index = RouteIndex()
         self.pool = Pool()
-        self.proxy = Proxy(settings, self.index, self.pool, self.push_access_log)
+        self.stats = Stats()
+        self.proxy = Proxy(settings, self.index, self.pool, self.push_access_log,
+                           self.stats)
         self.ctx: Any = None
         self.listener: Any = None
         self.subscriber: RouteSubscriber | None = None
         self.logs: Any = None
+        self.stats_pub: Any = None
+        self.dropped_stats = 0
+        self.routes_loaded = False
+        self._wait_routes = False
+        self._ready_fd: int | None = None
+        self._publisher: Any = None
+        self._parent: int | None = None
         self.signals: list[int] = []
         self.stopping = False
         self._acceptor: Any = None
@@ -56,28 +66,60 @@ class Balancer:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, listen_fd: int | None = None, *, wait_routes: bool = False,
+              ready_fd: int | None = None) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the master reloads, not us
+        self._parent = os.getppid() if listen_fd is not None else None
         check_loopback(self.s.listen_host)
-        family = socket.AF_INET6 if ":" in self.s.listen_host else socket.AF_INET
-        self.listener = eventlet.listen((self.s.listen_host, self.s.listen_port),
-                                        family=family, backlog=1024)
+        check_trusted(self.s.trusted_proxies)
+        raise_open_files(self.s.max_open_files)
+        if listen_fd is None:
+            raw = listening_socket(self.s.listen_host, self.s.listen_port)
+        else:
+            raw = socket.socket(fileno=listen_fd)
+        self.listener = GreenSocket(raw)
         self.s.listen_port = self.listener.getsockname()[1]
         self.ctx = zmq.Context()
         self.logs = channels.connect(self.ctx, "logs", self.s.logs_endpoint)
+        self.stats_pub = channels.connect(self.ctx, "stats", self.s.stats_endpoint)
+        self._wait_routes, self._ready_fd = wait_routes, ready_fd
         self.subscriber = RouteSubscriber(
             self.ctx, self.s.routes_endpoint, self.s.routes_snapshot_endpoint,
             self.s.host_id, self.on_routes, snapshot_timeout=self.s.snapshot_timeout)
         self.subscriber.start()
+        self._publisher = eventlet.spawn(self._stats_loop)
+        if not wait_routes:
+            # a first start: serve once routes are here, or anyway after a while
+            # (static stability: a controller that is down must not keep us shut)
+            eventlet.spawn_after(max(0.0, float(self.s.startup_routes_wait)),
+                                 self._start_accepting)
+
+    def _start_accepting(self) -> None:
+        if self._acceptor is not None or self.stopping:
+            return
         self._acceptor = eventlet.spawn(self._accept_loop)
-        log.info("balancer listening", extra={"address": self.s.listen_host,
-                                              "port": self.s.listen_port})
+        log.info("balancer accepting", extra={"address": self.s.listen_host,
+                                              "port": self.s.listen_port,
+                                              "pid": os.getpid()})
+        if self._ready_fd is not None:
+            try:
+                os.write(self._ready_fd, b"ready\n")
+                os.close(self._ready_fd)
+            except OSError:
+                pass
+            self._ready_fd = None
 
     def run(self) -> None:
-        """Install signal handlers and loop until a stop signal."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        """Loop until a stop signal (handlers were installed by start), or until
+        the master that started us is gone."""
         while not self.stopping:
             eventlet.sleep(0.1)
+            if self._parent is not None and os.getppid() != self._parent:
+                log.error("the balancer master is gone; stopping")
+                self.signals.append(signal.SIGTERM)
+                self._parent = None
             while self.signals:
                 signum = self.signals.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
@@ -94,6 +136,8 @@ class Balancer:
         if self._acceptor is not None:
             self._acceptor.kill()
         if self.listener is not None:
+            # our copy only: the master keeps the socket (and its accept queue)
+            # open for the workers that replace us
             self.listener.close()
         if graceful:
             deadline = time.monotonic() + self.s.shutdown_timeout
@@ -110,8 +154,12 @@ class Balancer:
                 pass
         if self.subscriber is not None:
             self.subscriber.stop()
-        if self.logs is not None:
-            self.logs.close(linger=0)
+        if self._publisher is not None:
+            self._publisher.kill()
+            self.publish_stats()       # the last partial interval
+        for sock in (self.logs, self.stats_pub):
+            if sock is not None:
+                sock.close(linger=0)
         if self.ctx is not None:
             self.ctx.term()
         log.info("balancer stopped")
@@ -130,6 +178,9 @@ class Balancer:
 
     def on_routes(self, table: dict[str, dict[str, Any]]) -> None:
         self.index.update(table)
+        if not self.routes_loaded:
+            self.routes_loaded = True
+            self._start_accepting()
         for conn in self.pool.sync(table):
             try:
                 conn.close()
@@ -137,6 +188,30 @@ class Balancer:
                 pass
         log.info("routes changed", extra={"apps": len(table),
                                           "hosts": len(self.index.hosts)})
+
+    def _stats_loop(self) -> None:
+        interval = max(0.05, float(self.s.stats_interval))
+        next_at = time.monotonic() + interval
+        while True:
+            eventlet.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += interval
+            self.publish_stats()
+
+    def publish_stats(self) -> None:
+        """One `stats` message for the interval just ended; dropped (and counted)
+        when the channel is full, never blocking the proxy."""
+        if self.stats_pub is None:
+            return
+        apps, totals = self.stats.collect()
+        totals.update(pid=os.getpid(), dropped_logs=self.dropped_logs,
+                      dropped_stats=self.dropped_stats)
+        try:
+            send(self.stats_pub, make("stats", self.s.host_id, host=self.s.host_id,
+                                      interval=float(self.s.stats_interval),
+                                      apps=apps, kind="balancer", totals=totals),
+                 flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped_stats += 1
 
     def push_access_log(self, app: str, line: str) -> None:
         """One access log line to the logs channel; dropped if the channel is full."""

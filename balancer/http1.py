@@ -8,9 +8,19 @@ later drive another engine.
 Strictness (RFC 9112) is deliberate: a proxy that reads a message differently from
 the backend behind it is how requests get smuggled, so anything ambiguous is a 400
 and the connection is closed.
+
+Trailers: chunked bodies are decoded and re-encoded in both directions; trailer
+fields are checked for syntax and size, then dropped (never forwarded), so a trailer
+can neither smuggle a header past the checks above nor change the framing.
+
+Upgrade (WebSocket and any other protocol): a request with `Connection: upgrade`
+and an Upgrade header keeps both on the way to the backend; a 101 answer keeps them
+on the way back, and the engine then tunnels bytes both ways. Any other answer is an
+ordinary response.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -94,6 +104,7 @@ class Request:
     framing: Framing
     keep_alive: bool
     expect_continue: bool = False
+    upgrade: str = ""          # the Upgrade header when the client asks to switch
 
     @property
     def idempotent(self) -> bool:
@@ -228,9 +239,12 @@ def parse_request(head: bytes) -> Request:
     else:
         keep_alive = "keep-alive" in connection and "close" not in connection
     expect = [v.lower() for v in headers.get_all("expect")]
-    return Request(method, target, version, headers, host,
-                   request_framing(headers, version), keep_alive,
-                   expect_continue="100-continue" in expect)
+    framing = request_framing(headers, version)
+    upgrade = ""
+    if version >= (1, 1) and "upgrade" in connection and not framing.has_body:
+        upgrade = ", ".join(headers.get_all("upgrade"))
+    return Request(method, target, version, headers, host, framing, keep_alive,
+                   expect_continue="100-continue" in expect, upgrade=upgrade)
 
 
 def request_framing(headers: Headers, version: tuple[int, int]) -> Framing:
@@ -331,16 +345,85 @@ def request_id(headers: Headers) -> str:
     return uuid.uuid4().hex
 
 
+class TrustedProxies:
+    """Client addresses whose X-Forwarded-* headers are believed (a list of
+    addresses and CIDRs); everyone else's are replaced by what we saw."""
+
+    def __init__(self, entries: list[str] | None = None) -> None:
+        self.networks = [ipaddress.ip_network(e.strip(), strict=False)
+                         for e in entries or [] if e.strip()]
+
+    def __contains__(self, addr: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+
+def forwarded_fields(req: Request, *, client_addr: str, port: int,
+                     trusted: bool, proto: str = "http") -> list[tuple[str, str]]:
+    """X-Forwarded-For/Proto/Host/Port for the backend. From an untrusted client
+    every one is ours; from a trusted proxy For is appended to and the others are
+    kept when it sent them."""
+    h = req.headers
+    chain = ", ".join(h.get_all("x-forwarded-for")) if trusted else ""
+    given = (lambda name: h.get(name) if trusted and h.get(name) else None)
+    return [("X-Forwarded-For", f"{chain}, {client_addr}" if chain else client_addr),
+            ("X-Forwarded-Proto", given("x-forwarded-proto") or proto),
+            ("X-Forwarded-Host", given("x-forwarded-host") or req.host),
+            ("X-Forwarded-Port", given("x-forwarded-port") or str(port))]
+
+
+def body_too_large(req: Request, max_body: int | None) -> bool:
+    """A Content-Length body above the app's limit (chunked bodies are counted
+    as they stream, with BodyLimit)."""
+    return bool(max_body) and req.framing.kind == "length" and \
+        req.framing.length > int(max_body or 0)
+
+
+class BodyLimit:
+    """Counts a streamed body against an app's limit; `add` raises 413."""
+
+    def __init__(self, max_body: int | None) -> None:
+        self.max_body = int(max_body or 0)
+        self.seen = 0
+
+    def add(self, n: int) -> None:
+        self.seen += n
+        if self.max_body and self.seen > self.max_body:
+            raise BadRequest("the request body is larger than this app accepts",
+                             f"send at most {self.max_body} bytes", status=413)
+
+
+def check_buffered_chunks(buf: bytes, max_body: int | None) -> None:
+    """Before a backend is chosen: decode the chunked body bytes already received
+    (a copy; the stream is not consumed) and raise 413 if they exceed the limit, or
+    400 if they are malformed, so that such a request never reaches a backend.
+    (Faults that arrive later in the stream cut it there: the backend then sees a
+    truncated body, never the bytes past the fault.)"""
+    if not buf:
+        return
+    limit = BodyLimit(max_body)
+    for piece in ChunkedDecoder().feed(buf):
+        limit.add(len(piece))
+
+
 def backend_request_head(req: Request, *, client_addr: str, port: int,
-                         req_id: str) -> bytes:
-    """The head sent to the backend: HTTP/1.1, hop-by-hop removed, X-Forwarded-*
-    set, the body re-framed as Content-Length or chunked."""
+                         req_id: str, trusted: bool = False) -> bytes:
+    """The head sent to the backend: HTTP/1.1, hop-by-hop removed (except the
+    Upgrade pair of an upgrade request), X-Forwarded-* set, the body re-framed as
+    Content-Length or chunked."""
     drop = hop_by_hop(req.headers) | FORWARDED
     lines = [f"{req.method} {req.target} HTTP/1.1", f"Host: {req.host}"]
     lines += [f"{k}: {v}" for k, v in req.headers.items if k.lower() not in drop]
-    lines += [f"X-Forwarded-For: {client_addr}", "X-Forwarded-Proto: http",
-              f"X-Forwarded-Host: {req.host}", f"X-Forwarded-Port: {port}",
-              f"X-Request-ID: {req_id}"]
+    lines += [f"{k}: {v}" for k, v in forwarded_fields(
+        req, client_addr=client_addr, port=port, trusted=trusted)]
+    lines.append(f"X-Request-ID: {req_id}")
+    if req.upgrade:
+        lines += ["Connection: Upgrade", f"Upgrade: {req.upgrade}"]
     if req.framing.kind == "chunked":
         lines.append("Transfer-Encoding: chunked")
     elif req.framing.kind == "length":
@@ -357,11 +440,14 @@ def client_response_head(resp: Response, *, framing_out: str, keep_alive: bool,
         drop.add("content-length")   # HEAD/204/304 keep theirs: it describes the GET
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}".rstrip(" ")]
     lines += [f"{k}: {v}" for k, v in resp.headers.items if k.lower() not in drop]
-    if "x-request-id" not in resp.headers:
+    if "x-request-id" not in resp.headers and req_id:
         lines.append(f"X-Request-ID: {req_id}")
     if framing_out == "chunked":
         lines.append("Transfer-Encoding: chunked")
-    if not resp.interim:
+    if resp.status == 101:
+        lines += ["Connection: Upgrade",
+                  f"Upgrade: {', '.join(resp.headers.get_all('upgrade'))}"]
+    elif not resp.interim:
         lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 

@@ -6,6 +6,8 @@ connection (pooled or fresh, trying another backend when a connect fails); send
 the head; stream the request body in a second green thread while this one waits
 for the response head (so 100-continue and early answers work); stream the
 response body back; return the backend connection to the pool when it is clean.
+An upgrade request answered with 101 becomes a tunnel: two green threads copy
+bytes each way until one side closes or ws_idle_timeout passes with no byte.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from balancer import http1, pages
 from balancer.errors import BackendError, BadRequest
 from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
+from balancer.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class Outcome:
     bytes: int = 0
     backend: str = "-"
     keep_alive: bool = False
+    bytes_in: int = 0          # request head and body bytes read from the client
 
 
 def recv(sock: Any, timeout: float) -> bytes:
@@ -72,6 +76,9 @@ class ClientConn:
         self.buf = b""
         self.busy = False
         self.accepted = time.monotonic()
+        self.app: str | None = None     # the app its latest request went to (stats)
+        self.head_len = 0               # size of the latest request head
+        self.bytes_out = 0              # every byte written to the client
 
 
 class PumpState:
@@ -81,15 +88,19 @@ class PumpState:
         self.deadline = deadline      # for the response head; the pump pushes it on
         self.done = False
         self.error: BaseException | None = None
+        self.body_bytes = 0           # request body bytes read from the client
 
 
 class Proxy:
     def __init__(self, settings: SimpleNamespace, index: RouteIndex, pool: Pool,
-                 access_log: Callable[[str, str], None] | None = None) -> None:
+                 access_log: Callable[[str, str], None] | None = None,
+                 stats: Stats | None = None) -> None:
         self.s = settings
         self.index = index
         self.pool = pool
         self.access_log = access_log or (lambda app, line: None)
+        self.stats = stats or Stats()
+        self.trusted = http1.TrustedProxies(getattr(settings, "trusted_proxies", []))
         self.connections: set[ClientConn] = set()
         self.draining = False
 
@@ -99,6 +110,7 @@ class Proxy:
         """Serve one client connection until it closes (green thread entry)."""
         conn = ClientConn(sock, addr)
         self.connections.add(conn)
+        self.stats.connection_opened()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._serve(conn)
@@ -108,6 +120,7 @@ class Proxy:
             log.exception("connection failed", extra={"client": addr[0]})
         finally:
             self.connections.discard(conn)
+            self.stats.connection_closed(conn.app)
             close(sock)
 
     def drain_idle(self) -> None:
@@ -125,7 +138,8 @@ class Proxy:
             try:
                 req = self._read_request(conn, first)
             except BadRequest as exc:
-                self._send_page(conn, exc.status, exc.message, exc.hint, None, "")
+                sent = self._send_page(conn, exc.status, exc.message, exc.hint, None, "")
+                self.stats.record(None, exc.status, len(conn.buf), sent, 0.0)
                 return
             if req is None:
                 return
@@ -155,6 +169,7 @@ class Proxy:
             if found:
                 start, end = found
                 head, conn.buf = conn.buf[start:end], conn.buf[end:]
+                conn.head_len = end
                 return http1.parse_request(head)
             try:
                 data = recv(conn.sock, deadline - time.monotonic())
@@ -177,6 +192,7 @@ class Proxy:
                             head_only=bool(req and req.method == "HEAD"))
         try:
             send(conn.sock, data, self.s.idle_timeout)
+            conn.bytes_out += len(data)
         except (OSError, TimeoutError):
             pass
         return len(data)
@@ -187,10 +203,19 @@ class Proxy:
         """Answer one request; returns whether the client connection stays open."""
         started = time.monotonic()
         req_id = http1.request_id(req.headers)
-        out = Outcome()
+        out = Outcome(bytes_in=conn.head_len)
+        sent_before = conn.bytes_out
         match = self.index.lookup(req.host)
         # an answer of our own leaves any request body unread: then we must close
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        if match is None and not self.index.loaded:
+            out.status, out.keep_alive = 503, can_keep
+            out.bytes = self._send_page(
+                conn, 503, "This balancer has not received its route table yet.",
+                "It is starting or cannot reach the controller; retry in a moment.",
+                req, req_id, can_keep)
+            self.stats.record(None, 503, out.bytes_in, conn.bytes_out - sent_before, 0.0)
+            return out.keep_alive
         if match is None:
             out.status, out.keep_alive = 404, can_keep
             out.bytes = self._send_page(
@@ -199,8 +224,37 @@ class Proxy:
                 "to its domains and wait a few seconds for the route to spread.",
                 req, req_id, can_keep)
             log.info("unknown host", extra={"host_name": req.host, "request_id": req_id})
+            self.stats.record(None, 404, out.bytes_in, conn.bytes_out - sent_before,
+                              (time.monotonic() - started) * 1000)
             return out.keep_alive
+        conn.app = self.stats.attach(conn.app, match.app)
         try:
+            if match.maintenance:
+                out.status, out.keep_alive = 503, can_keep
+                retry = int(getattr(self.s, "maintenance_retry_after", 60))
+                data = pages.maintenance(match.app, retry,
+                                         accept=req.headers.get("accept"),
+                                         request_id=req_id, keep_alive=can_keep,
+                                         head_only=req.method == "HEAD")
+                self._to_client(conn, data)
+                out.bytes = len(data)
+                return out.keep_alive
+            if http1.body_too_large(req, match.max_body):
+                out.status, out.keep_alive = 413, False
+                out.bytes = self._send_page(
+                    conn, 413, f"The request body ({req.framing.length} bytes) is "
+                    f"larger than the app {match.app!r} accepts.",
+                    f"Send at most {match.max_body} bytes; the app's owner sets this "
+                    "limit.", req, req_id)
+                return False
+            if req.framing.kind == "chunked":
+                try:
+                    http1.check_buffered_chunks(conn.buf[:BUFSIZE], match.max_body)
+                except BadRequest as exc:
+                    out.status, out.keep_alive = exc.status, False
+                    out.bytes = self._send_page(conn, exc.status, exc.message,
+                                                exc.hint, req, req_id)
+                    return False
             if not match.backends:
                 out.status, out.keep_alive = 503, can_keep
                 out.bytes = self._send_page(
@@ -208,19 +262,23 @@ class Proxy:
                     match.reason or "Start a web process for the app and retry.",
                     req, req_id, can_keep)
                 return out.keep_alive
-            self._forward(conn, req, match.app, match.backends, req_id, out)
+            self._forward(conn, req, match, req_id, out)
             return out.keep_alive
         finally:
             ms = (time.monotonic() - started) * 1000
+            self.stats.record(match.app, out.status or 499, out.bytes_in,
+                              conn.bytes_out - sent_before, ms)
             self.access_log(match.app, (
                 f"method={req.method} path={req.target} status={out.status} "
                 f"bytes={out.bytes} ms={ms:.1f} request_id={req_id} "
-                f"backend={out.backend}"))
+                f"client={conn.addr[0]} backend={out.backend}"))
 
-    def _forward(self, conn: ClientConn, req: http1.Request, app: str,
-                 entries: list[dict[str, Any]], req_id: str, out: Outcome) -> None:
+    def _forward(self, conn: ClientConn, req: http1.Request, match: Any,
+                 req_id: str, out: Outcome) -> None:
+        app, entries = match.app, match.backends
         head = http1.backend_request_head(req, client_addr=conn.addr[0],
-                                          port=self.s.listen_port, req_id=req_id)
+                                          port=self.s.listen_port, req_id=req_id,
+                                          trusted=conn.addr[0] in self.trusted)
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
         tried: set[str] = set()
         retries = 0
@@ -243,7 +301,7 @@ class Proxy:
             self.pool.acquire(backend)
             try:
                 self._attempt(conn, req, head, backend, bsock, reused,
-                              retries < MAX_RETRIES, req_id, out)
+                              retries < MAX_RETRIES, req_id, out, match.max_body)
                 return
             except Retry:
                 # idempotent and bodiless, and nothing came back: safe to send again.
@@ -290,7 +348,7 @@ class Proxy:
 
     def _attempt(self, conn: ClientConn, req: http1.Request, head: bytes,
                  backend: Backend, bsock: Any, reused: bool, may_retry: bool,
-                 req_id: str, out: Outcome) -> None:
+                 req_id: str, out: Outcome, max_body: int = 0) -> None:
         retryable = may_retry and req.idempotent and not req.framing.has_body
         state = PumpState(time.monotonic() + self.s.response_timeout)
         pump = None
@@ -304,11 +362,17 @@ class Proxy:
                 raise BackendError("the app's connection failed while sending the "
                                    "request") from None
             if req.framing.has_body:
-                pump = eventlet.spawn(self._pump_request, conn, req, bsock, state)
+                pump = eventlet.spawn(self._pump_request, conn, req, bsock, state,
+                                      max_body)
             else:
                 state.done = True
             resp, rest = self._read_response_head(conn, req, bsock, state, retryable)
+            if resp.status == 101:
+                self._tunnel(conn, resp, rest, bsock, out)
+                return
             reusable = self._relay_response(conn, req, resp, rest, bsock, req_id, out)
+            if req.upgrade:
+                reusable = False      # the app declined; do not trust its state
             if pump is not None and not state.done:
                 try:
                     with eventlet.Timeout(PUMP_GRACE, TimeoutError):
@@ -319,12 +383,16 @@ class Proxy:
                 out.keep_alive = False
                 reusable = False
         except BackendError as exc:
+            out.bytes_in += state.body_bytes
             reusable = False
             if isinstance(state.error, ClientGone):
                 out.keep_alive = False
                 return
             if isinstance(state.error, BadRequest):
                 out.status = state.error.status
+                log.info("request refused while streaming its body",
+                         extra={"status": out.status, "error": state.error.message,
+                                "request_id": req_id})
                 out.bytes = self._send_page(conn, out.status, state.error.message,
                                             state.error.hint, req, req_id)
                 out.keep_alive = False
@@ -336,6 +404,8 @@ class Proxy:
             out.bytes = self._send_page(conn, exc.status, exc.message, exc.hint, req,
                                         req_id)
             out.keep_alive = False
+        else:
+            out.bytes_in += state.body_bytes
         finally:
             if pump is not None and not pump.dead:
                 pump.kill()
@@ -346,8 +416,12 @@ class Proxy:
                 close(bsock)
 
     def _pump_request(self, conn: ClientConn, req: http1.Request, bsock: Any,
-                      state: PumpState) -> None:
-        """Stream the request body client -> backend (its own green thread)."""
+                      state: PumpState, max_body: int = 0) -> None:
+        """Stream the request body client -> backend (its own green thread). A
+        chunked body is counted against max_body before each piece is sent, so one
+        over the limit sends the backend nothing past it (413 if no response started,
+        else the connection closes)."""
+        limit = http1.BodyLimit(max_body)
         try:
             if req.framing.kind == "length":
                 remaining = req.framing.length
@@ -359,6 +433,7 @@ class Proxy:
                             raise ClientGone()
                     piece, conn.buf = data[:remaining], data[remaining:] + conn.buf
                     remaining -= len(piece)
+                    state.body_bytes += len(piece)
                     send(bsock, piece, self.s.response_timeout)
                     state.deadline = time.monotonic() + self.s.response_timeout
             else:
@@ -366,7 +441,11 @@ class Proxy:
                 data, conn.buf = conn.buf, b""
                 while True:
                     if data:
-                        out = b"".join(http1.encode_chunk(p) for p in decoder.feed(data))
+                        pieces = decoder.feed(data)
+                        for piece in pieces:
+                            limit.add(len(piece))
+                        state.body_bytes += len(data) - len(decoder.leftover)
+                        out = b"".join(http1.encode_chunk(p) for p in pieces)
                         if decoder.done:
                             out += http1.LAST_CHUNK
                             conn.buf = decoder.leftover
@@ -402,8 +481,10 @@ class Proxy:
                 resp = http1.parse_response(buf[start:end], req.method)
                 buf = buf[end:]
                 if resp.status == 101:
-                    raise BackendError("the app switched protocols, which this proxy "
-                                       "does not support")
+                    if req.upgrade:
+                        return resp, buf
+                    raise BackendError("the app switched protocols though the "
+                                       "client did not ask to")
                 if resp.interim:
                     if req.version >= (1, 1):
                         self._to_client(conn, http1.client_response_head(
@@ -492,6 +573,54 @@ class Proxy:
                     self._to_client(conn, http1.LAST_CHUNK)
                 return False
 
+    def _tunnel(self, conn: ClientConn, resp: http1.Response, rest: bytes,
+                bsock: Any, out: Outcome) -> None:
+        """After a 101: copy bytes both ways until either side closes or no byte
+        moves for ws_idle_timeout. The client connection ends with the tunnel."""
+        out.status, out.keep_alive = 101, False
+        self._to_client(conn, http1.client_response_head(
+            resp, framing_out="none", keep_alive=True, req_id=""))
+        idle = float(getattr(self.s, "ws_idle_timeout", 300.0))
+        last = [time.monotonic()]
+        counts = [0, 0]
+
+        def copy(src: Any, dst: Any, first: bytes, slot: int) -> None:
+            try:
+                data = first
+                while True:
+                    if data:
+                        dst.sendall(data)
+                        counts[slot] += len(data)
+                        last[0] = time.monotonic()
+                    try:
+                        data = recv(src, last[0] + idle - time.monotonic())
+                    except TimeoutError:
+                        if time.monotonic() - last[0] < idle:
+                            data = b""
+                            continue      # the other direction kept it alive
+                        return
+                    if not data:
+                        return
+            except OSError:
+                return
+            finally:
+                for sock in (src, dst):
+                    _abort(sock)      # wakes the other direction up
+
+        pending, conn.buf = conn.buf, b""
+        up = eventlet.spawn(copy, conn.sock, bsock, pending, 0)
+        down = eventlet.spawn(copy, bsock, conn.sock, rest, 1)
+        try:
+            up.wait()
+            down.wait()
+        finally:
+            for thread in (up, down):
+                if not thread.dead:
+                    thread.kill()
+            out.bytes_in += counts[0]
+            out.bytes = counts[1]
+            conn.bytes_out += counts[1]
+
     def _from_backend(self, bsock: Any) -> bytes:
         try:
             return recv(bsock, self.s.response_timeout)
@@ -501,6 +630,7 @@ class Proxy:
     def _to_client(self, conn: ClientConn, data: bytes) -> None:
         try:
             send(conn.sock, data, self.s.idle_timeout)
+            conn.bytes_out += len(data)
         except (OSError, TimeoutError):
             raise ClientGone() from None
 

@@ -1,7 +1,8 @@
 """Host -> app index over the replicated route table, without I/O.
 
 Route table (from the controller, via messaging.clone): {app: route} where
-route = {"hosts": [...], "backends": [{"id", "address", "port"}], "reason": str}.
+route = {"hosts": [...], "backends": [{"id", "address", "port"}], "reason": str,
+"maintenance": bool, "max_body": int (bytes; 0 or absent = no limit)}.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class Match:
     app: str
     backends: list[dict[str, Any]]
     reason: str
+    maintenance: bool = False
+    max_body: int = 0
 
 
 class RouteIndex:
@@ -36,6 +39,7 @@ class RouteIndex:
         self.hosts: dict[str, str] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.update(table or {})
+        self.loaded = table is not None   # a table has arrived (else every host is unknown)
 
     def update(self, table: dict[str, dict[str, Any]]) -> None:
         hosts: dict[str, str] = {}
@@ -50,10 +54,17 @@ class RouteIndex:
                     continue
                 hosts[key] = app
         self.hosts, self.table = hosts, table
+        self.loaded = True
 
     def lookup(self, host: str) -> Match | None:
         app = self.hosts.get(normalize_host(host))
         if app is None:
             return None
         route = self.table.get(app) or {}
-        return Match(app, list(route.get("backends") or []), str(route.get("reason") or ""))
+        try:
+            max_body = max(0, int(route.get("max_body") or 0))
+        except (TypeError, ValueError):
+            max_body = 0
+        return Match(app, list(route.get("backends") or []),
+                     str(route.get("reason") or ""),
+                     maintenance=bool(route.get("maintenance")), max_body=max_body)

@@ -18,5 +18,13 @@ SPEC = Spec("balancer", [
     Setting("response_timeout", float, 60.0, "Seconds to wait for a backend's response head (504)."),
     Setting("snapshot_timeout", float, 2.0, "Seconds to wait for a route snapshot before asking again."),
     Setting("shutdown_timeout", float, 10.0, "Seconds in-flight requests get to finish after SIGTERM."),
+    Setting("ws_idle_timeout", float, 300.0, "Seconds an upgraded (WebSocket) tunnel may pass with no byte either way."),
+    Setting("maintenance_retry_after", int, 60, "Retry-After seconds on the 503 of an app in maintenance mode."),
+    Setting("trusted_proxies", list, [], "Addresses/CIDRs whose X-Forwarded-* headers are believed (For is appended to)."),
+    Setting("stats_interval", float, 1.0, "Seconds between two stats messages."),
+    Setting("processes", int, 1, "Worker processes sharing the port (each its own SO_REUSEPORT socket)."),
+    Setting("startup_routes_wait", float, 5.0, "Seconds a starting worker waits for its route table before accepting anyway (503 until it arrives)."),
+    Setting("reload_timeout", float, 15.0, "Seconds new workers get to load routes on SIGHUP before the reload is abandoned."),
+    Setting("max_open_files", int, 0, "Raise RLIMIT_NOFILE to this at start (0: up to the hard limit)."),
     Setting("log_level", str, "info", "Platform log level."),
 ])

@@ -24,8 +24,9 @@ from messaging.clone import ClonePublisher
 from messaging.envelope import recv, send
 
 ROOT = Path(__file__).resolve().parents[2]
-PY = str(ROOT / ".venv" / "bin" / "python")
-GUNICORN = str(ROOT / ".venv" / "bin" / "gunicorn")
+# the interpreter running the tests (a worktree has no .venv of its own)
+PY = sys.executable
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 BACKEND_HOST = "127.0.0.2"
 
 APP = textwrap.dedent('''
@@ -496,6 +497,38 @@ SMUGGLES = [
     b"Content-Length: 44\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
     b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding : chunked\r\n\r\n"
     b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    # TE.TE: two Transfer-Encoding fields, one the backend might ignore
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n"
+    b"Transfer-Encoding: identity\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n"
+    b"Host: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: \x0bchunked\r\n"
+    b"\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n"
+    b" identity\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer_Encoding: chunked\r\n"
+    b"Content-Length: 0\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n"
+    b"Host: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n"
+    b"Host: alpha.localhost\r\n\r\n",
+    # chunk-size tricks: overflow, 0x prefix, negative, size with spaces, bare LF
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"fffffffffffffffff0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0x0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"-1\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0 \r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabcdef\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    # CL tricks: a sign, a list that differs
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nContent-Length: +44\r\n\r\n"
+    b"GET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: alpha.localhost\r\nContent-Length: 0, 44\r\n\r\n"
+    b"GET /smuggled HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n",
 ]
 
 
@@ -566,6 +599,7 @@ def test_access_log_lines_are_pushed(balancer, publisher):
                     what="access log line")
     assert line["app"] == "beta" and line["proc"] == "router"
     assert "status=200" in line["line"] and "backend=127.0.0.2:" in line["line"]
+    assert "request_id=" in line["line"] and "client=127.0.0.1" in line["line"]
     assert line.sender == "bal-test"
 
 
