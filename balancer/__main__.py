@@ -26,7 +26,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Hint: {exc.hint}", file=sys.stderr)
         return 2
     setup_logging("balancer", settings.host_id, settings.log_level)
-    from balancer.daemon import Balancer   # imports eventlet
+    if settings.engine == "asyncio":
+        from balancer.aio_daemon import Balancer
+    elif settings.engine == "eventlet":
+        from balancer.daemon import Balancer   # type: ignore[assignment]  # imports eventlet
+    else:
+        print(f"Error: setting balancer.engine must be eventlet or asyncio, got "
+              f"{settings.engine!r}", file=sys.stderr)
+        return 2
     balancer = Balancer(settings)
     try:
         balancer.start()

@@ -19,4 +19,6 @@ SPEC = Spec("balancer", [
     Setting("snapshot_timeout", float, 2.0, "Seconds to wait for a route snapshot before asking again."),
     Setting("shutdown_timeout", float, 10.0, "Seconds in-flight requests get to finish after SIGTERM."),
     Setting("log_level", str, "info", "Platform log level."),
+    Setting("engine", str, "eventlet", "I/O engine: eventlet or asyncio (same core, same behaviour)."),
+    Setting("uvloop", bool, True, "With engine asyncio: run on uvloop when it is installed."),
 ])
