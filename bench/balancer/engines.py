@@ -8,7 +8,8 @@ Load comes from wrk (one thread, keep-alive, small response) when it is installe
 else from a small Python client (far slower than wrk: its figures are only a
 ratio between engines). The route comes from a route publisher in this process,
 and access logs go to a PULL drained here, as from the controller. Prints req/s
-and p50/p99 latency per target, and the ratio to eventlet.
+and p50/p99 latency per target, and the ratio to eventlet. With two CPUs or more
+the balancer gets one to itself and everything else shares the others.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ def start_nginx(work: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_balancer(work: Path, ctl: Controller, engine: dict[str, str]
-                   ) -> tuple[subprocess.Popen, int]:
+def start_balancer(work: Path, ctl: Controller, engine: dict[str, str],
+                   cpu: int | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     conf = work / f"balancer-{port}.yaml"
     text = render("berth-balancer.yaml", port=str(port), routes_endpoint=ctl.routes,
@@ -137,8 +138,9 @@ def start_balancer(work: Path, ctl: Controller, engine: dict[str, str]
     text += "".join(f"  {k}: {v}\n" for k, v in engine.items())
     conf.write_text(text)
     log = open(work / f"balancer-{port}.log", "wb")
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     proc = subprocess.Popen([sys.executable, "-m", "balancer", "--config", str(conf)],
-                            cwd=ROOT, stdout=log, stderr=log)
+                            cwd=ROOT, stdout=log, stderr=log, preexec_fn=pin)
     wait_port(port)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:     # wait until the route has arrived
@@ -218,7 +220,15 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of " + ", ".join(ENGINES))
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not give the balancer a CPU of its own")
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = None
+    if len(cpus) >= 2 and not args.no_pin:
+        # the balancer alone on the last CPU; wrk, nginx and this process share the rest
+        cpu = cpus[-1]
+        os.sched_setaffinity(0, set(cpus[:-1]))
     load = run_wrk if shutil.which("wrk") else run_python_client
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="berth-bench-") as tmp:
@@ -231,7 +241,7 @@ def main() -> int:
             results["backend direct"] = load(backend_port, args.duration,
                                              args.connections)
             for name in args.engines.split(","):
-                proc, port = start_balancer(work, ctl, ENGINES[name])
+                proc, port = start_balancer(work, ctl, ENGINES[name], cpu)
                 try:
                     load(port, 2, args.connections)              # warm up
                     results[name] = load(port, args.duration, args.connections)
@@ -243,7 +253,8 @@ def main() -> int:
             stop(nginx)
     base = results.get("eventlet", {}).get("rps")
     print(f"load: {load.__name__[4:]}, {args.connections} keep-alive connections, "
-          f"{args.duration} s, GET / -> 'hello\\n' ({os.cpu_count()} cores)")
+          f"{args.duration} s, GET / -> 'hello\\n' ({os.cpu_count()} cores, balancer "
+          f"{'on a CPU of its own' if cpu is not None else 'unpinned'})")
     print(f"{'target':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
           f"{'x eventlet':>10}")
     for name, r in results.items():
