@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 import warnings
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
@@ -35,6 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         return _error(exc)
     setup_logging("balancer", settings.host_id, settings.log_level)
+    if settings.engine not in ("eventlet", "asyncio"):
+        print(f"Error: setting balancer.engine must be eventlet or asyncio, got "
+              f"{settings.engine!r}", file=sys.stderr)
+        print("Hint: set engine: eventlet (the default) or engine: asyncio", file=sys.stderr)
+        return 2
+    if settings.engine == "asyncio":
+        # the asyncio engine runs as one process of its own (no master yet)
+        from balancer.aio_daemon import Balancer as AioBalancer
+        aio = AioBalancer(settings)
+        try:
+            aio.start()
+        except (SettingsError, OSError) as exc:
+            print(f"Error: cannot start the balancer: {exc}", file=sys.stderr)
+            return 1
+        aio.run()
+        return 0
     if args.worker:
         return _worker(settings, args)
     from balancer.master import Master
@@ -47,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     return master.run()
 
 
-def _worker(settings, args: argparse.Namespace) -> int:
+def _worker(settings: Any, args: argparse.Namespace) -> int:
     from balancer.daemon import Balancer   # imports eventlet
     balancer = Balancer(settings)
     try:

@@ -342,11 +342,24 @@ def backends(tmp, publisher):
     beta.stop()
 
 
+# every test that starts a balancer runs once per engine (and per asyncio loop)
+ENGINES = {"eventlet": {"engine": "eventlet"},
+           "asyncio-uvloop": {"engine": "asyncio", "uvloop": "true"},
+           "asyncio-stdlib": {"engine": "asyncio", "uvloop": "false"}}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine(request) -> dict:
+    if request.param == "asyncio-uvloop":
+        pytest.importorskip("uvloop")
+    return ENGINES[request.param]
+
+
 @pytest.fixture(scope="module")
-def balancer(tmp, publisher, backends):
+def balancer(tmp, publisher, backends, engine):
     """Started after the publisher already holds routes: it must converge."""
     bal = BalancerProc(tmp, publisher, header_timeout=1.0, response_timeout=2.0,
-                       max_header_bytes=8192)
+                       max_header_bytes=8192, **engine)
     wait_routed(bal.port, "alpha.localhost")
     yield bal
     assert bal.stop() == 0
@@ -727,8 +740,9 @@ def test_reused_connection_closed_by_backend_is_retried_when_idempotent(balancer
         publisher.set("flaky", None)
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp, publisher, backends):
-    bal = BalancerProc(tmp, publisher)
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp, publisher, backends,
+                                                            engine):
+    bal = BalancerProc(tmp, publisher, **engine)
     try:
         wait_routed(bal.port, "alpha.localhost")
         c = Client(bal.port)

@@ -1,7 +1,9 @@
-"""Route replication over real ZeroMQ sockets: the balancer's RouteSubscriber (green
-sockets, in this process's eventlet hub) against a ClonePublisher in a thread."""
+"""Route replication over real ZeroMQ sockets: each engine's route subscriber (the
+eventlet RouteSubscriber with green sockets in this process's hub, and the asyncio
+AioRouteSubscriber with its loop in a thread) against a ClonePublisher in a thread."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import threading
@@ -10,11 +12,13 @@ import warnings
 
 import pytest
 import zmq
+import zmq.asyncio as zmqa
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 import eventlet  # noqa: E402
 from eventlet.green import zmq as gzmq  # noqa: E402
 
+from balancer.aio_subscriber import AioRouteSubscriber  # noqa: E402
 from balancer.subscriber import RouteSubscriber  # noqa: E402
 from messaging import channels  # noqa: E402
 from messaging.clone import ClonePublisher  # noqa: E402
@@ -95,45 +99,103 @@ class Publisher(threading.Thread):
             ctx.term()
 
 
-def converge(pub: Publisher, sub: RouteSubscriber, timeout: float = 15.0) -> None:
+class EventletReplica:
+    """The eventlet RouteSubscriber with green sockets, in this process's hub."""
+
+    def __init__(self, pub: Publisher, drop=None) -> None:
+        self.changes: list = []
+        self.ctx = gzmq.Context()
+        self.sub = RouteSubscriber(self.ctx, pub.routes, pub.snapshots, "bal-test",
+                                   lambda table: self.changes.append(dict(table)),
+                                   snapshot_timeout=0.3, drop=drop)
+        self.sub.start()
+
+    def view(self) -> dict:
+        r = self.sub.replica
+        return {"table": dict(r.table), "synced": r.synced, "gaps": r.gaps,
+                "seq": r.seq, "asked": self.sub.snapshots_asked}
+
+    def sleep(self, seconds: float) -> None:
+        eventlet.sleep(seconds)
+
+    def stop(self) -> None:
+        self.sub.stop()
+        self.ctx.term()
+
+
+class AsyncioReplica:
+    """The asyncio AioRouteSubscriber over zmq.asyncio, its loop in a thread; the
+    test reads the replica through that loop."""
+
+    def __init__(self, pub: Publisher, drop=None) -> None:
+        self.changes: list = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.ctx = zmqa.Context()
+        self.sub = AioRouteSubscriber(self.ctx, pub.routes, pub.snapshots, "bal-test",
+                                      lambda table: self.changes.append(dict(table)),
+                                      snapshot_timeout=0.3, drop=drop)
+        self._call(self._start())
+
+    async def _start(self) -> None:
+        self.sub.start()
+
+    async def _view(self) -> dict:
+        r = self.sub.replica
+        return {"table": dict(r.table), "synced": r.synced, "gaps": r.gaps,
+                "seq": r.seq, "asked": self.sub.snapshots_asked}
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def view(self) -> dict:
+        return self._call(self._view())
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def stop(self) -> None:
+        self._call(self.sub.stop())
+        self.ctx.term()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(params=["eventlet", "asyncio"])
+def replica_engine(request):
+    return {"eventlet": EventletReplica, "asyncio": AsyncioReplica}[request.param]
+
+
+def converge(pub: Publisher, rep, timeout: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pub.published.is_set() and sub.table == pub.table() and sub.replica.synced:
-            return
-        eventlet.sleep(0.05)
-    raise AssertionError(f"replica {sub.table} != publisher {pub.table()}")
+        view = rep.view()
+        if pub.published.is_set() and view["table"] == pub.table() and view["synced"]:
+            return view
+        rep.sleep(0.05)
+    raise AssertionError(f"replica {rep.view()['table']} != publisher {pub.table()}")
 
 
-def run_subscriber(pub: Publisher, drop=None) -> tuple[RouteSubscriber, list]:
-    changes: list = []
-    ctx = gzmq.Context()
-    sub = RouteSubscriber(ctx, pub.routes, pub.snapshots, "bal-test",
-                          lambda table: changes.append(dict(table)),
-                          snapshot_timeout=0.3, drop=drop)
-    sub.start()
-    sub._ctx_for_test = ctx
-    return sub, changes
-
-
-def stop(sub: RouteSubscriber, pub: Publisher) -> None:
-    sub.stop()
-    sub._ctx_for_test.term()
+def stop(rep, pub: Publisher) -> None:
+    rep.stop()
     pub.halt.set()
     pub.join(5)
 
 
-def test_replica_converges_without_losses():
+def test_replica_converges_without_losses(replica_engine):
     pub = Publisher(40)
     pub.start()
-    sub, changes = run_subscriber(pub)
+    rep = replica_engine(pub)
     try:
-        converge(pub, sub)
-        assert sub.replica.gaps == 0 and changes
+        view = converge(pub, rep)
+        assert view["gaps"] == 0 and rep.changes
     finally:
-        stop(sub, pub)
+        stop(rep, pub)
 
 
-def test_replica_with_dropped_updates_notices_the_gap_and_converges():
+def test_replica_with_dropped_updates_notices_the_gap_and_converges(replica_engine):
     pub = Publisher(60)
     pub.start()
     dropped: list[int] = []
@@ -144,24 +206,24 @@ def test_replica_with_dropped_updates_notices_the_gap_and_converges():
             return True
         return False
 
-    sub, _ = run_subscriber(pub, drop)
+    rep = replica_engine(pub, drop)
     try:
-        converge(pub, sub)
-        assert dropped and sub.replica.gaps >= 1
-        assert sub.snapshots_asked >= 2          # the first, then after a gap
-        assert sub.replica.seq == pub.clone.seq
+        view = converge(pub, rep)
+        assert dropped and view["gaps"] >= 1
+        assert view["asked"] >= 2          # the first, then after a gap
+        assert view["seq"] == pub.clone.seq
     finally:
-        stop(sub, pub)
+        stop(rep, pub)
 
 
-def test_replica_started_after_the_publisher_converges():
+def test_replica_started_after_the_publisher_converges(replica_engine):
     pub = Publisher(20, start_after=0.0)
     pub.start()
     assert pub.published.wait(5)
     time.sleep(0.2)
-    sub, _ = run_subscriber(pub)
+    rep = replica_engine(pub)
     try:
-        converge(pub, sub)
+        converge(pub, rep)
         assert pub.served >= 1
     finally:
-        stop(sub, pub)
+        stop(rep, pub)

@@ -1,0 +1,511 @@
+"""The asyncio I/O layer: the same per-connection behaviour as proxy.py (the
+eventlet engine), driven by the same sans-IO decisions in http1.py, routes.py,
+pool.py and pages.py, over aio_stream.Stream protocols.
+
+Per request: read and parse the head; find the app; pick a backend and get a
+connection (pooled or fresh, trying another backend when a connect fails); send
+the head; stream the request body in a second task while this one waits for the
+response head (so 100-continue and early answers work); stream the response body
+back; return the backend connection to the pool when it is clean. A request
+without a body (the common case) runs in the connection's one task, with no task
+created and no timer armed unless it has to wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from balancer import http1, pages
+from balancer.aio_stream import Stream
+from balancer.errors import BackendError, BadRequest
+from balancer.pool import Backend, Pool
+from balancer.routes import RouteIndex
+
+log = logging.getLogger(__name__)
+
+# the same as proxy.py's, which this module does not import: it pulls in eventlet
+MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
+PUMP_GRACE = 2.0     # seconds the request body pump may lag behind a finished response
+
+
+class ClientGone(Exception):
+    """The client closed or stalled; nothing more can be said to it."""
+
+
+class Retry(Exception):
+    """A reused backend connection was closed before any response byte."""
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    bytes: int = 0
+    backend: str = "-"
+    keep_alive: bool = False
+
+
+class ClientConn(Stream):
+    """A client connection: the protocol the server creates per accept. Its
+    handler task starts when the connection is made."""
+
+    def __init__(self, proxy: AioProxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.addr: tuple[str, int] = ("", 0)
+        self.buf = b""
+        self.busy = False
+        self.accepted = time.monotonic()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.addr = (peer[0], peer[1]) if peer else ("", 0)
+        self.proxy.connections.add(self)
+        asyncio.get_running_loop().create_task(self.proxy.handle(self))
+
+
+class PumpState:
+    """Shared between the response reader and the request body pump."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline      # for the response head; the pump pushes it on
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class AioProxy:
+    def __init__(self, settings: SimpleNamespace, index: RouteIndex, pool: Pool,
+                 access_log: Callable[[str, str], None] | None = None) -> None:
+        self.s = settings
+        self.index = index
+        self.pool = pool
+        self.access_log = access_log or (lambda app, line: None)
+        self.connections: set[ClientConn] = set()
+        self.draining = False
+
+    def protocol(self) -> ClientConn:
+        """Protocol factory for loop.create_server."""
+        return ClientConn(self)
+
+    # -- client connection --------------------------------------------------------
+
+    async def handle(self, conn: ClientConn) -> None:
+        """Serve one client connection until it closes (task entry)."""
+        try:
+            await self._serve(conn)
+        except (OSError, ClientGone, TimeoutError):
+            pass
+        except Exception:
+            log.exception("connection failed", extra={"client": conn.addr[0]})
+        finally:
+            self.connections.discard(conn)
+            conn.close()
+
+    def drain_idle(self) -> None:
+        """On shutdown: close connections waiting for a next request."""
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.abort()
+
+    async def _serve(self, conn: ClientConn) -> None:
+        first = True
+        while True:
+            try:
+                req = await self._read_request(conn, first)
+            except BadRequest as exc:
+                await self._send_page(conn, exc.status, exc.message, exc.hint, None, "")
+                return
+            if req is None:
+                return
+            conn.busy = True
+            keep = await self._exchange(conn, req)
+            conn.busy = bool(conn.buf)
+            if not keep or self.draining:
+                return
+            first = False
+
+    async def _read_request(self, conn: ClientConn, first: bool
+                            ) -> http1.Request | None:
+        """The next request head; None when the client closed or idled out."""
+        if first:
+            deadline = conn.accepted + self.s.header_timeout
+        else:
+            if not conn.buf:
+                try:
+                    data = await conn.recv(self.s.idle_timeout)
+                except TimeoutError:
+                    return None
+                if not data:
+                    return None
+                conn.buf = data
+            deadline = time.monotonic() + self.s.header_timeout
+        while True:
+            found = http1.find_head(conn.buf, self.s.max_header_bytes)
+            if found:
+                start, end = found
+                head, conn.buf = conn.buf[start:end], conn.buf[end:]
+                return http1.parse_request(head)
+            try:
+                data = await conn.recv(deadline - time.monotonic())
+            except TimeoutError:
+                if conn.buf.strip(b"\r\n"):
+                    raise BadRequest("the request head did not arrive in time",
+                                     f"send the whole head within "
+                                     f"{self.s.header_timeout:g} seconds",
+                                     status=408) from None
+                return None
+            if not data:
+                return None
+            conn.buf += data
+            conn.busy = True
+
+    async def _send_page(self, conn: ClientConn, status: int, message: str, hint: str,
+                         req: http1.Request | None, req_id: str,
+                         keep: bool = False) -> int:
+        data = pages.render(status, message, hint,
+                            accept=req.headers.get("accept") if req else None,
+                            request_id=req_id, keep_alive=keep,
+                            head_only=bool(req and req.method == "HEAD"))
+        try:
+            await conn.send(data, self.s.idle_timeout)
+        except (OSError, TimeoutError):
+            pass
+        return len(data)
+
+    # -- one request --------------------------------------------------------------
+
+    async def _exchange(self, conn: ClientConn, req: http1.Request) -> bool:
+        """Answer one request; returns whether the client connection stays open."""
+        started = time.monotonic()
+        req_id = http1.request_id(req.headers)
+        out = Outcome()
+        match = self.index.lookup(req.host)
+        # an answer of our own leaves any request body unread: then we must close
+        can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        if match is None:
+            out.status, out.keep_alive = 404, can_keep
+            out.bytes = await self._send_page(
+                conn, 404, f"No app is served at the host {req.host!r}.",
+                "Check the address for typos. If this is your app, add this host name "
+                "to its domains and wait a few seconds for the route to spread.",
+                req, req_id, can_keep)
+            log.info("unknown host", extra={"host_name": req.host, "request_id": req_id})
+            return out.keep_alive
+        try:
+            if not match.backends:
+                out.status, out.keep_alive = 503, can_keep
+                out.bytes = await self._send_page(
+                    conn, 503, f"The app {match.app!r} has no running instance.",
+                    match.reason or "Start a web process for the app and retry.",
+                    req, req_id, can_keep)
+                return out.keep_alive
+            await self._forward(conn, req, match.app, match.backends, req_id, out)
+            return out.keep_alive
+        finally:
+            ms = (time.monotonic() - started) * 1000
+            self.access_log(match.app, (
+                f"method={req.method} path={req.target} status={out.status} "
+                f"bytes={out.bytes} ms={ms:.1f} request_id={req_id} "
+                f"backend={out.backend}"))
+
+    async def _forward(self, conn: ClientConn, req: http1.Request, app: str,
+                       entries: list[dict[str, Any]], req_id: str,
+                       out: Outcome) -> None:
+        head = http1.backend_request_head(req, client_addr=conn.addr[0],
+                                          port=self.s.listen_port, req_id=req_id)
+        can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        tried: set[str] = set()
+        retries = 0
+        fresh_only = False
+        while True:
+            backend = self.pool.choose(entries, tried, time.monotonic())
+            if backend is None:
+                out.status, out.keep_alive = 502, can_keep
+                out.bytes = await self._send_page(
+                    conn, 502, f"None of the instances of {app!r} accepted a connection.",
+                    "The app may be restarting or crashing; check `berth logs` and "
+                    "retry in a few seconds.", req, req_id, can_keep)
+                return
+            bconn, reused = await self._backend_conn(backend, fresh_only)
+            fresh_only = False
+            if bconn is None:
+                tried.add(backend.key)
+                continue
+            out.backend = backend.key
+            self.pool.acquire(backend)
+            try:
+                await self._attempt(conn, req, head, backend, bconn, reused,
+                                    retries < MAX_RETRIES, req_id, out)
+                return
+            except Retry:
+                # idempotent and bodiless, and nothing came back: safe to send again.
+                # A reused connection may just have timed out at the backend: retry
+                # on a fresh one. A fresh one dying means the instance is in trouble.
+                retries += 1
+                if reused:
+                    fresh_only = True
+                else:
+                    tried.add(backend.key)
+                    self.pool.mark_down(backend, time.monotonic())
+                log.info("backend closed the connection before answering; retrying",
+                         extra={"backend": backend.key, "reused": reused,
+                                "request_id": req_id})
+            finally:
+                self.pool.release(backend)
+
+    async def _backend_conn(self, backend: Backend, fresh_only: bool
+                            ) -> tuple[Stream | None, bool]:
+        """(connection, reused) from the pool, else a new one; (None, False) and the
+        backend marked down when it cannot be reached."""
+        if not fresh_only:
+            while True:
+                bconn, expired = self.pool.take_idle(backend, time.monotonic())
+                for old in expired:
+                    old.close()
+                if bconn is None:
+                    break
+                if bconn.reusable():
+                    return bconn, True
+                bconn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.s.connect_timeout):
+                _, bconn = await loop.create_connection(Stream, backend.address,
+                                                        backend.port)
+        except (OSError, TimeoutError) as exc:
+            backoff = self.pool.mark_down(backend, time.monotonic())
+            log.warning("backend unreachable; marked down",
+                        extra={"backend": backend.key,
+                               "error": str(exc) or type(exc).__name__,
+                               "backoff": f"{backoff:g}"})
+            return None, False
+        self.pool.mark_up(backend)
+        return bconn, False
+
+    async def _attempt(self, conn: ClientConn, req: http1.Request, head: bytes,
+                       backend: Backend, bconn: Stream, reused: bool,
+                       may_retry: bool, req_id: str, out: Outcome) -> None:
+        retryable = may_retry and req.idempotent and not req.framing.has_body
+        state = PumpState(time.monotonic() + self.s.response_timeout)
+        pump: asyncio.Task[None] | None = None
+        reusable = False
+        try:
+            try:
+                await bconn.send(head, self.s.response_timeout)
+            except (OSError, TimeoutError):
+                if retryable:
+                    raise Retry() from None
+                raise BackendError("the app's connection failed while sending the "
+                                   "request") from None
+            if req.framing.has_body:
+                pump = asyncio.get_running_loop().create_task(
+                    self._pump_request(conn, req, bconn, state))
+            else:
+                state.done = True
+            resp, rest = await self._read_response_head(conn, req, bconn, state,
+                                                        retryable)
+            reusable = await self._relay_response(conn, req, resp, rest, bconn,
+                                                  req_id, out)
+            if pump is not None and not state.done:
+                try:
+                    await asyncio.wait_for(asyncio.shield(pump), PUMP_GRACE)
+                except TimeoutError:
+                    pass
+            if not state.done or state.error is not None:
+                out.keep_alive = False
+                reusable = False
+        except BackendError as exc:
+            reusable = False
+            if isinstance(state.error, ClientGone):
+                out.keep_alive = False
+                return
+            if isinstance(state.error, BadRequest):
+                out.status = state.error.status
+                out.bytes = await self._send_page(conn, out.status, state.error.message,
+                                                  state.error.hint, req, req_id)
+                out.keep_alive = False
+                return
+            out.status = exc.status
+            log.warning("backend failed", extra={"backend": backend.key,
+                                                 "error": exc.message,
+                                                 "request_id": req_id})
+            out.bytes = await self._send_page(conn, exc.status, exc.message, exc.hint,
+                                              req, req_id)
+            out.keep_alive = False
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+            if reusable and not self.draining:
+                for extra in self.pool.put_idle(backend, bconn, time.monotonic()):
+                    extra.close()
+            else:
+                bconn.close()
+
+    async def _pump_request(self, conn: ClientConn, req: http1.Request, bconn: Stream,
+                            state: PumpState) -> None:
+        """Stream the request body client -> backend (its own task)."""
+        try:
+            if req.framing.kind == "length":
+                remaining = req.framing.length
+                while remaining:
+                    data, conn.buf = conn.buf, b""
+                    if not data:
+                        data = await conn.recv(self.s.idle_timeout)
+                        if not data:
+                            raise ClientGone()
+                    piece, conn.buf = data[:remaining], data[remaining:] + conn.buf
+                    remaining -= len(piece)
+                    await bconn.send(piece, self.s.response_timeout)
+                    state.deadline = time.monotonic() + self.s.response_timeout
+            else:
+                decoder = http1.ChunkedDecoder()
+                data, conn.buf = conn.buf, b""
+                while True:
+                    if data:
+                        out = b"".join(http1.encode_chunk(p) for p in decoder.feed(data))
+                        if decoder.done:
+                            out += http1.LAST_CHUNK
+                            conn.buf = decoder.leftover
+                        if out:
+                            await bconn.send(out, self.s.response_timeout)
+                            state.deadline = time.monotonic() + self.s.response_timeout
+                        if decoder.done:
+                            break
+                    data = await conn.recv(self.s.idle_timeout)
+                    if not data:
+                        raise ClientGone()
+            state.done = True
+        except TimeoutError:
+            state.error = ClientGone()
+            bconn.abort()
+        except (BadRequest, ClientGone) as exc:
+            state.error = exc
+            bconn.abort()
+        except OSError as exc:
+            # the backend stopped reading; its response (if any) still counts
+            state.error = exc
+
+    async def _read_response_head(self, conn: ClientConn, req: http1.Request,
+                                  bconn: Stream, state: PumpState, retryable: bool
+                                  ) -> tuple[http1.Response, bytes]:
+        """Wait for the final response head, relaying 1xx to the client."""
+        buf = b""
+        got_any = False
+        while True:
+            found = http1.find_head(buf, 1 << 20) if buf else None
+            if found:
+                start, end = found
+                resp = http1.parse_response(buf[start:end], req.method)
+                buf = buf[end:]
+                if resp.status == 101:
+                    raise BackendError("the app switched protocols, which this proxy "
+                                       "does not support")
+                if resp.interim:
+                    if req.version >= (1, 1):
+                        await self._to_client(conn, http1.client_response_head(
+                            resp, framing_out="none", keep_alive=True, req_id=""))
+                    continue
+                return resp, buf
+            remaining = state.deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendError("the app did not answer in time",
+                                   f"the app must start its response within "
+                                   f"{self.s.response_timeout:g} seconds; look for "
+                                   "slow requests in `berth logs`", status=504)
+            try:
+                data = await bconn.recv(min(remaining, 1.0))
+            except TimeoutError:
+                continue
+            if not data:
+                if not got_any and retryable:
+                    raise Retry()
+                raise BackendError("the app closed the connection without a "
+                                   "complete response",
+                                   "the app may have crashed; check `berth logs`")
+            got_any = True
+            buf += data
+
+    async def _relay_response(self, conn: ClientConn, req: http1.Request,
+                              resp: http1.Response, rest: bytes, bconn: Stream,
+                              req_id: str, out: Outcome) -> bool:
+        """Send the response to the client; returns whether the backend connection
+        may be reused."""
+        kind = resp.framing.kind
+        if kind in ("chunked", "close"):
+            framing_out = "chunked" if req.version >= (1, 1) else "close"
+        else:
+            framing_out = kind
+        keep = req.keep_alive and framing_out != "close" and not self.draining
+        out.status, out.keep_alive = resp.status, keep
+        head = http1.client_response_head(resp, framing_out=framing_out,
+                                          keep_alive=keep, req_id=req_id)
+        chunked_out = framing_out == "chunked"
+        if kind == "none":
+            await self._to_client(conn, head)
+            return resp.keep_alive and not rest
+        if kind == "length":
+            remaining = resp.framing.length
+            data = rest
+            if len(data) >= remaining:      # the whole body came with the head
+                piece = data[:remaining]
+                await self._to_client(conn, head + piece)
+                out.bytes += len(piece)
+                return resp.keep_alive and len(data) == len(piece)
+            await self._to_client(conn, head)
+            while True:
+                piece = data[:remaining]
+                if piece:
+                    await self._to_client(conn, piece)
+                    out.bytes += len(piece)
+                    remaining -= len(piece)
+                if remaining == 0:
+                    return resp.keep_alive and len(data) == len(piece)
+                data = await self._from_backend(bconn)
+                if not data:
+                    raise ClientGone()   # truncated by the app: the client sees a short body
+        await self._to_client(conn, head)
+        decoder = http1.ChunkedDecoder() if kind == "chunked" else None
+        data = rest
+        while True:
+            if data:
+                if decoder is not None:
+                    try:
+                        pieces = decoder.feed(data)
+                    except BadRequest:
+                        raise ClientGone() from None   # bad chunking from the app
+                else:
+                    pieces = [data]
+                payload = b"".join(http1.encode_chunk(p) if chunked_out else p
+                                   for p in pieces)
+                out.bytes += sum(len(p) for p in pieces)
+                if decoder is not None and decoder.done:
+                    if chunked_out:
+                        payload += http1.LAST_CHUNK
+                    if payload:
+                        await self._to_client(conn, payload)
+                    return resp.keep_alive and not decoder.leftover
+                if payload:
+                    await self._to_client(conn, payload)
+            data = await self._from_backend(bconn)
+            if not data:
+                if decoder is not None:
+                    raise ClientGone()       # chunked body cut short
+                if chunked_out:
+                    await self._to_client(conn, http1.LAST_CHUNK)
+                return False
+
+    async def _from_backend(self, bconn: Stream) -> bytes:
+        try:
+            return await bconn.recv(self.s.response_timeout)
+        except (OSError, TimeoutError):
+            raise ClientGone() from None   # head already sent: all we can do is close
+
+    async def _to_client(self, conn: ClientConn, data: bytes) -> None:
+        try:
+            await conn.send(data, self.s.idle_timeout)
+        except (OSError, TimeoutError):
+            raise ClientGone() from None
