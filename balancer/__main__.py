@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 import warnings
+from typing import Any
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="eventlet")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _worker(settings: Any, args: argparse.Namespace) -> int:
-    from balancer.daemon import Balancer   # imports eventlet
+    from balancer.daemon import Balancer  # imports eventlet
     balancer = Balancer(settings)
     try:
         balancer.start(args.listen_fd, wait_routes=args.wait_routes,

@@ -15,8 +15,9 @@ import ipaddress
 import logging
 import signal
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio

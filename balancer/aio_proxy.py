@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
-from balancer import http1, pages
+from balancer import admission, http1, pages
 from balancer.aio_stream import Stream
 from balancer.errors import BackendError, BadRequest
 from balancer.pool import Backend, Pool
@@ -166,10 +167,12 @@ class AioProxy:
     async def _send_page(self, conn: ClientConn, status: int, message: str, hint: str,
                          req: http1.Request | None, req_id: str,
                          keep: bool = False) -> int:
-        data = pages.render(status, message, hint,
-                            accept=req.headers.get("accept") if req else None,
-                            request_id=req_id, keep_alive=keep,
-                            head_only=bool(req and req.method == "HEAD"))
+        return await self._send_raw(conn, pages.render(
+            status, message, hint, accept=req.headers.get("accept") if req else None,
+            request_id=req_id, keep_alive=keep, head_only=bool(req and req.method == "HEAD")))
+
+    async def _send_raw(self, conn: ClientConn, data: bytes) -> int:
+        """Send an answer of our own; a client that went away is no error here."""
         try:
             await conn.send(data, self.s.idle_timeout)
         except (OSError, TimeoutError):
@@ -186,22 +189,22 @@ class AioProxy:
         match = self.index.lookup(req.host)
         # an answer of our own leaves any request body unread: then we must close
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
+        refusal = admission.admit(
+            req, match, routes_loaded=self.index.loaded, buffered=conn.buf[:65536],
+            can_keep=can_keep, request_id=req_id,
+            retry_after=int(getattr(self.s, "maintenance_retry_after", 60)))
         if match is None:
-            out.status, out.keep_alive = 404, can_keep
-            out.bytes = await self._send_page(
-                conn, 404, f"No app is served at the host {req.host!r}.",
-                "Check the address for typos. If this is your app, add this host name "
-                "to its domains and wait a few seconds for the route to spread.",
-                req, req_id, can_keep)
-            log.info("unknown host", extra={"host_name": req.host, "request_id": req_id})
+            assert refusal is not None
+            out.status, out.keep_alive = refusal.status, refusal.keep_alive
+            out.bytes = await self._send_raw(conn, refusal.page)
+            if refusal.reason == "unknown_host":
+                log.info("unknown host", extra={"host_name": req.host,
+                                                "request_id": req_id})
             return out.keep_alive
         try:
-            if not match.backends:
-                out.status, out.keep_alive = 503, can_keep
-                out.bytes = await self._send_page(
-                    conn, 503, f"The app {match.app!r} has no running instance.",
-                    match.reason or "Start a web process for the app and retry.",
-                    req, req_id, can_keep)
+            if refusal is not None:
+                out.status, out.keep_alive = refusal.status, refusal.keep_alive
+                out.bytes = await self._send_raw(conn, refusal.page)
                 return out.keep_alive
             await self._forward(conn, req, match.app, match.backends, req_id, out)
             return out.keep_alive

@@ -23,13 +23,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import eventlet
-from eventlet.greenio import GreenSocket
 from eventlet.green import zmq
+from eventlet.greenio import GreenSocket
 
-from balancer.listener import check_loopback, check_trusted, raise_open_files, \
-    listening_socket
-from balancer.proxy import Proxy
+from balancer.listener import check_loopback, check_trusted, listening_socket, raise_open_files
 from balancer.pool import Pool
+from balancer.proxy import Proxy
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
 from balancer.subscriber import RouteSubscriber

@@ -370,7 +370,10 @@ def forwarded_fields(req: Request, *, client_addr: str, port: int,
     kept when it sent them."""
     h = req.headers
     chain = ", ".join(h.get_all("x-forwarded-for")) if trusted else ""
-    given = (lambda name: h.get(name) if trusted and h.get(name) else None)
+
+    def given(name: str) -> str | None:
+        return h.get(name) if trusted and h.get(name) else None
+
     return [("X-Forwarded-For", f"{chain}, {client_addr}" if chain else client_addr),
             ("X-Forwarded-Proto", given("x-forwarded-proto") or proto),
             ("X-Forwarded-Host", given("x-forwarded-host") or req.host),

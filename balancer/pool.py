@@ -8,8 +8,9 @@ are opaque objects here; proxy.py opens, checks and closes them.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 BASE_BACKOFF = 0.5      # seconds down after the first failure, doubled after each
 MAX_BACKOFF = 30.0

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import eventlet
 from eventlet.green import socket as gsocket
 
-from balancer import http1, pages
+from balancer import admission, http1, pages
 from balancer.errors import BackendError, BadRequest
 from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
@@ -177,7 +178,8 @@ class Proxy:
                 if conn.buf.strip(b"\r\n"):
                     raise BadRequest("the request head did not arrive in time",
                                      f"send the whole head within "
-                                     f"{self.s.header_timeout:g} seconds", status=408)
+                                     f"{self.s.header_timeout:g} seconds",
+                                     status=408) from None
                 return None
             if not data:
                 return None
@@ -186,10 +188,12 @@ class Proxy:
 
     def _send_page(self, conn: ClientConn, status: int, message: str, hint: str,
                    req: http1.Request | None, req_id: str, keep: bool = False) -> int:
-        data = pages.render(status, message, hint,
-                            accept=req.headers.get("accept") if req else None,
-                            request_id=req_id, keep_alive=keep,
-                            head_only=bool(req and req.method == "HEAD"))
+        return self._send_raw(conn, pages.render(
+            status, message, hint, accept=req.headers.get("accept") if req else None,
+            request_id=req_id, keep_alive=keep, head_only=bool(req and req.method == "HEAD")))
+
+    def _send_raw(self, conn: ClientConn, data: bytes) -> int:
+        """Send an answer of our own; a client that went away is no error here."""
         try:
             send(conn.sock, data, self.s.idle_timeout)
             conn.bytes_out += len(data)
@@ -208,59 +212,26 @@ class Proxy:
         match = self.index.lookup(req.host)
         # an answer of our own leaves any request body unread: then we must close
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
-        if match is None and not self.index.loaded:
-            out.status, out.keep_alive = 503, can_keep
-            out.bytes = self._send_page(
-                conn, 503, "This balancer has not received its route table yet.",
-                "It is starting or cannot reach the controller; retry in a moment.",
-                req, req_id, can_keep)
-            self.stats.record(None, 503, out.bytes_in, conn.bytes_out - sent_before, 0.0)
-            return out.keep_alive
+        refusal = admission.admit(
+            req, match, routes_loaded=self.index.loaded, buffered=conn.buf[:BUFSIZE],
+            can_keep=can_keep, request_id=req_id,
+            retry_after=int(getattr(self.s, "maintenance_retry_after", 60)))
         if match is None:
-            out.status, out.keep_alive = 404, can_keep
-            out.bytes = self._send_page(
-                conn, 404, f"No app is served at the host {req.host!r}.",
-                "Check the address for typos. If this is your app, add this host name "
-                "to its domains and wait a few seconds for the route to spread.",
-                req, req_id, can_keep)
-            log.info("unknown host", extra={"host_name": req.host, "request_id": req_id})
-            self.stats.record(None, 404, out.bytes_in, conn.bytes_out - sent_before,
+            assert refusal is not None
+            out.status, out.keep_alive = refusal.status, refusal.keep_alive
+            out.bytes = self._send_raw(conn, refusal.page)
+            if refusal.reason == "unknown_host":
+                log.info("unknown host", extra={"host_name": req.host,
+                                                "request_id": req_id})
+            self.stats.record(None, refusal.status, out.bytes_in,
+                              conn.bytes_out - sent_before,
                               (time.monotonic() - started) * 1000)
             return out.keep_alive
         conn.app = self.stats.attach(conn.app, match.app)
         try:
-            if match.maintenance:
-                out.status, out.keep_alive = 503, can_keep
-                retry = int(getattr(self.s, "maintenance_retry_after", 60))
-                data = pages.maintenance(match.app, retry,
-                                         accept=req.headers.get("accept"),
-                                         request_id=req_id, keep_alive=can_keep,
-                                         head_only=req.method == "HEAD")
-                self._to_client(conn, data)
-                out.bytes = len(data)
-                return out.keep_alive
-            if http1.body_too_large(req, match.max_body):
-                out.status, out.keep_alive = 413, False
-                out.bytes = self._send_page(
-                    conn, 413, f"The request body ({req.framing.length} bytes) is "
-                    f"larger than the app {match.app!r} accepts.",
-                    f"Send at most {match.max_body} bytes; the app's owner sets this "
-                    "limit.", req, req_id)
-                return False
-            if req.framing.kind == "chunked":
-                try:
-                    http1.check_buffered_chunks(conn.buf[:BUFSIZE], match.max_body)
-                except BadRequest as exc:
-                    out.status, out.keep_alive = exc.status, False
-                    out.bytes = self._send_page(conn, exc.status, exc.message,
-                                                exc.hint, req, req_id)
-                    return False
-            if not match.backends:
-                out.status, out.keep_alive = 503, can_keep
-                out.bytes = self._send_page(
-                    conn, 503, f"The app {match.app!r} has no running instance.",
-                    match.reason or "Start a web process for the app and retry.",
-                    req, req_id, can_keep)
+            if refusal is not None:
+                out.status, out.keep_alive = refusal.status, refusal.keep_alive
+                out.bytes = self._send_raw(conn, refusal.page)
                 return out.keep_alive
             self._forward(conn, req, match, req_id, out)
             return out.keep_alive
@@ -640,7 +611,7 @@ def _still_open(sock: Any) -> bool:
     anything unasked."""
     raw = getattr(sock, "fd", sock)
     try:
-        data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return True
     except OSError:

@@ -28,11 +28,11 @@ def merge(per_host: list[dict[str, Any]], app: str | None) -> dict[str, dict[str
             if app is not None and name != app:
                 continue
             acc = out.setdefault(name, {"requests": 0, "status": {}, "bytes_in": 0,
-                                        "bytes_out": 0, "open": 0, "hosts": 0,
+                                        "bytes_out": 0, "open": 0, "sources": 0,
                                         "_w": {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0}})
             n = int(fig.get("requests", 0))
             acc["requests"] += n
-            acc["hosts"] += 1
+            acc["sources"] += 1
             for key in ("bytes_in", "bytes_out", "open"):
                 acc[key] += int(fig.get(key, 0))
             for cls, count in (fig.get("status") or {}).items():
@@ -102,8 +102,10 @@ class StatsHub:
         except ProtocolError as exc:
             log.warning("dropped bad stats message", extra={"error": exc.message})
             return
+        # a balancer with several worker processes sends one message per worker
+        source = f"{msg['host']}/{(msg.get('totals') or {}).get('pid', '')}"
         with self._cond:
-            self._latest[msg["host"]] = (time.monotonic(), {**msg.fields, "ts": msg.ts})
+            self._latest[source] = (time.monotonic(), {**msg.fields, "ts": msg.ts})
             self.seq += 1
             self._cond.notify_all()
 
@@ -112,7 +114,7 @@ class StatsHub:
         now = time.monotonic()
         with self._cond:
             fresh = [m for t, m in self._latest.values() if now - t <= FRESH]
-            hosts = sorted(m["host"] for m in fresh)
+            hosts = sorted({m["host"] for m in fresh})
         return {"hosts": hosts, "apps": merge(fresh, app), "ts": time.time()}
 
     def wait(self, after: int, timeout: float) -> int:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["messaging", "config", "controller", "runner", "cli"]  # balancer: after issue 3 merge
+PACKAGES = ["messaging", "config", "controller", "runner", "balancer", "cli"]
 TYPED = ["messaging", "config", "controller", "cli"]
 
 
