@@ -167,6 +167,11 @@ class Controller:
             self._on_reply(msg)
 
     def _on_log(self, msg: Message) -> None:
+        if msg.type == "log_batch":
+            for entry in msg["entries"]:
+                if isinstance(entry, dict) and entry.get("app") and "line" in entry:
+                    self.logs.append(str(entry["app"]), {**entry, "ts": entry.get("ts", msg.ts)})
+            return
         if msg.get("build"):
             self.build_lines[msg["build"]] = self.build_lines.get(msg["build"], 0) + 1
             self.logs.build_line(msg["build"], msg["line"])

@@ -60,7 +60,7 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
     ),
     Channel(
         "logs", "PUSH/PULL", "controller", zmq.PULL, zmq.PUSH,
-        "logs_endpoint", ("log",),
+        "logs_endpoint", ("log", "log_batch"),
         "App output, build output and platform events for tenants, one line per "
         "message. Runners and balancers push; the controller stores and streams.",
     ),

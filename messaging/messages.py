@@ -47,6 +47,10 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                 doc="One host's figures for the last interval. apps: {app: {requests, "
                     "status: {1xx..5xx: n}, bytes_in, bytes_out, p50_ms, p95_ms, "
                     "p99_ms, open}}; kind is 'balancer' or 'runner'."),
+    MessageType("log_batch", {"entries": list},
+                doc="Many `log` bodies at once ({app, line, proc, ...} each), for hot "
+                    "paths such as the balancer's access log: one message per 100 ms "
+                    "instead of one per request."),
     MessageType("log", {"app": str, "line": str},
                 {"proc": str, "release": int, "host": str, "stream": str,
                  "build": str, "instance": str},

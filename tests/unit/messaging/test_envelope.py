@@ -51,3 +51,17 @@ def test_router_dealer_carry_identity_over_real_sockets():
         assert ident is None and cmd["action"] == "stop"
     finally:
         ctx.destroy(0)
+
+
+def test_ids_are_unique_in_a_process_and_after_fork():
+    import os
+    ids = {envelope.new_id() for _ in range(10000)}
+    assert len(ids) == 10000
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, envelope.new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100).decode()
+    assert child not in ids and child[:8] != envelope.new_id()[:8]
