@@ -53,6 +53,7 @@ def test_router_dealer_carry_identity_over_real_sockets():
         ctx.destroy(0)
 
 
+@pytest.mark.filterwarnings("ignore:Using fork")       # eventlet, if another test loaded it
 def test_ids_are_unique_in_a_process_and_after_fork():
     import os
     ids = {envelope.new_id() for _ in range(10000)}
