@@ -97,3 +97,28 @@ def test_followers_that_hang_up_free_their_threads(berth):
         conn.sock.close()
         conn.close()
     berth.wait_for(lambda: _threads(pid) <= before, timeout=15, what="threads freed")
+
+
+def test_balancer_figures_reach_berth_stats(berth):
+    """The real balancer counts an app's requests and publishes them; the controller
+    forwards and sums them; `berth stats` shows them."""
+    berth("apps", "create", "counted")
+    berth("push", str(EXAMPLE), "-a", "counted")
+    for _ in range(20):
+        assert berth.get("counted").status == 200
+    for _ in range(5):
+        assert berth.get("counted", "/missing-page").status == 404
+
+    def seen():
+        # figures are per interval: keep a trickle going so a fresh interval counts too
+        berth.get("counted")
+        fig = json.loads(berth("stats", "-a", "counted", "--json").stdout)["apps"]
+        return fig.get("counted", {}).get("requests", 0) > 0 and fig["counted"]
+    fig = berth.wait_for(seen, what="balancer stats for the app")
+    nonzero = {cls for cls, n in fig["status"].items() if n}
+    assert nonzero <= {"2xx", "4xx"} and fig["status"]["2xx"] >= 1
+    assert fig["p50_ms"] is not None and fig["bytes_out"] > 0
+    other = json.loads(berth("stats", "--all", "--json").stdout)["apps"]
+    assert "counted" in other
+    line = berth("stats", "-a", "counted").stdout
+    assert "counted: req=" in line
