@@ -44,8 +44,8 @@ def stats(app: str | None, all_apps: bool, follow: bool, count: int, as_json: bo
             click.echo(json.dumps(snap))
             continue
         if not snap["apps"]:
-            click.echo(f"{time.strftime('%H:%M:%S')} no traffic figures yet "
-                       f"(from {len(snap['hosts'])} hosts)")
+            click.echo(f"{time.strftime('%H:%M:%S')} no requests in the last interval "
+                       f"(figures from {len(snap['hosts'])} hosts)")
         for name, fig in sorted(snap["apps"].items()):
             click.echo(_line(name, fig))
 

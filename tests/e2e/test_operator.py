@@ -120,5 +120,8 @@ def test_balancer_figures_reach_berth_stats(berth):
     assert fig["p50_ms"] is not None and fig["bytes_out"] > 0
     other = json.loads(berth("stats", "--all", "--json").stdout)["apps"]
     assert "counted" in other
-    line = berth("stats", "-a", "counted").stdout
-    assert "counted: req=" in line
+
+    def line():
+        berth.get("counted")
+        return "counted: req=" in berth("stats", "-a", "counted").stdout
+    berth.wait_for(line, what="a human stats line")
