@@ -153,3 +153,24 @@ def test_build_failure_is_reported_and_keeps_the_old_release(berth, tmp_path):
     assert out.returncode != 0
     assert "Error: the build failed" in out.stderr
     assert releases(berth, "broken") == []
+
+
+def test_huge_push_is_refused_before_it_is_read(berth, victim):
+    import http.client
+    p = berth.platform
+    conn = http.client.HTTPConnection("127.0.0.1", p.ports.api, timeout=10)
+    try:
+        conn.putrequest("POST", f"/v1/apps/{victim}/builds")
+        conn.putheader("Authorization", f"Bearer {p.admin_token}")
+        conn.putheader("Content-Length", str(50 << 30))     # claims 50 GB
+        conn.endheaders()
+        conn.send(b"\x1f\x8b" + b"\0" * 1000)                # and sends almost nothing
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413
+    assert "above the limit of" in body["error"]["message"] and body["error"]["hint"]
+    assert releases(berth, victim) == []
+    uploads = p.data_dir / "controller" / "uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []
