@@ -263,10 +263,11 @@ class RouteController:
                     if sock is pull:
                         while True:      # drain: a busy balancer pushes many lines
                             try:
-                                sock.recv_multipart(zmq.NOBLOCK)
+                                _, msg = recv(sock, zmq.NOBLOCK)
                             except zmq.Again:
                                 break
-                            self.access_logs += 1
+                            self.access_logs += len(msg["entries"]) \
+                                if msg.type == "log_batch" else 1
                         continue
                     ident, msg = recv(sock)
                     if msg.type == "snapshot_request":
