@@ -14,7 +14,7 @@ from typing import Any
 
 BASE_BACKOFF = 0.5      # seconds down after the first failure, doubled after each
 MAX_BACKOFF = 30.0
-MAX_IDLE = 16           # idle keep-alive connections kept per backend
+MAX_IDLE = 64           # idle keep-alive connections kept per backend
 IDLE_TTL = 4.0          # seconds an idle backend connection may be reused
 
 
