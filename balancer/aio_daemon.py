@@ -153,13 +153,41 @@ class Balancer:
         log.info("routes changed", extra={"apps": len(table),
                                           "hosts": len(self.index.hosts)})
 
+    # -- access log: batched (one `log_batch` per LOG_FLUSH_INTERVAL) -----------------
+
+    LOG_FLUSH_INTERVAL = 0.1    # seconds between access-log batches
+    LOG_BATCH_MAX = 500         # entries that send a batch at once
+    _log_entries: list[dict[str, Any]] | None = None
+    _log_task: asyncio.Task[None] | None = None
+
     def push_access_log(self, app: str, line: str) -> None:
-        """One access log line to the logs channel; dropped if the channel is full."""
-        if self.logs is None:
+        """Queue one access log line; a task started with the first line sends the
+        queue as one `log_batch` every LOG_FLUSH_INTERVAL, or at once when it
+        reaches LOG_BATCH_MAX or the balancer is stopping."""
+        entries = self._log_entries
+        if entries is None:
+            entries = self._log_entries = []
+            self._log_task = asyncio.get_running_loop().create_task(self._log_loop())
+        entries.append({"app": app, "line": line, "proc": "router",
+                        "host": self.s.host_id})
+        if len(entries) >= self.LOG_BATCH_MAX or self.stopping:
+            self.flush_access_log()
+
+    async def _log_loop(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.LOG_FLUSH_INTERVAL)
+            self.flush_access_log()
+        self.flush_access_log()
+
+    def flush_access_log(self) -> None:
+        """Send the queued lines as one message; dropped (and counted) if the
+        channel is full, never blocking the proxy."""
+        entries = self._log_entries
+        if not entries or self.logs is None or self.logs.closed:
             return
+        self._log_entries = []
         try:
-            send(self.logs, make("log", self.s.host_id, app=app, line=line,
-                                 proc="router", host=self.s.host_id), flags=zmq.NOBLOCK)
+            send(self.logs, make("log_batch", self.s.host_id, entries=entries),
+                 flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.dropped_logs += 1
-        log.debug("access", extra={"app": app, "line": line})
+            self.dropped_logs += len(entries)

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import eventlet
+import zmq as plain_zmq
 from eventlet.green import zmq
 from eventlet.greenio import GreenSocket
 
@@ -36,6 +37,9 @@ from messaging import channels
 from messaging.envelope import make, send
 
 log = logging.getLogger(__name__)
+
+LOG_FLUSH_INTERVAL = 0.1    # seconds between access-log batches
+LOG_BATCH_MAX = 500         # entries that send a batch at once
 
 
 class Balancer:
@@ -62,6 +66,8 @@ class Balancer:
         self._acceptor: Any = None
         self._clients = eventlet.GreenPool(100000)
         self.dropped_logs = 0
+        self._log_entries: list[dict[str, Any]] = []
+        self._log_flusher: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -81,7 +87,11 @@ class Balancer:
         self.listener = GreenSocket(raw)
         self.s.listen_port = self.listener.getsockname()[1]
         self.ctx = zmq.Context()
-        self.logs = channels.connect(self.ctx, "logs", self.s.logs_endpoint)
+        # access logs leave in batches with NOBLOCK (dropped when the channel is
+        # full): a plain pyzmq socket on the same context never blocks, and skips the
+        # green wrapper's event checks
+        self.logs = channels.connect(plain_zmq.Context.shadow(self.ctx.underlying),
+                                     "logs", self.s.logs_endpoint)
         self.stats_pub = channels.connect(self.ctx, "stats", self.s.stats_endpoint)
         self._wait_routes, self._ready_fd = wait_routes, ready_fd
         self.subscriber = RouteSubscriber(
@@ -89,6 +99,7 @@ class Balancer:
             self.s.host_id, self.on_routes, snapshot_timeout=self.s.snapshot_timeout)
         self.subscriber.start()
         self._publisher = eventlet.spawn(self._stats_loop)
+        self._log_flusher = eventlet.spawn(self._log_loop)
         if not wait_routes:
             # a first start: serve once routes are here, or anyway after a while
             # (static stability: a controller that is down must not keep us shut)
@@ -156,6 +167,9 @@ class Balancer:
         if self._publisher is not None:
             self._publisher.kill()
             self.publish_stats()       # the last partial interval
+        if self._log_flusher is not None:
+            self._log_flusher.kill()
+        self.flush_access_log()
         for sock in (self.logs, self.stats_pub):
             if sock is not None:
                 sock.close(linger=0)
@@ -213,12 +227,26 @@ class Balancer:
             self.dropped_stats += 1
 
     def push_access_log(self, app: str, line: str) -> None:
-        """One access log line to the logs channel; dropped if the channel is full."""
-        if self.logs is None:
+        """Queue one access log line; _log_loop sends the queue as one `log_batch`
+        every LOG_FLUSH_INTERVAL, or at once when it reaches LOG_BATCH_MAX."""
+        self._log_entries.append({"app": app, "line": line, "proc": "router",
+                                  "host": self.s.host_id})
+        if len(self._log_entries) >= LOG_BATCH_MAX:
+            self.flush_access_log()
+
+    def _log_loop(self) -> None:
+        while True:
+            eventlet.sleep(LOG_FLUSH_INTERVAL)
+            self.flush_access_log()
+
+    def flush_access_log(self) -> None:
+        """Send the queued lines as one message; dropped (and counted) if the
+        channel is full, never blocking the proxy."""
+        entries, self._log_entries = self._log_entries, []
+        if not entries or self.logs is None:
             return
         try:
-            send(self.logs, make("log", self.s.host_id, app=app, line=line,
-                                 proc="router", host=self.s.host_id), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped_logs += 1
-        log.debug("access", extra={"app": app, "line": line})
+            send(self.logs, make("log_batch", self.s.host_id, entries=entries),
+                 flags=plain_zmq.NOBLOCK)
+        except plain_zmq.Again:
+            self.dropped_logs += len(entries)

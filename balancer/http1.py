@@ -21,9 +21,10 @@ ordinary response.
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import os
 import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from balancer.errors import BackendError, BadRequest
 
@@ -39,6 +40,31 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9\-_.:+/=]{1,200}")
 
+# The fast path: one regex pass splits a header block into (name, raw value) pairs
+# where every name is a token and every value holds only HTAB, SP, VCHAR and
+# obs-text; the block is valid when those matches cover it exactly (their lengths
+# add up to its length). Anything else goes through the line-by-line parser below,
+# which either raises the precise BadRequest or returns the same result: the fast
+# path accepts a subset of what the slow path accepts, never more.
+_TCHARS = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_VCHARS = r"\x21-\x7e\x80-\xff"
+_FIELD = re.compile(rf"([{_TCHARS}]+):([\t\x20{_VCHARS}]*)\r\n")
+_REQUEST_LINE = re.compile(rf"([{_TCHARS}]+) ([\x21-\x7e]+) HTTP/1\.([0-9])\r\n")
+_STATUS_LINE = re.compile(rf"HTTP/1\.([0-9]) ([0-9]{{3}})(?: ([\t\x20{_VCHARS}]*))?\r\n")
+
+# Generated request ids: a random per-process prefix and a counter, 32 hex digits
+# like a uuid4 and a fraction of its cost; the prefix is redrawn after fork.
+_RID_PREFIX = os.urandom(8).hex()
+_RID_COUNTER = itertools.count(1)
+
+
+def _reseed_request_ids() -> None:
+    global _RID_PREFIX
+    _RID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_reseed_request_ids)
+
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-connection",
@@ -48,6 +74,8 @@ FORWARDED = frozenset({
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-request-id", "content-length", "host",
 })
+_DROP_TO_BACKEND = HOP_BY_HOP | FORWARDED
+_DROP_TO_CLIENT_REFRAMED = HOP_BY_HOP | {"content-length"}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 16384
@@ -69,29 +97,65 @@ class Framing:
 NO_BODY = Framing("none")
 
 
-@dataclass
 class Headers:
-    """Header fields in arrival order with case-insensitive lookup."""
+    """Header fields in arrival order (`items`, for forwarding) with a
+    lowercase-name -> values index built once (`index`, for lookups)."""
 
-    items: list[tuple[str, str]] = field(default_factory=list)
+    __slots__ = ("items", "index", "_connection")
+
+    def __init__(self, items: list[tuple[str, str]] | None = None,
+                 index: dict[str, list[str]] | None = None) -> None:
+        self.items = items if items is not None else []
+        if index is None:
+            index = {}
+            for name, value in self.items:
+                low = name.lower()
+                values = index.get(low)
+                if values is None:
+                    index[low] = [value]
+                else:
+                    values.append(value)
+        self.index = index
+        self._connection: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self.items == other.items
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.items if k.lower() == name]
+        return list(self.index.get(name.lower(), ()))
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        values = self.get_all(name)
+        values = self.index.get(name.lower())
         return values[0] if values else default
 
     def __contains__(self, name: str) -> bool:
-        return bool(self.get_all(name))
+        return name.lower() in self.index
 
     def tokens(self, name: str) -> list[str]:
         """Comma-separated list values of every `name` field, lowercased."""
-        out = []
-        for value in self.get_all(name):
-            out.extend(p.strip().lower() for p in value.split(","))
-        return [p for p in out if p]
+        return _tokens(self.index.get(name.lower()))
+
+    @property
+    def connection(self) -> list[str]:
+        """The Connection tokens, computed once."""
+        if self._connection is None:
+            self._connection = _tokens(self.index.get("connection"))
+        return self._connection
+
+
+def _tokens(values: list[str] | None) -> list[str]:
+    if not values:
+        return []
+    if len(values) == 1 and "," not in values[0]:
+        token = values[0].strip().lower()
+        return [token] if token else []
+    out = []
+    for value in values:
+        out.extend(p.strip().lower() for p in value.split(","))
+    return [p for p in out if p]
 
 
 @dataclass
@@ -156,8 +220,9 @@ def find_head(buf: bytes, max_bytes: int) -> tuple[int, int] | None:
 # -- parsing ------------------------------------------------------------------------
 
 def parse_fields(lines: list[bytes]) -> Headers:
-    """Parse header lines strictly; raises BadRequest naming the fault."""
-    headers = Headers()
+    """Parse header lines strictly, one at a time; raises BadRequest naming the
+    fault. (The slow path: heads the whole-block regexes do not accept.)"""
+    items = []
     for raw in lines:
         line = raw.decode("latin-1")
         if line[:1] in (" ", "\t"):
@@ -175,8 +240,29 @@ def parse_fields(lines: list[bytes]) -> Headers:
         value = value.strip(" \t")
         if _BAD_VALUE.search(value):
             raise BadRequest(f"invalid bytes in the value of header {name!r}")
-        headers.items.append((name, value))
-    return headers
+        items.append((name, value))
+    return Headers(items)
+
+
+def _fast_fields(block: str) -> Headers | None:
+    """Headers from a block of `Name: value\\r\\n` lines in one regex pass and one
+    loop (which also builds the index); None unless every line is plainly valid."""
+    items = []
+    index: dict[str, list[str]] = {}
+    covered = 0
+    for name, raw in _FIELD.findall(block):
+        covered += len(name) + len(raw) + 3
+        value = raw.strip(" \t")
+        items.append((name, value))
+        low = name.lower()
+        values = index.get(low)
+        if values is None:
+            index[low] = [value]
+        else:
+            values.append(value)
+    if covered != len(block):
+        return None
+    return Headers(items, index)
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -190,11 +276,28 @@ def _version(text: str) -> tuple[int, int]:
     return 1, min(minor, 1)
 
 
-def parse_request(head: bytes) -> Request:
-    """Parse a complete request head (request line to blank line)."""
+def _head_lines(head: bytes) -> list[bytes]:
     lines = head.split(CRLF)
     while lines and lines[-1] == b"":
         lines.pop()
+    return lines
+
+
+def parse_request(head: bytes) -> Request:
+    """Parse a complete request head (request line to blank line)."""
+    text = head.decode("latin-1")
+    m = _REQUEST_LINE.match(text)
+    headers = None
+    if m is not None and text.endswith("\r\n\r\n"):
+        headers = _fast_fields(text[m.end():-2])
+    if m is None or headers is None:
+        return _parse_request_lines(head)
+    return _request(m.group(1), m.group(2), (1, min(int(m.group(3)), 1)), headers)
+
+
+def _parse_request_lines(head: bytes) -> Request:
+    """The line-by-line parser: precise errors for every fault."""
+    lines = _head_lines(head)
     if not lines:
         raise BadRequest("empty request")
     parts = lines[0].decode("latin-1").split(" ")
@@ -205,18 +308,30 @@ def parse_request(head: bytes) -> Request:
         raise BadRequest(f"invalid method {method[:20]!r}")
     version = _version(version_text)
     headers = parse_fields(lines[1:])
-    hosts = headers.get_all("host")
-    if len(hosts) > 1:
+    if not _TARGET.fullmatch(target):
+        # checked after the Host rules in _request on the fast path; same answer
+        _check_hosts(headers, version)
+        raise BadRequest("invalid request target")
+    return _request(method, target, version, headers)
+
+
+def _check_hosts(headers: Headers, version: tuple[int, int]) -> str:
+    hosts = headers.index.get("host")
+    if hosts is not None and len(hosts) > 1:
         raise BadRequest("more than one Host header", "send exactly one Host header")
     if version >= (1, 1) and not hosts:
         raise BadRequest("HTTP/1.1 request without a Host header",
                          "send the site name in a Host header")
-    host = hosts[0] if hosts else ""
-    if not _TARGET.fullmatch(target):
-        raise BadRequest("invalid request target")
+    return hosts[0] if hosts else ""
+
+
+def _request(method: str, target: str, version: tuple[int, int],
+             headers: Headers) -> Request:
+    """The rules past syntax, for a lexically valid request."""
+    host = _check_hosts(headers, version)
     if method == "CONNECT":
         raise BadRequest("CONNECT is not supported by this proxy", status=501)
-    if target.startswith("/"):
+    if target[0] == "/":
         pass
     elif target == "*":
         if method != "OPTIONS":
@@ -233,29 +348,33 @@ def parse_request(head: bytes) -> Request:
                          "send a path starting with / (origin-form)")
     if not _HOST.fullmatch(host):
         raise BadRequest(f"invalid Host {host[:60]!r}")
-    connection = headers.tokens("connection")
+    connection = headers.connection
     if version >= (1, 1):
         keep_alive = "close" not in connection
     else:
         keep_alive = "keep-alive" in connection and "close" not in connection
-    expect = [v.lower() for v in headers.get_all("expect")]
+    index = headers.index
+    expect = index.get("expect")
     framing = request_framing(headers, version)
     upgrade = ""
     if version >= (1, 1) and "upgrade" in connection and not framing.has_body:
-        upgrade = ", ".join(headers.get_all("upgrade"))
+        upgrade = ", ".join(index.get("upgrade", ()))
     return Request(method, target, version, headers, host, framing, keep_alive,
-                   expect_continue="100-continue" in expect, upgrade=upgrade)
+                   expect_continue=bool(expect) and
+                   "100-continue" in [v.lower() for v in expect],
+                   upgrade=upgrade)
 
 
 def request_framing(headers: Headers, version: tuple[int, int]) -> Framing:
     """Decide the request body's framing, rejecting anything ambiguous."""
-    for name, _ in headers.items:
-        low = name.lower()
-        if low in ("content_length", "transfer_encoding"):
+    index = headers.index
+    for low in ("content_length", "transfer_encoding"):
+        if low in index:
+            name = next(k for k, _ in headers.items if k.lower() == low)
             raise BadRequest(f"header {name!r} looks like a framing header",
                              "spell it with a hyphen")
-    te = headers.get_all("transfer-encoding")
-    cl = headers.get_all("content-length")
+    te = index.get("transfer-encoding")
+    cl = index.get("content-length")
     if te:
         if cl:
             raise BadRequest("both Transfer-Encoding and Content-Length are present",
@@ -279,6 +398,10 @@ def request_framing(headers: Headers, version: tuple[int, int]) -> Framing:
 def content_length(values: list[str]) -> int | None:
     """One length from every Content-Length value (identical repeats are allowed);
     None when any is invalid or they differ."""
+    if len(values) == 1:
+        value = values[0].strip(" \t")
+        if value.isascii() and value.isdigit() and len(value) <= 18:
+            return int(value)
     parts = [p.strip(" \t") for v in values for p in v.split(",")]
     if not parts or any(not _DIGITS.fullmatch(p) for p in parts):
         return None
@@ -288,23 +411,18 @@ def content_length(values: list[str]) -> int | None:
 
 def parse_response(head: bytes, method: str) -> Response:
     """Parse a backend's response head; faults are the backend's (502)."""
-    try:
-        lines = head.split(CRLF)
-        while lines and lines[-1] == b"":
-            lines.pop()
-        status_line = lines[0].decode("latin-1") if lines else ""
-        version_text, _, rest = status_line.partition(" ")
-        version = _version(version_text)
-        code, _, reason = rest.partition(" ")
-        if len(code) != 3 or not code.isdigit():
-            raise BadRequest(f"invalid status line {status_line[:60]!r}")
-        headers = parse_fields(lines[1:])
-    except BadRequest as exc:
-        raise BackendError(f"the app sent an invalid response: {exc.message}",
-                           "check the app's HTTP server") from exc
-    status = int(code)
+    text = head.decode("latin-1")
+    m = _STATUS_LINE.match(text)
+    headers = None
+    if m is not None and text.endswith("\r\n\r\n"):
+        headers = _fast_fields(text[m.end():-2])
+    if m is not None and headers is not None:
+        version = (1, min(int(m.group(1)), 1))
+        status, reason = int(m.group(2)), m.group(3) or ""
+    else:
+        status, reason, version, headers = _parse_response_lines(head)
     framing = response_framing(method, status, headers)
-    connection = headers.tokens("connection")
+    connection = headers.connection
     if version >= (1, 1):
         keep = "close" not in connection
     else:
@@ -313,14 +431,33 @@ def parse_response(head: bytes, method: str) -> Response:
                     keep and framing.kind != "close")
 
 
+def _parse_response_lines(head: bytes) -> tuple[int, str, tuple[int, int], Headers]:
+    """The line-by-line parser for responses the fast path did not accept."""
+    try:
+        lines = _head_lines(head)
+        status_line = lines[0].decode("latin-1") if lines else ""
+        version_text, _, rest = status_line.partition(" ")
+        version = _version(version_text)
+        code, _, reason = rest.partition(" ")
+        if len(code) != 3 or not (code.isascii() and code.isdigit()):
+            raise BadRequest(f"invalid status line {status_line[:60]!r}")
+        headers = parse_fields(lines[1:])
+    except BadRequest as exc:
+        raise BackendError(f"the app sent an invalid response: {exc.message}",
+                           "check the app's HTTP server") from exc
+    return int(code), reason, version, headers
+
+
 def response_framing(method: str, status: int, headers: Headers) -> Framing:
     """RFC 9112 section 6.3, in order."""
     if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
         return NO_BODY
-    te = headers.tokens("transfer-encoding")
-    if te:
-        return Framing("chunked") if te[-1] == "chunked" else Framing("close")
-    cl = headers.get_all("content-length")
+    index = headers.index
+    if "transfer-encoding" in index:
+        te = _tokens(index["transfer-encoding"])
+        if te:
+            return Framing("chunked") if te[-1] == "chunked" else Framing("close")
+    cl = index.get("content-length")
     if cl:
         length = content_length(cl)
         if length is None:
@@ -332,17 +469,27 @@ def response_framing(method: str, status: int, headers: Headers) -> Framing:
 
 # -- forwarding ---------------------------------------------------------------------
 
-def hop_by_hop(headers: Headers) -> set[str]:
+def hop_by_hop(headers: Headers) -> frozenset[str]:
     """Lowercased names not to forward: the fixed set plus those Connection lists."""
-    return set(HOP_BY_HOP) | set(headers.tokens("connection"))
+    connection = headers.connection
+    return HOP_BY_HOP.union(connection) if connection else HOP_BY_HOP
+
+
+def _drop(base: frozenset[str], connection: list[str]) -> frozenset[str]:
+    """`base` plus the names Connection lists (no new set in the common case, where
+    it lists only keep-alive or close, both in HOP_BY_HOP already)."""
+    for token in connection:
+        if token not in base:
+            return base.union(connection)
+    return base
 
 
 def request_id(headers: Headers) -> str:
     """Keep a sane client X-Request-ID, otherwise make one."""
-    given = headers.get("x-request-id")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return uuid.uuid4().hex
+    given = headers.index.get("x-request-id")
+    if given and _REQUEST_ID.fullmatch(given[0]):
+        return given[0]
+    return f"{_RID_PREFIX}{next(_RID_COUNTER):016x}"
 
 
 class TrustedProxies:
@@ -419,40 +566,50 @@ def backend_request_head(req: Request, *, client_addr: str, port: int,
     """The head sent to the backend: HTTP/1.1, hop-by-hop removed (except the
     Upgrade pair of an upgrade request), X-Forwarded-* set, the body re-framed as
     Content-Length or chunked."""
-    drop = hop_by_hop(req.headers) | FORWARDED
-    lines = [f"{req.method} {req.target} HTTP/1.1", f"Host: {req.host}"]
-    lines += [f"{k}: {v}" for k, v in req.headers.items if k.lower() not in drop]
-    lines += [f"{k}: {v}" for k, v in forwarded_fields(
-        req, client_addr=client_addr, port=port, trusted=trusted)]
-    lines.append(f"X-Request-ID: {req_id}")
+    drop = _drop(_DROP_TO_BACKEND, req.headers.connection)
+    parts = [f"{req.method} {req.target} HTTP/1.1\r\nHost: {req.host}\r\n"]
+    parts += [f"{k}: {v}\r\n" for k, v in req.headers.items if k.lower() not in drop]
+    if trusted:
+        parts += [f"{k}: {v}\r\n" for k, v in forwarded_fields(
+            req, client_addr=client_addr, port=port, trusted=trusted)]
+    else:
+        parts.append(f"X-Forwarded-For: {client_addr}\r\nX-Forwarded-Proto: http\r\n"
+                     f"X-Forwarded-Host: {req.host}\r\nX-Forwarded-Port: {port}\r\n")
+    parts.append(f"X-Request-ID: {req_id}\r\n")
     if req.upgrade:
-        lines += ["Connection: Upgrade", f"Upgrade: {req.upgrade}"]
-    if req.framing.kind == "chunked":
-        lines.append("Transfer-Encoding: chunked")
-    elif req.framing.kind == "length":
-        lines.append(f"Content-Length: {req.framing.length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        parts.append(f"Connection: Upgrade\r\nUpgrade: {req.upgrade}\r\n")
+    kind = req.framing.kind
+    if kind == "chunked":
+        parts.append("Transfer-Encoding: chunked\r\n")
+    elif kind == "length":
+        parts.append(f"Content-Length: {req.framing.length}\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 def client_response_head(resp: Response, *, framing_out: str, keep_alive: bool,
                          req_id: str) -> bytes:
     """The head sent to the client. framing_out is how we send the body: none,
     length, chunked or close."""
-    drop = hop_by_hop(resp.headers)
-    if framing_out in ("chunked", "close"):
-        drop.add("content-length")   # HEAD/204/304 keep theirs: it describes the GET
-    lines = [f"HTTP/1.1 {resp.status} {resp.reason}".rstrip(" ")]
-    lines += [f"{k}: {v}" for k, v in resp.headers.items if k.lower() not in drop]
-    if "x-request-id" not in resp.headers and req_id:
-        lines.append(f"X-Request-ID: {req_id}")
+    # HEAD/204/304 keep their Content-Length: it describes the GET
+    base = _DROP_TO_CLIENT_REFRAMED if framing_out in ("chunked", "close") else HOP_BY_HOP
+    drop = _drop(base, resp.headers.connection)
+    line = f"HTTP/1.1 {resp.status} {resp.reason}".rstrip(" ")
+    parts = [f"{line}\r\n"]
+    parts += [f"{k}: {v}\r\n" for k, v in resp.headers.items if k.lower() not in drop]
+    if req_id and "x-request-id" not in resp.headers.index:
+        parts.append(f"X-Request-ID: {req_id}\r\n")
     if framing_out == "chunked":
-        lines.append("Transfer-Encoding: chunked")
+        parts.append("Transfer-Encoding: chunked\r\n")
     if resp.status == 101:
-        lines += ["Connection: Upgrade",
-                  f"Upgrade: {', '.join(resp.headers.get_all('upgrade'))}"]
+        upgrade = ", ".join(resp.headers.index.get("upgrade", ()))
+        parts.append(f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n")
     elif not resp.interim:
-        lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        parts.append("Connection: keep-alive\r\n\r\n" if keep_alive
+                     else "Connection: close\r\n\r\n")
+        return "".join(parts).encode("latin-1")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 def encode_chunk(data: bytes) -> bytes:

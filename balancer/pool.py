@@ -14,7 +14,7 @@ from typing import Any
 
 BASE_BACKOFF = 0.5      # seconds down after the first failure, doubled after each
 MAX_BACKOFF = 30.0
-MAX_IDLE = 16           # idle keep-alive connections kept per backend
+MAX_IDLE = 64           # idle keep-alive connections kept per backend
 IDLE_TTL = 4.0          # seconds an idle backend connection may be reused
 
 
@@ -116,10 +116,23 @@ class Pool:
     def take_idle(self, backend: Backend, now: float) -> tuple[Any | None, list[Any]]:
         """The freshest idle connection still within its TTL, and the expired ones
         for the caller to close."""
-        expired = [c for c, since in backend.idle if now - since > self.idle_ttl]
-        backend.idle = [(c, s) for c, s in backend.idle if now - s <= self.idle_ttl]
-        conn = backend.idle.pop()[0] if backend.idle else None
+        conn, _, expired = self.take_idle_aged(backend, now)
         return conn, expired
+
+    def take_idle_aged(self, backend: Backend, now: float
+                       ) -> tuple[Any | None, float, list[Any]]:
+        """As take_idle, with how long that connection was idle. The list is in
+        put order (callers pass a non-decreasing `now`), so when its oldest entry is
+        within the TTL none has expired and nothing is copied."""
+        idle = backend.idle
+        expired: list[Any] = []
+        if idle and now - idle[0][1] > self.idle_ttl:
+            expired = [c for c, since in idle if now - since > self.idle_ttl]
+            idle[:] = [(c, s) for c, s in idle if now - s <= self.idle_ttl]
+        if not idle:
+            return None, 0.0, expired
+        conn, since = idle.pop()
+        return conn, now - since, expired
 
     def put_idle(self, backend: Backend, conn: Any, now: float) -> list[Any]:
         """Keep a reusable connection; returns any it displaced (to close)."""

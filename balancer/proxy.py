@@ -31,6 +31,8 @@ from balancer.stats import Stats
 log = logging.getLogger(__name__)
 
 BUFSIZE = 65536
+FRESH_IDLE = 0.01   # seconds a pooled connection may idle and be reused unprobed
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
 PUMP_GRACE = 2.0     # seconds the request body pump may lag behind a finished response
 
@@ -52,15 +54,22 @@ class Outcome:
     bytes_in: int = 0          # request head and body bytes read from the client
 
 
+# Timeouts are the green sockets' own (settimeout): eventlet first tries the
+# syscall and arms a hub timer only when it has to wait, so bytes that are already
+# there cost no timer (an eventlet.Timeout per call scheduled and cancelled one
+# every time). The timeout is read when a wait starts, so two green threads that
+# share a socket (the body pump and the response reader) each get their own.
+
 def recv(sock: Any, timeout: float) -> bytes:
     """One recv bounded by `timeout` seconds; TimeoutError past it."""
-    with eventlet.Timeout(max(timeout, 0.001), TimeoutError):
-        return sock.recv(BUFSIZE)
+    sock.settimeout(timeout if timeout > 0.001 else 0.001)
+    return sock.recv(BUFSIZE)
 
 
 def send(sock: Any, data: bytes, timeout: float) -> None:
-    with eventlet.Timeout(max(timeout, 0.001), TimeoutError):
-        sock.sendall(data)
+    """sendall, each wait for buffer space bounded by `timeout` seconds."""
+    sock.settimeout(timeout if timeout > 0.001 else 0.001)
+    sock.sendall(data)
 
 
 def close(sock: Any) -> None:
@@ -263,7 +272,8 @@ class Proxy:
                     "The app may be restarting or crashing; check `berth logs` and "
                     "retry in a few seconds.", req, req_id, can_keep)
                 return
-            bsock, reused = self._backend_socket(backend, fresh_only)
+            bsock, reused = self._backend_socket(
+                backend, fresh_only, retryable=req.idempotent and not req.framing.has_body)
             fresh_only = False
             if bsock is None:
                 tried.add(backend.key)
@@ -290,17 +300,23 @@ class Proxy:
             finally:
                 self.pool.release(backend)
 
-    def _backend_socket(self, backend: Backend, fresh_only: bool) -> tuple[Any, bool]:
+    def _backend_socket(self, backend: Backend, fresh_only: bool,
+                        retryable: bool = False) -> tuple[Any, bool]:
         """(socket, reused) from the pool, else a new connection; (None, False) and
-        the backend marked down when it cannot be reached."""
+        the backend marked down when it cannot be reached. `retryable`: the request
+        may be sent again if a reused connection turns out closed."""
         if not fresh_only:
             while True:
-                sock, expired = self.pool.take_idle(backend, time.monotonic())
+                sock, idle_for, expired = self.pool.take_idle_aged(
+                    backend, time.monotonic())
                 for old in expired:
                     close(old)
                 if sock is None:
                     break
-                if _still_open(sock):
+                # back in the pool a moment ago: no backend closes (or sends an
+                # unasked 408) that fast, and for a retryable request the Retry
+                # path covers a close anyway; otherwise probe it
+                if (retryable and idle_for < FRESH_IDLE) or _still_open(sock):
                     return sock, True
                 close(sock)
         try:
@@ -324,6 +340,14 @@ class Proxy:
         state = PumpState(time.monotonic() + self.s.response_timeout)
         pump = None
         reusable = False
+        framing = req.framing
+        if framing.kind == "length" and framing.length <= len(conn.buf) and \
+                framing.length <= BUFSIZE:
+            # the whole (small) body is already here: one send, no pump
+            body, conn.buf = conn.buf[:framing.length], conn.buf[framing.length:]
+            head += body
+            state.body_bytes = len(body)
+            framing = http1.NO_BODY
         try:
             try:
                 send(bsock, head, self.s.response_timeout)
@@ -332,7 +356,7 @@ class Proxy:
                     raise Retry() from None
                 raise BackendError("the app's connection failed while sending the "
                                    "request") from None
-            if req.framing.has_body:
+            if framing.has_body:
                 pump = eventlet.spawn(self._pump_request, conn, req, bsock, state,
                                       max_body)
             else:
@@ -495,8 +519,15 @@ class Proxy:
             framing_out = kind
         keep = req.keep_alive and framing_out != "close" and not self.draining
         out.status, out.keep_alive = resp.status, keep
-        self._to_client(conn, http1.client_response_head(
-            resp, framing_out=framing_out, keep_alive=keep, req_id=req_id))
+        head = http1.client_response_head(resp, framing_out=framing_out,
+                                          keep_alive=keep, req_id=req_id)
+        if kind == "length" and len(rest) >= resp.framing.length:
+            # the whole body is already here: head and body in one send
+            piece = rest[:resp.framing.length]
+            self._to_client(conn, head + piece)
+            out.bytes += len(piece)
+            return resp.keep_alive and len(rest) == len(piece)
+        self._to_client(conn, head)
         chunked_out = framing_out == "chunked"
         if kind == "none":
             return resp.keep_alive and not rest
@@ -560,7 +591,7 @@ class Proxy:
                 data = first
                 while True:
                     if data:
-                        dst.sendall(data)
+                        send(dst, data, idle)    # a peer not reading for `idle` ends it
                         counts[slot] += len(data)
                         last[0] = time.monotonic()
                     try:
@@ -611,7 +642,7 @@ def _still_open(sock: Any) -> bool:
     anything unasked."""
     raw = getattr(sock, "fd", sock)
     try:
-        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        raw.recv(1, _PEEK)
     except BlockingIOError:
         return True
     except OSError:

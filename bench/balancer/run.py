@@ -75,7 +75,8 @@ CASES = {c.name: c for c in (
          "6-byte body, a new client connection per request"),
     Case("1m-ka", "/1m", (), BIG, "1 MB body, keep-alive"),
 )}
-TARGETS = ("berth", "haproxy", "nginx", "direct")
+TARGETS = ("berth", "berth-asyncio", "haproxy", "nginx", "direct")
+ENGINES = {"berth": "eventlet", "berth-asyncio": "asyncio"}   # balancer targets
 EXTRA_TARGETS = ("floor",)     # floor.py: a bare eventlet relay, on request only
 
 
@@ -263,10 +264,11 @@ class RouteController:
                     if sock is pull:
                         while True:      # drain: a busy balancer pushes many lines
                             try:
-                                sock.recv_multipart(zmq.NOBLOCK)
+                                _, msg = recv(sock, zmq.NOBLOCK)
                             except zmq.Again:
                                 break
-                            self.access_logs += 1
+                            self.access_logs += len(msg["entries"]) \
+                                if msg.type == "log_batch" else 1
                         continue
                     ident, msg = recv(sock)
                     if msg.type == "snapshot_request":
@@ -360,25 +362,27 @@ class Bench:
         self.controller = RouteController(self.ports["direct"])
         self.controller.start()
 
-    def start_berth(self, profiler: str | None = None) -> Child:
+    def start_berth(self, profiler: str | None = None, target: str = "berth") -> Child:
+        """The balancer as `target` (berth: eventlet engine, a master and one worker;
+        berth-asyncio: the asyncio engine)."""
         assert self.controller is not None
         port = free_port()
         c = self.controller
         conf = render("berth-balancer.yaml", self.prefix / f"berth-{port}.yaml",
                       port=port, routes_endpoint=c.routes_endpoint,
                       snapshot_endpoint=c.snapshot_endpoint,
-                      logs_endpoint=c.logs_endpoint)
+                      logs_endpoint=c.logs_endpoint, engine=ENGINES[target])
         py = sys.executable
         if profiler == "cprofile":
             cmd = [py, "-m", "cProfile", "-o", str(self.prefix / "balancer.prof"),
                    "-m", "balancer", "--config", str(conf)]
         else:
             cmd = [py, "-m", "balancer", "--config", str(conf)]
-        child = self.spawn("berth" if profiler is None else f"berth-{profiler}",
+        child = self.spawn(target if profiler is None else f"{target}-{profiler}",
                            cmd, cwd=ROOT)
         self._ready(child, port)
-        self.ports["berth"] = port
-        self.procs["berth"] = child
+        self.ports[target] = port
+        self.procs[target] = child
         return child
 
     def start_floor(self) -> None:
@@ -504,22 +508,24 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
     a = bench.args
     print(f"-----> profiling the balancer with {tool_name} during {case.name} "
           f"({a.duration:g} s)", flush=True)
-    old = next((c for c in bench.children if c.name == "berth"), None)
+    target = a.profile_target
+    old = next((c for c in bench.children if c.name == target), None)
     if old is not None:
         bench.stop_child(old)
-    child = bench.start_berth("cprofile" if tool_name == "cprofile" else None)
+    child = bench.start_berth("cprofile" if tool_name == "cprofile" else None, target)
     spy = None
     if tool_name == "py-spy":
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         raw = bench.prefix / "balancer.pyspy.txt"
-        spy = bench.spawn("py-spy", [pyspy, "record", "--pid", str(child.pid),
+        # the eventlet engine runs a master and one worker: sample the worker
+        spy = bench.spawn("py-spy", [pyspy, "record", "--pid", str(worker_pid(child.pid)),
                                      "--duration", f"{a.duration + 1:g}",
                                      "--rate", "200", "--format", "raw",
                                      "--output", str(raw)])
         time.sleep(1.0)
     if a.warmup > 0 and spy is None:
-        bench.wrk("berth", case, a.warmup)
-    r = bench.wrk("berth", case, a.duration)
+        bench.wrk(target, case, a.warmup)
+    r = bench.wrk(target, case, a.duration)
     print(f"       under {tool_name}: {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, "
           f"p99 {r.p99_ms:.2f} ms, {r.cpu_us:.0f} CPU us/req", flush=True)
     if spy is not None:
@@ -536,6 +542,16 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
         stats.sort_stats("tottime").print_stats(a.profile_top)
         print("       top by cumulative time (greenlet switches blur these):")
         stats.sort_stats("cumulative").print_stats(a.profile_top)
+
+
+def worker_pid(pid: int) -> int:
+    """The first child of `pid` (the balancer master's worker), else `pid` itself
+    (the asyncio engine runs as one process)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return int(children[0]) if children else pid
 
 
 def print_collapsed(raw: Path, top: int) -> None:
@@ -617,6 +633,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the table, profile the balancer during one wrk run")
     p.add_argument("--profile-case", choices=sorted(CASES), default="small-ka")
     p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--profile-target", choices=sorted(ENGINES), default="berth",
+                   help="which balancer to profile (cProfile sees only the eventlet "
+                        "master's process: use py-spy for that engine)")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing wrk/haproxy/nginx")
     p.add_argument("--keep", action="store_true", help="keep configs and logs")
@@ -658,11 +677,12 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_nginx_proxy()
         if "floor" in args.target_list:
             bench.start_floor()
-        need_berth = "berth" in args.target_list or args.profile
+        need_berth = any(t in ENGINES for t in args.target_list) or args.profile
         if need_berth:
             bench.start_controller()
-        if "berth" in args.target_list:
-            bench.start_berth()
+        for target in ENGINES:
+            if target in args.target_list:
+                bench.start_berth(target=target)
         print(f"-----> wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s "
               f"--latency -H 'Host: {HOST}' (+{args.warmup:g} s warm-up each)", flush=True)
         results = measure(bench, args.target_list, cases)

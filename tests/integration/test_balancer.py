@@ -21,7 +21,7 @@ import zmq
 
 from messaging import channels
 from messaging.clone import ClonePublisher
-from messaging.envelope import recv, send
+from messaging.envelope import Message, recv, send
 
 ROOT = Path(__file__).resolve().parents[2]
 # the interpreter running the tests (a worktree has no .venv of its own)
@@ -135,6 +135,11 @@ class Publisher:
                     if sock is router and msg.type == "snapshot_request":
                         send(router, self.clone.snapshot(), identity=ident)
                         self.snapshots_served += 1
+                    elif sock is pull and msg.type == "log_batch":
+                        # one message per 100 ms: each entry reads as a `log` message
+                        self.logs.extend(Message("log", dict(entry), id=msg.id,
+                                                 sender=msg.sender, ts=msg.ts)
+                                         for entry in msg["entries"])
                     elif sock is pull:
                         self.logs.append(msg)
                 while not self.changes.empty():
