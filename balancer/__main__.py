@@ -1,10 +1,11 @@
 """`python -m balancer --config FILE.yaml`: run the balancer (a master that binds
 the port and supervises `processes` workers; see master.py).
 
-`--worker` runs one worker (daemon.py) and is how the master starts them: it passes
-the inherited listening socket (`--listen-fd`), a pipe to say "ready" on
-(`--ready-fd`) and, on a reload, `--wait-routes`. A worker run by hand without
-`--listen-fd` binds the port itself (SO_REUSEPORT).
+`--worker` runs one worker and is how the master starts them: daemon.py on
+eventlet, aio_daemon.py with `engine: asyncio`, both driven the same way. The
+master passes the inherited listening socket (`--listen-fd`), a pipe to say
+"ready" on (`--ready-fd`) and, on a reload, `--wait-routes`. A worker run by hand
+without `--listen-fd` binds the port itself (SO_REUSEPORT).
 """
 from __future__ import annotations
 
@@ -41,17 +42,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.engine!r}", file=sys.stderr)
         print("Hint: set engine: eventlet (the default) or engine: asyncio", file=sys.stderr)
         return 2
-    if settings.engine == "asyncio":
-        # the asyncio engine runs as one process of its own (no master yet)
-        from balancer.aio_daemon import Balancer as AioBalancer
-        aio = AioBalancer(settings)
-        try:
-            aio.start()
-        except (SettingsError, OSError) as exc:
-            print(f"Error: cannot start the balancer: {exc}", file=sys.stderr)
-            return 1
-        aio.run()
-        return 0
     if args.worker:
         return _worker(settings, args)
     from balancer.master import Master
@@ -65,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _worker(settings: Any, args: argparse.Namespace) -> int:
-    from balancer.daemon import Balancer  # imports eventlet
-    balancer = Balancer(settings)
+    balancer: Any
+    if settings.engine == "asyncio":
+        from balancer.aio_daemon import Balancer as AioBalancer
+        balancer = AioBalancer(settings)
+    else:
+        from balancer.daemon import Balancer  # imports eventlet
+        balancer = Balancer(settings)
     try:
         balancer.start(args.listen_fd, wait_routes=args.wait_routes,
                        ready_fd=args.ready_fd)

@@ -1,9 +1,12 @@
 """The balancer master: owns the listening sockets and supervises worker processes.
 
-It imports neither eventlet nor zmq: it binds one SO_REUSEPORT socket per worker
-slot (`processes` of them, on the same port, so the kernel spreads connections
-across workers), starts one worker per slot (`python -m balancer --worker`, which
-inherits its slot's socket) and then only waits for signals and reaps children.
+It imports neither eventlet nor zmq, nor anything of an engine: it binds one
+SO_REUSEPORT socket per worker slot (`processes` of them, on the same port, so the
+kernel spreads connections across workers), starts one worker per slot
+(`python -m balancer --worker`, which inherits its slot's socket and runs on the
+configured engine, eventlet or asyncio) and then only waits for signals and reaps
+children. Workers of either engine keep the same contract: "ready" on the ready
+pipe once they accept, SIGTERM drains, and they stop when the master is gone.
 The sockets stay open in the master for its whole life, so a worker that stops
 never takes an accept queue (and the connections waiting in it) with it.
 
