@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -595,6 +596,58 @@ def test_sigterm_with_workers_finishes_in_flight(tmp, publisher, backends, engin
             c.close()
         assert bal.proc.wait(15) == 0
     finally:
+        bal.stop()
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_no_route_table_yet_is_503_and_a_reload_waits_for_routes(tmp, engine):
+    # a controller that never answers: nothing listens on these endpoints
+    nowhere = SimpleNamespace(**{name: f"tcp://127.0.0.1:{free_port()}" for name in (
+        "routes_endpoint", "snapshot_endpoint", "logs_endpoint")})
+    bal = BalancerProc(tmp, nowhere, startup_routes_wait=0.2, reload_timeout=1.0,
+                       log_level="info", **engine)
+    try:
+        status, headers, body = get(bal.port, "alpha.localhost", "/",
+                                    "Accept: application/json\r\n")
+        assert status == 503 and "route table" in json.loads(body)["message"]
+        first = worker_pids(bal.proc.pid)
+        # a reload's new workers wait for routes that never come: the reload is
+        # abandoned and the old workers keep serving
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload abandoned" in bal.stderr.read_text(), timeout=20,
+                 what="reload abandoned")
+        wait_for(lambda: worker_pids(bal.proc.pid) == first, what="new workers stopped")
+        assert get(bal.port, "alpha.localhost")[0] == 503
+    finally:
+        assert bal.stop() == 0
+
+
+def test_workers_stop_when_the_master_dies(tmp, publisher, backends, engine):
+    bal = BalancerProc(tmp, publisher, processes=2, **engine)
+    workers: list[int] = []
+    try:
+        # every worker has started (a worker started after its master died has
+        # nothing to compare its parent with)
+        wait_for(lambda: "balancer master running" in bal.stderr.read_text(),
+                 what="master running")
+        workers = worker_pids(bal.proc.pid)
+        assert len(workers) == 2
+        bal.proc.kill()
+        bal.proc.wait(5)
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=20,
+                 what="orphaned workers stopped")
+    finally:
+        for pid in workers:            # the workers this test's master started
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         bal.stop()
 
 
