@@ -17,6 +17,7 @@ from typing import Any
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="eventlet")
 
+from balancer.listener import check_trusted  # noqa: E402
 from balancer.settings import SPEC  # noqa: E402
 from config import SettingsError, setup_logging  # noqa: E402
 
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.engine!r}", file=sys.stderr)
         print("Hint: set engine: eventlet (the default) or engine: asyncio", file=sys.stderr)
         return 2
+    try:
+        # checked here, before any worker starts, so the error names the setting
+        check_trusted(settings.trusted_proxies)
+    except SettingsError as exc:
+        return _error(exc)
     if args.worker:
         return _worker(settings, args)
     from balancer.master import Master

@@ -184,6 +184,9 @@ class Balancer:
             self.server.close()
         if graceful:
             deadline = time.monotonic() + self.s.shutdown_timeout
+            # a connection accepted just before the close gets its protocol (and
+            # its first bytes) within a loop turn or two: let it, then count it
+            await asyncio.sleep(0.05)
             while self.proxy.connections and time.monotonic() < deadline:
                 self.proxy.drain_idle()
                 await asyncio.sleep(0.05)

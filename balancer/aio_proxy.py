@@ -67,6 +67,7 @@ class ClientConn(Stream):
         self.app: str | None = None     # the app its latest request went to (stats)
         self.head_len = 0               # size of the latest request head
         self.bytes_out = 0              # every byte written to the client
+        self.requests = 0               # request heads read so far
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -120,10 +121,12 @@ class AioProxy:
             conn.close()
 
     def drain_idle(self) -> None:
-        """On shutdown: close connections waiting for a next request (one whose
-        request bytes arrived but were not read yet is not waiting)."""
+        """On shutdown: close connections waiting for a next request. A connection
+        accepted just before the listener closed has a first request on its way
+        (and one whose bytes arrived unread is not waiting either): it is left to
+        answer it, or to give up after header_timeout."""
         for conn in list(self.connections):
-            if not conn.busy and not conn.chunks:
+            if not conn.busy and not conn.chunks and conn.requests:
                 conn.abort()
 
     async def _serve(self, conn: ClientConn) -> None:
@@ -139,6 +142,7 @@ class AioProxy:
             if req is None:
                 return
             conn.busy = True
+            conn.requests += 1
             keep = await self._exchange(conn, req)
             conn.busy = bool(conn.buf)
             if not keep or self.draining:

@@ -89,6 +89,12 @@ class Master:
         for slot in range(count):
             self.workers.append(self._spawn(slot, wait_routes=False))
         if not self._wait_ready([w for w in self.workers], START_TIMEOUT):
+            for worker in self.workers:
+                if not worker.ready and worker.ready_fd is None:
+                    try:      # it closed its pipe without a word: it is exiting
+                        worker.proc.wait(2)
+                    except subprocess.TimeoutExpired:
+                        pass
             codes = [w.proc.poll() for w in self.workers]
             self._terminate(self.workers)
             self._reap_all(KILL_GRACE)
