@@ -1,10 +1,11 @@
 """`python -m balancer --config FILE.yaml`: run the balancer (a master that binds
 the port and supervises `processes` workers; see master.py).
 
-`--worker` runs one worker (daemon.py) and is how the master starts them: it passes
-the inherited listening socket (`--listen-fd`), a pipe to say "ready" on
-(`--ready-fd`) and, on a reload, `--wait-routes`. A worker run by hand without
-`--listen-fd` binds the port itself (SO_REUSEPORT).
+`--worker` runs one worker and is how the master starts them: daemon.py on
+eventlet, aio_daemon.py with `engine: asyncio`, both driven the same way. The
+master passes the inherited listening socket (`--listen-fd`), a pipe to say
+"ready" on (`--ready-fd`) and, on a reload, `--wait-routes`. A worker run by hand
+without `--listen-fd` binds the port itself (SO_REUSEPORT).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="eventlet")
 
+from balancer.listener import check_trusted  # noqa: E402
 from balancer.settings import SPEC  # noqa: E402
 from config import SettingsError, setup_logging  # noqa: E402
 
@@ -41,17 +43,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.engine!r}", file=sys.stderr)
         print("Hint: set engine: eventlet (the default) or engine: asyncio", file=sys.stderr)
         return 2
-    if settings.engine == "asyncio":
-        # the asyncio engine runs as one process of its own (no master yet)
-        from balancer.aio_daemon import Balancer as AioBalancer
-        aio = AioBalancer(settings)
-        try:
-            aio.start()
-        except (SettingsError, OSError) as exc:
-            print(f"Error: cannot start the balancer: {exc}", file=sys.stderr)
-            return 1
-        aio.run()
-        return 0
+    try:
+        # checked here, before any worker starts, so the error names the setting
+        check_trusted(settings.trusted_proxies)
+    except SettingsError as exc:
+        return _error(exc)
     if args.worker:
         return _worker(settings, args)
     from balancer.master import Master
@@ -65,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _worker(settings: Any, args: argparse.Namespace) -> int:
-    from balancer.daemon import Balancer  # imports eventlet
-    balancer = Balancer(settings)
+    balancer: Any
+    if settings.engine == "asyncio":
+        from balancer.aio_daemon import Balancer as AioBalancer
+        balancer = AioBalancer(settings)
+    else:
+        from balancer.daemon import Balancer  # imports eventlet
+        balancer = Balancer(settings)
     try:
         balancer.start(args.listen_fd, wait_routes=args.wait_routes,
                        ready_fd=args.ready_fd)

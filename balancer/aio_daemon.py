@@ -1,19 +1,27 @@
-"""The balancer daemon on asyncio (engine: asyncio): server, route subscriber and
-access-log pusher, with the same start / run / stop as daemon.py so __main__
-drives either.
+"""One balancer worker process on asyncio (engine: asyncio): server, route
+subscriber, access-log pusher and stats publisher, with the same start / run /
+stop as daemon.py (the eventlet worker), so the master and __main__ drive either.
+
+start() takes the listening socket (inherited from the master, or bound here with
+SO_REUSEPORT when run alone) and starts the tasks; run() waits for queued signals
+and dispatches them; stop() stops accepting, lets in-flight requests finish
+(bounded by shutdown_timeout) and closes everything. Signal handlers only enqueue.
+
+As daemon.py: the worker accepts once its first route table has arrived and then
+says so on `ready_fd`; a first start accepts anyway after startup_routes_wait
+(answering 503 until routes come), a worker started by a reload (`wait_routes`)
+never does. It stops when the master that started it is gone.
 
 The event loop is uvloop's when it is installed (and the `uvloop` setting allows
-it), else the standard one; the start log line says which. start() binds and
-starts the tasks; run() waits for queued signals and dispatches them; stop()
-stops accepting, lets in-flight requests finish (bounded by shutdown_timeout) and
-closes everything. Signal handlers only enqueue.
+it), else the standard one; the start log line says which.
 """
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -24,24 +32,16 @@ import zmq.asyncio
 
 from balancer.aio_proxy import AioProxy
 from balancer.aio_subscriber import AioRouteSubscriber
+from balancer.listener import check_loopback, check_trusted, listening_socket, raise_open_files
 from balancer.pool import Pool
 from balancer.routes import RouteIndex
-from config import SettingsError
+from balancer.stats import Stats
 from messaging import channels
 from messaging.envelope import make, send
 
 log = logging.getLogger(__name__)
 
-
-def check_loopback(host: str) -> None:
-    """As daemon.check_loopback (not imported from there: that module imports eventlet)."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SettingsError(f"balancer.listen_host {host!r} is not a loopback address",
-                            "listen on 127.0.0.1 (or another 127.x address)")
+PARENT_CHECK = 0.1       # seconds between two looks at whether the master is alive
 
 
 def loop_factory(use_uvloop: bool = True) -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
@@ -61,24 +61,35 @@ class Balancer:
         self.s = settings
         self.index = RouteIndex()
         self.pool = Pool()
-        self.proxy = AioProxy(settings, self.index, self.pool, self.push_access_log)
+        self.stats = Stats()
+        self.proxy = AioProxy(settings, self.index, self.pool, self.push_access_log,
+                              self.stats)
         self.ctx: zmq.asyncio.Context | None = None
         self.server: asyncio.Server | None = None
         self.subscriber: AioRouteSubscriber | None = None
         self.logs: Any = None
+        self.stats_pub: Any = None
+        self.dropped_stats = 0
+        self.routes_loaded = False
         self.signals: asyncio.Queue[int] | None = None
         self.stopping = False
+        self.accepting = False
         self.dropped_logs = 0
+        self._ready_fd: int | None = None
+        self._parent: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         factory, self.loop_name = loop_factory(getattr(settings, "uvloop", True))
         self.runner = asyncio.Runner(loop_factory=factory)
 
     # -- lifecycle (sync entry points, as daemon.Balancer) ---------------------------
 
-    def start(self) -> None:
-        self.runner.run(self._start())
+    def start(self, listen_fd: int | None = None, *, wait_routes: bool = False,
+              ready_fd: int | None = None) -> None:
+        self.runner.run(self._start(listen_fd, wait_routes, ready_fd))
 
     def run(self) -> None:
-        """Install signal handlers and loop until a stop signal."""
+        """Loop until a stop signal (handlers were installed by start), or until
+        the master that started us is gone."""
         try:
             self.runner.run(self._run())
         finally:
@@ -86,33 +97,76 @@ class Balancer:
 
     # -- lifecycle, in the loop --------------------------------------------------------
 
-    async def _start(self) -> None:
-        check_loopback(self.s.listen_host)
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            self.proxy.protocol, self.s.listen_host, self.s.listen_port, backlog=1024)
-        self.s.listen_port = self.server.sockets[0].getsockname()[1]
-        self.ctx = zmq.asyncio.Context()
-        # access logs go out with NOBLOCK, dropped when the channel is full: a plain
-        # socket on the same context never blocks and keeps envelope.send usable
-        self.logs = channels.connect(zmq.Context.shadow(self.ctx.underlying), "logs",
-                                     self.s.logs_endpoint)
-        self.subscriber = AioRouteSubscriber(
-            self.ctx, self.s.routes_endpoint, self.s.routes_snapshot_endpoint,
-            self.s.host_id, self.on_routes, snapshot_timeout=self.s.snapshot_timeout)
-        self.subscriber.start()
-        log.info("balancer listening", extra={"address": self.s.listen_host,
-                                              "port": self.s.listen_port,
-                                              "engine": "asyncio",
-                                              "loop": self.loop_name})
-
-    async def _run(self) -> None:
+    async def _start(self, listen_fd: int | None, wait_routes: bool,
+                     ready_fd: int | None) -> None:
         loop = asyncio.get_running_loop()
         self.signals = asyncio.Queue()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the master reloads, not us
+        self._parent = os.getppid() if listen_fd is not None else None
+        check_loopback(self.s.listen_host)
+        check_trusted(self.s.trusted_proxies)
+        raise_open_files(self.s.max_open_files)
+        if listen_fd is None:
+            sock = listening_socket(self.s.listen_host, self.s.listen_port)
+        else:
+            sock = socket.socket(fileno=listen_fd)
+        sock.setblocking(False)
+        self.server = await loop.create_server(self.proxy.protocol, sock=sock,
+                                               backlog=1024, start_serving=False)
+        self.s.listen_port = sock.getsockname()[1]
+        self.ctx = zmq.asyncio.Context()
+        # access logs and stats go out with NOBLOCK, dropped when the channel is
+        # full: plain sockets on the same context never block and keep
+        # envelope.send usable
+        plain = zmq.Context.shadow(self.ctx.underlying)
+        self.logs = channels.connect(plain, "logs", self.s.logs_endpoint)
+        self.stats_pub = channels.connect(plain, "stats", self.s.stats_endpoint)
+        self._ready_fd = ready_fd
+        self.subscriber = AioRouteSubscriber(
+            self.ctx, self.s.routes_endpoint, self.s.routes_snapshot_endpoint,
+            self.s.host_id, self.on_routes, snapshot_timeout=self.s.snapshot_timeout)
+        self.subscriber.start()
+        self._tasks.append(loop.create_task(self._stats_loop()))
+        if not wait_routes:
+            # a first start: serve once routes are here, or anyway after a while
+            # (static stability: a controller that is down must not keep us shut)
+            loop.call_later(max(0.0, float(self.s.startup_routes_wait)),
+                            self._start_accepting)
+
+    def _start_accepting(self) -> None:
+        if self.accepting or self.stopping or self.server is None:
+            return
+        self.accepting = True
+        self._tasks.append(asyncio.get_running_loop().create_task(self._serve()))
+
+    async def _serve(self) -> None:
+        assert self.server is not None
+        await self.server.start_serving()
+        log.info("balancer accepting", extra={"address": self.s.listen_host,
+                                              "port": self.s.listen_port,
+                                              "pid": os.getpid(), "engine": "asyncio",
+                                              "loop": self.loop_name})
+        if self._ready_fd is not None:
+            try:
+                os.write(self._ready_fd, b"ready\n")
+                os.close(self._ready_fd)
+            except OSError:
+                pass
+            self._ready_fd = None
+
+    async def _run(self) -> None:
+        assert self.signals is not None
         while not self.stopping:
-            signum = await self.signals.get()
+            try:
+                signum = await asyncio.wait_for(self.signals.get(), PARENT_CHECK)
+            except TimeoutError:
+                if self._parent is not None and os.getppid() != self._parent:
+                    log.error("the balancer master is gone; stopping")
+                    self._parent = None
+                    self.signals.put_nowait(signal.SIGTERM)
+                continue
             if signum in (signal.SIGTERM, signal.SIGINT):
                 await self.handle_term()
 
@@ -125,9 +179,14 @@ class Balancer:
         self.stopping = True
         self.proxy.draining = True
         if self.server is not None:
+            # our copy only: the master keeps the socket (and its accept queue)
+            # open for the workers that replace us
             self.server.close()
         if graceful:
             deadline = time.monotonic() + self.s.shutdown_timeout
+            # a connection accepted just before the close gets its protocol (and
+            # its first bytes) within a loop turn or two: let it, then count it
+            await asyncio.sleep(0.05)
             while self.proxy.connections and time.monotonic() < deadline:
                 self.proxy.drain_idle()
                 await asyncio.sleep(0.05)
@@ -138,8 +197,16 @@ class Balancer:
             conn.abort()
         if self.subscriber is not None:
             await self.subscriber.stop()
-        if self.logs is not None:
-            self.logs.close(linger=0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.publish_stats()       # the last partial interval
+        self.flush_access_log()    # and the last access-log lines
+        if self._log_task is not None:
+            self._log_task.cancel()
+        for sock in (self.logs, self.stats_pub):
+            if sock is not None:
+                sock.close(linger=200)     # let the last messages leave
         if self.ctx is not None:
             self.ctx.term()
         log.info("balancer stopped")
@@ -148,10 +215,37 @@ class Balancer:
 
     def on_routes(self, table: dict[str, dict[str, Any]]) -> None:
         self.index.update(table)
+        if not self.routes_loaded:
+            self.routes_loaded = True
+            self._start_accepting()
         for conn in self.pool.sync(table):
             conn.close()
         log.info("routes changed", extra={"apps": len(table),
                                           "hosts": len(self.index.hosts)})
+
+    async def _stats_loop(self) -> None:
+        interval = max(0.05, float(self.s.stats_interval))
+        next_at = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += interval
+            self.publish_stats()
+
+    def publish_stats(self) -> None:
+        """One `stats` message for the interval just ended; dropped (and counted)
+        when the channel is full, never blocking the proxy."""
+        if self.stats_pub is None:
+            return
+        apps, totals = self.stats.collect()
+        totals.update(pid=os.getpid(), dropped_logs=self.dropped_logs,
+                      dropped_stats=self.dropped_stats)
+        try:
+            send(self.stats_pub, make("stats", self.s.host_id, host=self.s.host_id,
+                                      interval=float(self.s.stats_interval),
+                                      apps=apps, kind="balancer", totals=totals),
+                 flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped_stats += 1
 
     # -- access log: batched (one `log_batch` per LOG_FLUSH_INTERVAL) -----------------
 

@@ -8,7 +8,9 @@ the head; stream the request body in a second task while this one waits for the
 response head (so 100-continue and early answers work); stream the response body
 back; return the backend connection to the pool when it is clean. A request
 without a body (the common case) runs in the connection's one task, with no task
-created and no timer armed unless it has to wait.
+created and no timer armed unless it has to wait. An upgrade request answered
+with 101 becomes a tunnel: two tasks copy bytes each way until one side closes or
+ws_idle_timeout passes with no byte.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from balancer.aio_stream import Stream
 from balancer.errors import BackendError, BadRequest
 from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
+from balancer.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class Outcome:
     bytes: int = 0
     backend: str = "-"
     keep_alive: bool = False
+    bytes_in: int = 0          # request head and body bytes read from the client
 
 
 class ClientConn(Stream):
@@ -60,12 +64,17 @@ class ClientConn(Stream):
         self.buf = b""
         self.busy = False
         self.accepted = time.monotonic()
+        self.app: str | None = None     # the app its latest request went to (stats)
+        self.head_len = 0               # size of the latest request head
+        self.bytes_out = 0              # every byte written to the client
+        self.requests = 0               # request heads read so far
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.addr = (peer[0], peer[1]) if peer else ("", 0)
         self.proxy.connections.add(self)
+        self.proxy.stats.connection_opened()
         asyncio.get_running_loop().create_task(self.proxy.handle(self))
 
 
@@ -76,15 +85,19 @@ class PumpState:
         self.deadline = deadline      # for the response head; the pump pushes it on
         self.done = False
         self.error: BaseException | None = None
+        self.body_bytes = 0           # request body bytes read from the client
 
 
 class AioProxy:
     def __init__(self, settings: SimpleNamespace, index: RouteIndex, pool: Pool,
-                 access_log: Callable[[str, str], None] | None = None) -> None:
+                 access_log: Callable[[str, str], None] | None = None,
+                 stats: Stats | None = None) -> None:
         self.s = settings
         self.index = index
         self.pool = pool
         self.access_log = access_log or (lambda app, line: None)
+        self.stats = stats or Stats()
+        self.trusted = http1.TrustedProxies(getattr(settings, "trusted_proxies", []))
         self.connections: set[ClientConn] = set()
         self.draining = False
 
@@ -104,12 +117,16 @@ class AioProxy:
             log.exception("connection failed", extra={"client": conn.addr[0]})
         finally:
             self.connections.discard(conn)
+            self.stats.connection_closed(conn.app)
             conn.close()
 
     def drain_idle(self) -> None:
-        """On shutdown: close connections waiting for a next request."""
+        """On shutdown: close connections waiting for a next request. A connection
+        accepted just before the listener closed has a first request on its way
+        (and one whose bytes arrived unread is not waiting either): it is left to
+        answer it, or to give up after header_timeout."""
         for conn in list(self.connections):
-            if not conn.busy:
+            if not conn.busy and not conn.chunks and conn.requests:
                 conn.abort()
 
     async def _serve(self, conn: ClientConn) -> None:
@@ -118,11 +135,14 @@ class AioProxy:
             try:
                 req = await self._read_request(conn, first)
             except BadRequest as exc:
-                await self._send_page(conn, exc.status, exc.message, exc.hint, None, "")
+                sent = await self._send_page(conn, exc.status, exc.message, exc.hint,
+                                             None, "")
+                self.stats.record(None, exc.status, len(conn.buf), sent, 0.0)
                 return
             if req is None:
                 return
             conn.busy = True
+            conn.requests += 1
             keep = await self._exchange(conn, req)
             conn.busy = bool(conn.buf)
             if not keep or self.draining:
@@ -149,6 +169,7 @@ class AioProxy:
             if found:
                 start, end = found
                 head, conn.buf = conn.buf[start:end], conn.buf[end:]
+                conn.head_len = end
                 return http1.parse_request(head)
             try:
                 data = await conn.recv(deadline - time.monotonic())
@@ -175,6 +196,7 @@ class AioProxy:
         """Send an answer of our own; a client that went away is no error here."""
         try:
             await conn.send(data, self.s.idle_timeout)
+            conn.bytes_out += len(data)
         except (OSError, TimeoutError):
             pass
         return len(data)
@@ -185,7 +207,8 @@ class AioProxy:
         """Answer one request; returns whether the client connection stays open."""
         started = time.monotonic()
         req_id = http1.request_id(req.headers)
-        out = Outcome()
+        out = Outcome(bytes_in=conn.head_len)
+        sent_before = conn.bytes_out
         match = self.index.lookup(req.host)
         # an answer of our own leaves any request body unread: then we must close
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
@@ -200,26 +223,33 @@ class AioProxy:
             if refusal.reason == "unknown_host":
                 log.info("unknown host", extra={"host_name": req.host,
                                                 "request_id": req_id})
+            self.stats.record(None, refusal.status, out.bytes_in,
+                              conn.bytes_out - sent_before,
+                              (time.monotonic() - started) * 1000)
             return out.keep_alive
+        conn.app = self.stats.attach(conn.app, match.app)
         try:
             if refusal is not None:
                 out.status, out.keep_alive = refusal.status, refusal.keep_alive
                 out.bytes = await self._send_raw(conn, refusal.page)
                 return out.keep_alive
-            await self._forward(conn, req, match.app, match.backends, req_id, out)
+            await self._forward(conn, req, match, req_id, out)
             return out.keep_alive
         finally:
             ms = (time.monotonic() - started) * 1000
+            self.stats.record(match.app, out.status or 499, out.bytes_in,
+                              conn.bytes_out - sent_before, ms)
             self.access_log(match.app, (
                 f"method={req.method} path={req.target} status={out.status} "
                 f"bytes={out.bytes} ms={ms:.1f} request_id={req_id} "
-                f"backend={out.backend}"))
+                f"client={conn.addr[0]} backend={out.backend}"))
 
-    async def _forward(self, conn: ClientConn, req: http1.Request, app: str,
-                       entries: list[dict[str, Any]], req_id: str,
-                       out: Outcome) -> None:
+    async def _forward(self, conn: ClientConn, req: http1.Request, match: Any,
+                       req_id: str, out: Outcome) -> None:
+        app, entries = match.app, match.backends
         head = http1.backend_request_head(req, client_addr=conn.addr[0],
-                                          port=self.s.listen_port, req_id=req_id)
+                                          port=self.s.listen_port, req_id=req_id,
+                                          trusted=conn.addr[0] in self.trusted)
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
         tried: set[str] = set()
         retries = 0
@@ -242,7 +272,7 @@ class AioProxy:
             self.pool.acquire(backend)
             try:
                 await self._attempt(conn, req, head, backend, bconn, reused,
-                                    retries < MAX_RETRIES, req_id, out)
+                                    retries < MAX_RETRIES, req_id, out, match.max_body)
                 return
             except Retry:
                 # idempotent and bodiless, and nothing came back: safe to send again.
@@ -291,7 +321,8 @@ class AioProxy:
 
     async def _attempt(self, conn: ClientConn, req: http1.Request, head: bytes,
                        backend: Backend, bconn: Stream, reused: bool,
-                       may_retry: bool, req_id: str, out: Outcome) -> None:
+                       may_retry: bool, req_id: str, out: Outcome,
+                       max_body: int = 0) -> None:
         retryable = may_retry and req.idempotent and not req.framing.has_body
         state = PumpState(time.monotonic() + self.s.response_timeout)
         pump: asyncio.Task[None] | None = None
@@ -306,13 +337,18 @@ class AioProxy:
                                    "request") from None
             if req.framing.has_body:
                 pump = asyncio.get_running_loop().create_task(
-                    self._pump_request(conn, req, bconn, state))
+                    self._pump_request(conn, req, bconn, state, max_body))
             else:
                 state.done = True
             resp, rest = await self._read_response_head(conn, req, bconn, state,
                                                         retryable)
+            if resp.status == 101:
+                await self._tunnel(conn, resp, rest, bconn, out)
+                return
             reusable = await self._relay_response(conn, req, resp, rest, bconn,
                                                   req_id, out)
+            if req.upgrade:
+                reusable = False      # the app declined; do not trust its state
             if pump is not None and not state.done:
                 try:
                     await asyncio.wait_for(asyncio.shield(pump), PUMP_GRACE)
@@ -322,12 +358,16 @@ class AioProxy:
                 out.keep_alive = False
                 reusable = False
         except BackendError as exc:
+            out.bytes_in += state.body_bytes
             reusable = False
             if isinstance(state.error, ClientGone):
                 out.keep_alive = False
                 return
             if isinstance(state.error, BadRequest):
                 out.status = state.error.status
+                log.info("request refused while streaming its body",
+                         extra={"status": out.status, "error": state.error.message,
+                                "request_id": req_id})
                 out.bytes = await self._send_page(conn, out.status, state.error.message,
                                                   state.error.hint, req, req_id)
                 out.keep_alive = False
@@ -339,6 +379,8 @@ class AioProxy:
             out.bytes = await self._send_page(conn, exc.status, exc.message, exc.hint,
                                               req, req_id)
             out.keep_alive = False
+        else:
+            out.bytes_in += state.body_bytes
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
@@ -349,8 +391,12 @@ class AioProxy:
                 bconn.close()
 
     async def _pump_request(self, conn: ClientConn, req: http1.Request, bconn: Stream,
-                            state: PumpState) -> None:
-        """Stream the request body client -> backend (its own task)."""
+                            state: PumpState, max_body: int = 0) -> None:
+        """Stream the request body client -> backend (its own task). A chunked body
+        is counted against max_body before each piece is sent, so one over the limit
+        sends the backend nothing past it (413 if no response started, else the
+        connection closes)."""
+        limit = http1.BodyLimit(max_body)
         try:
             if req.framing.kind == "length":
                 remaining = req.framing.length
@@ -362,6 +408,7 @@ class AioProxy:
                             raise ClientGone()
                     piece, conn.buf = data[:remaining], data[remaining:] + conn.buf
                     remaining -= len(piece)
+                    state.body_bytes += len(piece)
                     await bconn.send(piece, self.s.response_timeout)
                     state.deadline = time.monotonic() + self.s.response_timeout
             else:
@@ -369,7 +416,11 @@ class AioProxy:
                 data, conn.buf = conn.buf, b""
                 while True:
                     if data:
-                        out = b"".join(http1.encode_chunk(p) for p in decoder.feed(data))
+                        pieces = decoder.feed(data)
+                        for piece in pieces:
+                            limit.add(len(piece))
+                        state.body_bytes += len(data) - len(decoder.leftover)
+                        out = b"".join(http1.encode_chunk(p) for p in pieces)
                         if decoder.done:
                             out += http1.LAST_CHUNK
                             conn.buf = decoder.leftover
@@ -405,8 +456,10 @@ class AioProxy:
                 resp = http1.parse_response(buf[start:end], req.method)
                 buf = buf[end:]
                 if resp.status == 101:
-                    raise BackendError("the app switched protocols, which this proxy "
-                                       "does not support")
+                    if req.upgrade:
+                        return resp, buf
+                    raise BackendError("the app switched protocols though the "
+                                       "client did not ask to")
                 if resp.interim:
                     if req.version >= (1, 1):
                         await self._to_client(conn, http1.client_response_head(
@@ -501,6 +554,54 @@ class AioProxy:
                     await self._to_client(conn, http1.LAST_CHUNK)
                 return False
 
+    async def _tunnel(self, conn: ClientConn, resp: http1.Response, rest: bytes,
+                      bconn: Stream, out: Outcome) -> None:
+        """After a 101: copy bytes both ways until either side closes or no byte
+        moves for ws_idle_timeout. The client connection ends with the tunnel."""
+        out.status, out.keep_alive = 101, False
+        await self._to_client(conn, http1.client_response_head(
+            resp, framing_out="none", keep_alive=True, req_id=""))
+        idle = float(getattr(self.s, "ws_idle_timeout", 300.0))
+        last = [time.monotonic()]
+        counts = [0, 0]
+
+        async def copy(src: Stream, dst: Stream, first: bytes, slot: int) -> None:
+            try:
+                data = first
+                while True:
+                    if data:
+                        await dst.send(data, idle)
+                        counts[slot] += len(data)
+                        last[0] = time.monotonic()
+                    try:
+                        data = await src.recv(last[0] + idle - time.monotonic())
+                    except TimeoutError:
+                        if time.monotonic() - last[0] < idle:
+                            data = b""
+                            continue      # the other direction kept it alive
+                        return
+                    if not data:
+                        return
+            except (OSError, TimeoutError):
+                return
+            finally:
+                # close (after flushing what is queued) wakes the other direction up
+                src.close()
+                dst.close()
+
+        pending, conn.buf = conn.buf, b""
+        loop = asyncio.get_running_loop()
+        up = loop.create_task(copy(conn, bconn, pending, 0))
+        down = loop.create_task(copy(bconn, conn, rest, 1))
+        try:
+            await asyncio.gather(up, down)
+        finally:
+            for task in (up, down):
+                task.cancel()
+            out.bytes_in += counts[0]
+            out.bytes = counts[1]
+            conn.bytes_out += counts[1]
+
     async def _from_backend(self, bconn: Stream) -> bytes:
         try:
             return await bconn.recv(self.s.response_timeout)
@@ -510,5 +611,6 @@ class AioProxy:
     async def _to_client(self, conn: ClientConn, data: bytes) -> None:
         try:
             await conn.send(data, self.s.idle_timeout)
+            conn.bytes_out += len(data)
         except (OSError, TimeoutError):
             raise ClientGone() from None

@@ -1,9 +1,12 @@
 """The balancer master: owns the listening sockets and supervises worker processes.
 
-It imports neither eventlet nor zmq: it binds one SO_REUSEPORT socket per worker
-slot (`processes` of them, on the same port, so the kernel spreads connections
-across workers), starts one worker per slot (`python -m balancer --worker`, which
-inherits its slot's socket) and then only waits for signals and reaps children.
+It imports neither eventlet nor zmq, nor anything of an engine: it binds one
+SO_REUSEPORT socket per worker slot (`processes` of them, on the same port, so the
+kernel spreads connections across workers), starts one worker per slot
+(`python -m balancer --worker`, which inherits its slot's socket and runs on the
+configured engine, eventlet or asyncio) and then only waits for signals and reaps
+children. Workers of either engine keep the same contract: "ready" on the ready
+pipe once they accept, SIGTERM drains, and they stop when the master is gone.
 The sockets stay open in the master for its whole life, so a worker that stops
 never takes an accept queue (and the connections waiting in it) with it.
 
@@ -86,6 +89,12 @@ class Master:
         for slot in range(count):
             self.workers.append(self._spawn(slot, wait_routes=False))
         if not self._wait_ready([w for w in self.workers], START_TIMEOUT):
+            for worker in self.workers:
+                if not worker.ready and worker.ready_fd is None:
+                    try:      # it closed its pipe without a word: it is exiting
+                        worker.proc.wait(2)
+                    except subprocess.TimeoutExpired:
+                        pass
             codes = [w.proc.poll() for w in self.workers]
             self._terminate(self.workers)
             self._reap_all(KILL_GRACE)

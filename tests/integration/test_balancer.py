@@ -772,6 +772,12 @@ def test_settings_errors_name_the_setting(tmp):
     out = subprocess.run([PY, "-m", "balancer", "--config", str(path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "loopback" in out.stderr
+    for engine in ("eventlet", "asyncio"):      # refused before any worker starts
+        path.write_text(f"balancer:\n  engine: {engine}\n  trusted_proxies: [nonsense]\n")
+        out = subprocess.run([PY, "-m", "balancer", "--config", str(path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "balancer.trusted_proxies" in out.stderr
+        assert "Traceback" not in out.stderr
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Issue 3's acceptance against real processes: WebSocket tunnelling, 1xx relaying,
 per-app limits (maintenance, max_body), trusted proxies, stats on the stats channel,
 10,000 idle keep-alive connections and slowloris, reload (SIGHUP) without dropped
-requests. Every process started here is stopped here by its PID; loopback only."""
+requests. Each test runs once per engine (test_balancer.ENGINES, through its shared
+`engine` fixture). Every process started here is stopped here by its PID; loopback
+only."""
 from __future__ import annotations
 
 import base64
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -24,8 +27,8 @@ from messaging import channels
 from messaging.envelope import decode
 from tests.integration import wsecho
 from tests.integration.test_balancer import (  # noqa: F401  (fixtures)
-    BACKEND_HOST, PY, Backend, BalancerProc, Client, Publisher, _bounded, free_port, get,
-    wait_for, wait_port, wait_routed,
+    BACKEND_HOST, ENGINES, PY, Backend, BalancerProc, Client, Publisher, _bounded, engine,
+    free_port, get, wait_for, wait_port, wait_routed,
 )
 
 WSECHO = str(Path(wsecho.__file__))
@@ -113,12 +116,12 @@ def backends(tmp, publisher):
 
 
 @pytest.fixture(scope="module")
-def balancer(tmp, publisher, backends, sink):
+def balancer(tmp, publisher, backends, sink, engine):
     bal = BalancerProc(tmp, publisher, header_timeout=2.0, response_timeout=5.0,
                        idle_timeout=120.0, ws_idle_timeout=1.5,
                        stats_endpoint=sink.endpoint, stats_interval=0.5,
                        trusted_proxies=["127.0.0.3/32"], maintenance_retry_after=42,
-                       log_level="info")
+                       log_level="info", **engine)
     wait_routed(bal.port, "alpha.localhost")
     yield bal
     assert bal.stop() == 0
@@ -420,7 +423,11 @@ def test_stats_message_counts_requests_and_status_classes(balancer, publisher, b
 
 # -- many connections -----------------------------------------------------------------
 
-def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends):
+def engine_name(engine: dict) -> str:
+    return next(name for name, conf in ENGINES.items() if conf == engine)
+
+
+def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends, engine):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < 10600:
@@ -461,7 +468,8 @@ def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends):
             except BlockingIOError:
                 still_open += 1
         rss = rss_kb(worker)
-        print(f"\n10k idle keep-alive: {still_open} open; balancer worker VmRSS "
+        print(f"\n10k idle keep-alive ({engine_name(engine)}): {still_open} open; "
+              f"balancer worker VmRSS "
               f"{rss} kB (before {rss_before} kB, {(rss - rss_before) * 1024 // count} "
               f"bytes per connection); master VmRSS {rss_kb(balancer.proc.pid)} kB")
         assert still_open == count
@@ -524,8 +532,9 @@ def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends):
 
 # -- reload and shutdown ------------------------------------------------------------------
 
-def test_reload_during_a_client_loop_drops_no_request(tmp, publisher, backends):
-    bal = BalancerProc(tmp, publisher, processes=2, idle_timeout=1.0, log_level="info")
+def test_reload_during_a_client_loop_drops_no_request(tmp, publisher, backends, engine):
+    bal = BalancerProc(tmp, publisher, processes=2, idle_timeout=1.0, log_level="info",
+                       **engine)
     try:
         wait_routed(bal.port, "alpha.localhost")
         first = sorted(worker_pids(bal.proc.pid))
@@ -572,8 +581,8 @@ def test_reload_during_a_client_loop_drops_no_request(tmp, publisher, backends):
         assert bal.stop() == 0
 
 
-def test_sigterm_with_workers_finishes_in_flight(tmp, publisher, backends):
-    bal = BalancerProc(tmp, publisher, processes=2)
+def test_sigterm_with_workers_finishes_in_flight(tmp, publisher, backends, engine):
+    bal = BalancerProc(tmp, publisher, processes=2, **engine)
     try:
         wait_routed(bal.port, "alpha.localhost")
         clients = [Client(bal.port) for _ in range(4)]
@@ -587,6 +596,58 @@ def test_sigterm_with_workers_finishes_in_flight(tmp, publisher, backends):
             c.close()
         assert bal.proc.wait(15) == 0
     finally:
+        bal.stop()
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_no_route_table_yet_is_503_and_a_reload_waits_for_routes(tmp, engine):
+    # a controller that never answers: nothing listens on these endpoints
+    nowhere = SimpleNamespace(**{name: f"tcp://127.0.0.1:{free_port()}" for name in (
+        "routes_endpoint", "snapshot_endpoint", "logs_endpoint")})
+    bal = BalancerProc(tmp, nowhere, startup_routes_wait=0.2, reload_timeout=1.0,
+                       log_level="info", **engine)
+    try:
+        status, headers, body = get(bal.port, "alpha.localhost", "/",
+                                    "Accept: application/json\r\n")
+        assert status == 503 and "route table" in json.loads(body)["message"]
+        first = worker_pids(bal.proc.pid)
+        # a reload's new workers wait for routes that never come: the reload is
+        # abandoned and the old workers keep serving
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload abandoned" in bal.stderr.read_text(), timeout=20,
+                 what="reload abandoned")
+        wait_for(lambda: worker_pids(bal.proc.pid) == first, what="new workers stopped")
+        assert get(bal.port, "alpha.localhost")[0] == 503
+    finally:
+        assert bal.stop() == 0
+
+
+def test_workers_stop_when_the_master_dies(tmp, publisher, backends, engine):
+    bal = BalancerProc(tmp, publisher, processes=2, **engine)
+    workers: list[int] = []
+    try:
+        # every worker has started (a worker started after its master died has
+        # nothing to compare its parent with)
+        wait_for(lambda: "balancer master running" in bal.stderr.read_text(),
+                 what="master running")
+        workers = worker_pids(bal.proc.pid)
+        assert len(workers) == 2
+        bal.proc.kill()
+        bal.proc.wait(5)
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=20,
+                 what="orphaned workers stopped")
+    finally:
+        for pid in workers:            # the workers this test's master started
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         bal.stop()
 
 
