@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--wait-routes", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--master-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         settings = SPEC.load(args.config, listen_port=args.listen_port)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.engine not in ("eventlet", "asyncio"):
         print(f"Error: setting balancer.engine must be eventlet or asyncio, got "
               f"{settings.engine!r}", file=sys.stderr)
-        print("Hint: set engine: eventlet (the default) or engine: asyncio", file=sys.stderr)
+        print("Hint: set engine: asyncio (the default) or engine: eventlet", file=sys.stderr)
         return 2
     try:
         # checked here, before any worker starts, so the error names the setting
@@ -70,7 +71,7 @@ def _worker(settings: Any, args: argparse.Namespace) -> int:
         balancer = Balancer(settings)
     try:
         balancer.start(args.listen_fd, wait_routes=args.wait_routes,
-                       ready_fd=args.ready_fd)
+                       ready_fd=args.ready_fd, master_pid=args.master_pid)
     except (SettingsError, OSError) as exc:
         print(f"Error: cannot start the balancer worker: {exc}", file=sys.stderr)
         return 1

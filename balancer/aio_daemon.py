@@ -77,6 +77,7 @@ class Balancer:
         self.dropped_logs = 0
         self._ready_fd: int | None = None
         self._parent: int | None = None
+        self._master_pid: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         factory, self.loop_name = loop_factory(getattr(settings, "uvloop", True))
         self.runner = asyncio.Runner(loop_factory=factory)
@@ -84,7 +85,8 @@ class Balancer:
     # -- lifecycle (sync entry points, as daemon.Balancer) ---------------------------
 
     def start(self, listen_fd: int | None = None, *, wait_routes: bool = False,
-              ready_fd: int | None = None) -> None:
+              ready_fd: int | None = None, master_pid: int | None = None) -> None:
+        self._master_pid = master_pid
         self.runner.run(self._start(listen_fd, wait_routes, ready_fd))
 
     def run(self) -> None:
@@ -104,7 +106,9 @@ class Balancer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the master reloads, not us
-        self._parent = os.getppid() if listen_fd is not None else None
+        # the master's pid as the master gave it: a master that died before we got
+        # here is noticed too (getppid would already name the reaper)
+        self._parent = self._master_pid or (os.getppid() if listen_fd is not None else None)
         check_loopback(self.s.listen_host)
         check_trusted(self.s.trusted_proxies)
         raise_open_files(self.s.max_open_files)

@@ -345,6 +345,14 @@ class AioProxy:
             if resp.status == 101:
                 await self._tunnel(conn, resp, rest, bconn, out)
                 return
+            while retryable and http1.hold_for_body(resp, len(rest)):
+                try:
+                    more = await bconn.recv(self.s.response_timeout)
+                except (OSError, TimeoutError):
+                    more = b""
+                if not more:
+                    raise Retry()     # died before its whole (small) answer: not sent yet
+                rest += more
             reusable = await self._relay_response(conn, req, resp, rest, bconn,
                                                   req_id, out)
             if req.upgrade:

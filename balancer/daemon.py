@@ -72,11 +72,13 @@ class Balancer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self, listen_fd: int | None = None, *, wait_routes: bool = False,
-              ready_fd: int | None = None) -> None:
+              ready_fd: int | None = None, master_pid: int | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)    # the master reloads, not us
-        self._parent = os.getppid() if listen_fd is not None else None
+        # the master's pid as the master gave it: a master that died before we got
+        # here is noticed too (getppid would already name the reaper)
+        self._parent = master_pid or (os.getppid() if listen_fd is not None else None)
         check_loopback(self.s.listen_host)
         check_trusted(self.s.trusted_proxies)
         raise_open_files(self.s.max_open_files)

@@ -469,6 +469,17 @@ def response_framing(method: str, status: int, headers: Headers) -> Framing:
 
 # -- forwarding ---------------------------------------------------------------------
 
+HOLD_LIMIT = 65536   # small bodies of retryable requests are held whole before sending
+
+
+def hold_for_body(resp: Response, have: int) -> bool:
+    """Whether to read a small Content-Length body whole before the client sees any
+    of the response: for an idempotent request, a backend that dies between its
+    head and its body (gunicorn writes them apart) is then retried on another
+    instance instead of giving the client a short body."""
+    return resp.framing.kind == "length" and have < resp.framing.length <= HOLD_LIMIT
+
+
 def hop_by_hop(headers: Headers) -> frozenset[str]:
     """Lowercased names not to forward: the fixed set plus those Connection lists."""
     connection = headers.connection

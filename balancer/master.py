@@ -155,7 +155,8 @@ class Master:
         ready_r, ready_w = os.pipe()
         fd = self.sockets[slot].fileno()
         argv = [sys.executable, "-m", "balancer", "--worker", "--listen-fd", str(fd),
-                "--ready-fd", str(ready_w), "--listen-port", str(self.s.listen_port)]
+                "--ready-fd", str(ready_w), "--listen-port", str(self.s.listen_port),
+                "--master-pid", str(os.getpid())]
         if self.config_path:
             argv += ["--config", self.config_path]
         if wait_routes:

@@ -89,6 +89,7 @@ class ClientConn:
         self.app: str | None = None     # the app its latest request went to (stats)
         self.head_len = 0               # size of the latest request head
         self.bytes_out = 0              # every byte written to the client
+        self.requests = 0               # requests answered on this connection
 
 
 class PumpState:
@@ -134,9 +135,12 @@ class Proxy:
             close(sock)
 
     def drain_idle(self) -> None:
-        """On shutdown: close connections waiting for a next request."""
+        """On shutdown: close connections waiting for a next request. A connection
+        accepted just before the listener closed has a first request on its way
+        (and one whose bytes arrived unread is not waiting either): it is left to
+        answer it, or to give up after header_timeout."""
         for conn in list(self.connections):
-            if not conn.busy:
+            if not conn.busy and conn.requests and not conn.buf and not _has_bytes(conn.sock):
                 try:
                     conn.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -154,6 +158,7 @@ class Proxy:
             if req is None:
                 return
             conn.busy = True
+            conn.requests += 1
             keep = self._exchange(conn, req)
             conn.busy = bool(conn.buf)
             if not keep or self.draining:
@@ -365,6 +370,14 @@ class Proxy:
             if resp.status == 101:
                 self._tunnel(conn, resp, rest, bsock, out)
                 return
+            while retryable and http1.hold_for_body(resp, len(rest)):
+                try:
+                    more = recv(bsock, self.s.response_timeout)
+                except (OSError, TimeoutError):
+                    more = b""
+                if not more:
+                    raise Retry()     # died before its whole (small) answer: not sent yet
+                rest += more
             reusable = self._relay_response(conn, req, resp, rest, bsock, req_id, out)
             if req.upgrade:
                 reusable = False      # the app declined; do not trust its state
@@ -635,6 +648,15 @@ class Proxy:
             conn.bytes_out += len(data)
         except (OSError, TimeoutError):
             raise ClientGone() from None
+
+
+def _has_bytes(sock: Any) -> bool:
+    """Bytes wait unread on the socket (a request is arriving)."""
+    raw = getattr(sock, "fd", sock)
+    try:
+        return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
 
 
 def _still_open(sock: Any) -> bool:

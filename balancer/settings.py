@@ -27,6 +27,6 @@ SPEC = Spec("balancer", [
     Setting("reload_timeout", float, 15.0, "Seconds new workers get to load routes on SIGHUP before the reload is abandoned."),
     Setting("max_open_files", int, 0, "Raise RLIMIT_NOFILE to this at start (0: up to the hard limit)."),
     Setting("log_level", str, "info", "Platform log level."),
-    Setting("engine", str, "eventlet", "I/O engine: eventlet or asyncio (same core, same behaviour)."),
+    Setting("engine", str, "asyncio", "I/O engine: eventlet or asyncio (same core, same behaviour)."),
     Setting("uvloop", bool, True, "With engine asyncio: run on uvloop when it is installed."),
 ])

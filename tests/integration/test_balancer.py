@@ -661,7 +661,7 @@ def test_killing_one_of_two_backends_fails_no_get(tmp, balancer, publisher):
         stop.set()
         for t in threads:
             t.join(10)
-        assert not failures
+        assert not failures, [repr(f) for f in failures]
         assert statuses and set(statuses) == {200}, sorted(set(statuses))
     finally:
         one.stop()
@@ -782,3 +782,62 @@ def test_settings_errors_name_the_setting(tmp):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+class CutOffBackend:
+    """A backend that answers with a head and part of its body, then dies (as a
+    gunicorn worker killed between its two writes would)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.2", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.entry = {"id": "cutoff", "address": "127.0.0.2", "port": self.port}
+        self.served = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                client.settimeout(5)
+                try:
+                    client.recv(65536)
+                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                except OSError:
+                    pass
+                self.served += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_backend_dying_mid_response_is_retried_for_get(tmp, balancer, publisher):
+    good, bad = Backend(tmp, "delta"), CutOffBackend()
+    try:
+        publisher.set("delta", {"hosts": ["delta.localhost"],
+                                "backends": [bad.entry, good.entry], "reason": ""})
+        wait_routed(balancer.port, "delta.localhost")
+        for _ in range(10):
+            status, _, body = get(balancer.port, "delta.localhost", "/")
+            assert status == 200 and b"partial" not in body
+        assert bad.served >= 1          # the cut-off one was tried, then retried away
+        c = Client(balancer.port)       # a POST is never resent: its client sees the cut
+        try:
+            publisher.set("delta", {"hosts": ["delta.localhost"], "backends": [bad.entry],
+                                    "reason": ""})
+            time.sleep(0.5)
+            c.send(b"POST / HTTP/1.1\r\nHost: delta.localhost\r\nContent-Length: 0\r\n\r\n")
+            with pytest.raises((ConnectionError, OSError)):
+                c.response()
+        finally:
+            c.close()
+    finally:
+        good.stop()
+        bad.close()
+        publisher.set("delta", None)

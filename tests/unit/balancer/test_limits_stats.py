@@ -191,3 +191,15 @@ def test_route_index_knows_whether_a_table_arrived() -> None:
     assert not index.loaded
     index.update({})
     assert index.loaded and RouteIndex({}).loaded
+
+
+def test_hold_for_body_only_small_incomplete_length_bodies():
+    from balancer import http1
+    def resp(head: bytes) -> http1.Response:
+        return http1.parse_response(head, "GET")
+    small = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    assert http1.hold_for_body(small, 7) and not http1.hold_for_body(small, 100)
+    big = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n")
+    assert not http1.hold_for_body(big, 0)
+    chunked = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert not http1.hold_for_body(chunked, 0)
