@@ -18,39 +18,26 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 from balancer import admission, http1, pages
 from balancer.aio_stream import Stream
 from balancer.errors import BackendError, BadRequest
+from balancer.exchange import (
+    MAX_RETRIES,
+    PUMP_GRACE,
+    ClientGone,
+    Outcome,
+    PumpState,
+    Retry,
+)
 from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
 
 log = logging.getLogger(__name__)
 
-# the same as proxy.py's, which this module does not import: it pulls in eventlet
-MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
-PUMP_GRACE = 2.0     # seconds the request body pump may lag behind a finished response
-
-
-class ClientGone(Exception):
-    """The client closed or stalled; nothing more can be said to it."""
-
-
-class Retry(Exception):
-    """A reused backend connection was closed before any response byte."""
-
-
-@dataclass
-class Outcome:
-    status: int = 0
-    bytes: int = 0
-    backend: str = "-"
-    keep_alive: bool = False
-    bytes_in: int = 0          # request head and body bytes read from the client
 
 
 class ClientConn(Stream):
@@ -76,16 +63,6 @@ class ClientConn(Stream):
         self.proxy.connections.add(self)
         self.proxy.stats.connection_opened()
         asyncio.get_running_loop().create_task(self.proxy.handle(self))
-
-
-class PumpState:
-    """Shared between the response reader and the request body pump."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline      # for the response head; the pump pushes it on
-        self.done = False
-        self.error: BaseException | None = None
-        self.body_bytes = 0           # request body bytes read from the client
 
 
 class AioProxy:

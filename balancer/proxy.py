@@ -15,7 +15,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +23,14 @@ from eventlet.green import socket as gsocket
 
 from balancer import admission, http1, pages
 from balancer.errors import BackendError, BadRequest
+from balancer.exchange import (
+    MAX_RETRIES,
+    PUMP_GRACE,
+    ClientGone,
+    Outcome,
+    PumpState,
+    Retry,
+)
 from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
@@ -33,25 +40,6 @@ log = logging.getLogger(__name__)
 BUFSIZE = 65536
 FRESH_IDLE = 0.01   # seconds a pooled connection may idle and be reused unprobed
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
-MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
-PUMP_GRACE = 2.0     # seconds the request body pump may lag behind a finished response
-
-
-class ClientGone(Exception):
-    """The client closed or stalled; nothing more can be said to it."""
-
-
-class Retry(Exception):
-    """A reused backend connection was closed before any response byte."""
-
-
-@dataclass
-class Outcome:
-    status: int = 0
-    bytes: int = 0
-    backend: str = "-"
-    keep_alive: bool = False
-    bytes_in: int = 0          # request head and body bytes read from the client
 
 
 # Timeouts are the green sockets' own (settimeout): eventlet first tries the
@@ -90,16 +78,6 @@ class ClientConn:
         self.head_len = 0               # size of the latest request head
         self.bytes_out = 0              # every byte written to the client
         self.requests = 0               # requests answered on this connection
-
-
-class PumpState:
-    """Shared between the response reader and the request body pump."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline      # for the response head; the pump pushes it on
-        self.done = False
-        self.error: BaseException | None = None
-        self.body_bytes = 0           # request body bytes read from the client
 
 
 class Proxy:
