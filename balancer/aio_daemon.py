@@ -36,8 +36,8 @@ from balancer.listener import check_loopback, check_trusted, listening_socket, r
 from balancer.pool import Pool
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
+from balancer.telemetry import LOG_FLUSH_INTERVAL, Telemetry
 from messaging import channels
-from messaging.envelope import make, send
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,16 @@ class Balancer:
         self.index = RouteIndex()
         self.pool = Pool()
         self.stats = Stats()
-        self.proxy = AioProxy(settings, self.index, self.pool, self.push_access_log,
+        self.telemetry = Telemetry(settings.host_id, settings.stats_interval, self.stats)
+        self.proxy = AioProxy(settings, self.index, self.pool, self.telemetry.access,
                               self.stats)
         self.ctx: zmq.asyncio.Context | None = None
         self.server: asyncio.Server | None = None
         self.subscriber: AioRouteSubscriber | None = None
-        self.logs: Any = None
-        self.stats_pub: Any = None
-        self.dropped_stats = 0
         self.routes_loaded = False
         self.signals: asyncio.Queue[int] | None = None
         self.stopping = False
         self.accepting = False
-        self.dropped_logs = 0
         self._ready_fd: int | None = None
         self._parent: int | None = None
         self._master_pid: int | None = None
@@ -125,14 +122,15 @@ class Balancer:
         # full: plain sockets on the same context never block and keep
         # envelope.send usable
         plain = zmq.Context.shadow(self.ctx.underlying)
-        self.logs = channels.connect(plain, "logs", self.s.logs_endpoint)
-        self.stats_pub = channels.connect(plain, "stats", self.s.stats_endpoint)
+        self.telemetry.logs = channels.connect(plain, "logs", self.s.logs_endpoint)
+        self.telemetry.stats_pub = channels.connect(plain, "stats", self.s.stats_endpoint)
         self._ready_fd = ready_fd
         self.subscriber = AioRouteSubscriber(
             self.ctx, self.s.routes_endpoint, self.s.routes_snapshot_endpoint,
             self.s.host_id, self.on_routes, snapshot_timeout=self.s.snapshot_timeout)
         self.subscriber.start()
         self._tasks.append(loop.create_task(self._stats_loop()))
+        self._tasks.append(loop.create_task(self._log_loop()))
         if not wait_routes:
             # a first start: serve once routes are here, or anyway after a while
             # (static stability: a controller that is down must not keep us shut)
@@ -204,13 +202,7 @@ class Balancer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.publish_stats()       # the last partial interval
-        self.flush_access_log()    # and the last access-log lines
-        if self._log_task is not None:
-            self._log_task.cancel()
-        for sock in (self.logs, self.stats_pub):
-            if sock is not None:
-                sock.close(linger=200)     # let the last messages leave
+        self.telemetry.close()     # the last partial interval and log lines
         if self.ctx is not None:
             self.ctx.term()
         log.info("balancer stopped")
@@ -233,59 +225,9 @@ class Balancer:
         while True:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at += interval
-            self.publish_stats()
-
-    def publish_stats(self) -> None:
-        """One `stats` message for the interval just ended; dropped (and counted)
-        when the channel is full, never blocking the proxy."""
-        if self.stats_pub is None:
-            return
-        apps, totals = self.stats.collect()
-        totals.update(pid=os.getpid(), dropped_logs=self.dropped_logs,
-                      dropped_stats=self.dropped_stats)
-        try:
-            send(self.stats_pub, make("stats", self.s.host_id, host=self.s.host_id,
-                                      interval=float(self.s.stats_interval),
-                                      apps=apps, kind="balancer", totals=totals),
-                 flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped_stats += 1
-
-    # -- access log: batched (one `log_batch` per LOG_FLUSH_INTERVAL) -----------------
-
-    LOG_FLUSH_INTERVAL = 0.1    # seconds between access-log batches
-    LOG_BATCH_MAX = 500         # entries that send a batch at once
-    _log_entries: list[dict[str, Any]] | None = None
-    _log_task: asyncio.Task[None] | None = None
-
-    def push_access_log(self, app: str, line: str) -> None:
-        """Queue one access log line; a task started with the first line sends the
-        queue as one `log_batch` every LOG_FLUSH_INTERVAL, or at once when it
-        reaches LOG_BATCH_MAX or the balancer is stopping."""
-        entries = self._log_entries
-        if entries is None:
-            entries = self._log_entries = []
-            self._log_task = asyncio.get_running_loop().create_task(self._log_loop())
-        entries.append({"app": app, "line": line, "proc": "router",
-                        "host": self.s.host_id})
-        if len(entries) >= self.LOG_BATCH_MAX or self.stopping:
-            self.flush_access_log()
+            self.telemetry.publish_stats()
 
     async def _log_loop(self) -> None:
-        while not self.stopping:
-            await asyncio.sleep(self.LOG_FLUSH_INTERVAL)
-            self.flush_access_log()
-        self.flush_access_log()
-
-    def flush_access_log(self) -> None:
-        """Send the queued lines as one message; dropped (and counted) if the
-        channel is full, never blocking the proxy."""
-        entries = self._log_entries
-        if not entries or self.logs is None or self.logs.closed:
-            return
-        self._log_entries = []
-        try:
-            send(self.logs, make("log_batch", self.s.host_id, entries=entries),
-                 flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped_logs += len(entries)
+        while True:
+            await asyncio.sleep(LOG_FLUSH_INTERVAL)
+            self.telemetry.flush()

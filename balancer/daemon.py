@@ -33,13 +33,10 @@ from balancer.proxy import Proxy
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
 from balancer.subscriber import RouteSubscriber
+from balancer.telemetry import LOG_FLUSH_INTERVAL, Telemetry
 from messaging import channels
-from messaging.envelope import make, send
 
 log = logging.getLogger(__name__)
-
-LOG_FLUSH_INTERVAL = 0.1    # seconds between access-log batches
-LOG_BATCH_MAX = 500         # entries that send a batch at once
 
 
 class Balancer:
@@ -48,14 +45,12 @@ class Balancer:
         self.index = RouteIndex()
         self.pool = Pool()
         self.stats = Stats()
-        self.proxy = Proxy(settings, self.index, self.pool, self.push_access_log,
+        self.telemetry = Telemetry(settings.host_id, settings.stats_interval, self.stats)
+        self.proxy = Proxy(settings, self.index, self.pool, self.telemetry.access,
                            self.stats)
         self.ctx: Any = None
         self.listener: Any = None
         self.subscriber: RouteSubscriber | None = None
-        self.logs: Any = None
-        self.stats_pub: Any = None
-        self.dropped_stats = 0
         self.routes_loaded = False
         self._wait_routes = False
         self._ready_fd: int | None = None
@@ -65,8 +60,6 @@ class Balancer:
         self.stopping = False
         self._acceptor: Any = None
         self._clients = eventlet.GreenPool(100000)
-        self.dropped_logs = 0
-        self._log_entries: list[dict[str, Any]] = []
         self._log_flusher: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -92,9 +85,9 @@ class Balancer:
         # access logs leave in batches with NOBLOCK (dropped when the channel is
         # full): a plain pyzmq socket on the same context never blocks, and skips the
         # green wrapper's event checks
-        self.logs = channels.connect(plain_zmq.Context.shadow(self.ctx.underlying),
-                                     "logs", self.s.logs_endpoint)
-        self.stats_pub = channels.connect(self.ctx, "stats", self.s.stats_endpoint)
+        self.telemetry.logs = channels.connect(
+            plain_zmq.Context.shadow(self.ctx.underlying), "logs", self.s.logs_endpoint)
+        self.telemetry.stats_pub = channels.connect(self.ctx, "stats", self.s.stats_endpoint)
         self._wait_routes, self._ready_fd = wait_routes, ready_fd
         self.subscriber = RouteSubscriber(
             self.ctx, self.s.routes_endpoint, self.s.routes_snapshot_endpoint,
@@ -168,13 +161,9 @@ class Balancer:
             self.subscriber.stop()
         if self._publisher is not None:
             self._publisher.kill()
-            self.publish_stats()       # the last partial interval
         if self._log_flusher is not None:
             self._log_flusher.kill()
-        self.flush_access_log()
-        for sock in (self.logs, self.stats_pub):
-            if sock is not None:
-                sock.close(linger=0)
+        self.telemetry.close()         # the last partial interval and log lines
         if self.ctx is not None:
             self.ctx.term()
         log.info("balancer stopped")
@@ -210,45 +199,10 @@ class Balancer:
         while True:
             eventlet.sleep(max(0.0, next_at - time.monotonic()))
             next_at += interval
-            self.publish_stats()
-
-    def publish_stats(self) -> None:
-        """One `stats` message for the interval just ended; dropped (and counted)
-        when the channel is full, never blocking the proxy."""
-        if self.stats_pub is None:
-            return
-        apps, totals = self.stats.collect()
-        totals.update(pid=os.getpid(), dropped_logs=self.dropped_logs,
-                      dropped_stats=self.dropped_stats)
-        try:
-            send(self.stats_pub, make("stats", self.s.host_id, host=self.s.host_id,
-                                      interval=float(self.s.stats_interval),
-                                      apps=apps, kind="balancer", totals=totals),
-                 flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped_stats += 1
-
-    def push_access_log(self, app: str, line: str) -> None:
-        """Queue one access log line; _log_loop sends the queue as one `log_batch`
-        every LOG_FLUSH_INTERVAL, or at once when it reaches LOG_BATCH_MAX."""
-        self._log_entries.append({"app": app, "line": line, "proc": "router",
-                                  "host": self.s.host_id})
-        if len(self._log_entries) >= LOG_BATCH_MAX:
-            self.flush_access_log()
+            self.telemetry.publish_stats()
 
     def _log_loop(self) -> None:
         while True:
             eventlet.sleep(LOG_FLUSH_INTERVAL)
-            self.flush_access_log()
+            self.telemetry.flush()
 
-    def flush_access_log(self) -> None:
-        """Send the queued lines as one message; dropped (and counted) if the
-        channel is full, never blocking the proxy."""
-        entries, self._log_entries = self._log_entries, []
-        if not entries or self.logs is None:
-            return
-        try:
-            send(self.logs, make("log_batch", self.s.host_id, entries=entries),
-                 flags=plain_zmq.NOBLOCK)
-        except plain_zmq.Again:
-            self.dropped_logs += len(entries)
