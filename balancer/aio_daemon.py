@@ -76,7 +76,7 @@ class Balancer:
         self._parent: int | None = None
         self._master_pid: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        factory, self.loop_name = loop_factory(getattr(settings, "uvloop", True))
+        factory, self.loop_name = loop_factory(settings.uvloop)
         self.runner = asyncio.Runner(loop_factory=factory)
 
     # -- lifecycle (sync entry points, as daemon.Balancer) ---------------------------

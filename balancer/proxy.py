@@ -89,7 +89,7 @@ class Proxy:
         self.pool = pool
         self.access_log = access_log or (lambda app, line: None)
         self.stats = stats or Stats()
-        self.trusted = http1.TrustedProxies(getattr(settings, "trusted_proxies", []))
+        self.trusted = http1.TrustedProxies(settings.trusted_proxies)
         self.connections: set[ClientConn] = set()
         self.draining = False
 
@@ -207,7 +207,7 @@ class Proxy:
         refusal = admission.admit(
             req, match, routes_loaded=self.index.loaded, buffered=conn.buf[:BUFSIZE],
             can_keep=can_keep, request_id=req_id,
-            retry_after=int(getattr(self.s, "maintenance_retry_after", 60)))
+            retry_after=self.s.maintenance_retry_after)
         if match is None:
             assert refusal is not None
             out.status, out.keep_alive = refusal.status, refusal.keep_alive
@@ -573,7 +573,7 @@ class Proxy:
         out.status, out.keep_alive = 101, False
         self._to_client(conn, http1.client_response_head(
             resp, framing_out="none", keep_alive=True, req_id=""))
-        idle = float(getattr(self.s, "ws_idle_timeout", 300.0))
+        idle = self.s.ws_idle_timeout
         last = [time.monotonic()]
         counts = [0, 0]
 

@@ -1,12 +1,6 @@
-"""Route replication: keeps a messaging.clone.CloneReplica in step with the
-controller's publisher and calls back on every change.
-
-Subscribe first, then ask for a snapshot: updates that arrive meanwhile are held by
-the replica and replayed on top. Whenever the replica sees a gap (a missing seq, or
-a tick ahead of it) it wants a snapshot again; we ask, and ask again every
-snapshot_timeout until one arrives. Three green threads share one replica, which
-is safe because green threads only switch at I/O.
-"""
+"""Route replication for the eventlet engine: green sockets feeding a
+balancer.follower.RouteFollower. Three green threads share it, which is safe because
+green threads only switch at I/O."""
 from __future__ import annotations
 
 import logging
@@ -17,20 +11,16 @@ from typing import Any
 import eventlet
 from eventlet.green import zmq
 
+from balancer.follower import ASK_EVERY, RouteFollower, Table
 from messaging import channels
 from messaging.clone import CloneReplica
-from messaging.envelope import Message, make, recv, send
+from messaging.envelope import Message, recv, send
 from messaging.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
-Table = dict[str, dict[str, Any]]
-
 
 class RouteSubscriber:
-    """`drop` is a test hook: a callable taking an update's seq that returns True to
-    discard it, as if the network had lost it."""
-
     def __init__(self, ctx: zmq.Context, routes_endpoint: str, snapshot_endpoint: str,
                  host_id: str, on_change: Callable[[Table], None], *,
                  snapshot_timeout: float = 2.0,
@@ -38,27 +28,30 @@ class RouteSubscriber:
         self.ctx = ctx
         self.routes_endpoint = routes_endpoint
         self.snapshot_endpoint = snapshot_endpoint
-        self.host_id = host_id
-        self.on_change = on_change
-        self.snapshot_timeout = snapshot_timeout
-        self.drop = drop
-        self.replica = CloneReplica()
-        self.snapshots_asked = 0
-        self._asked_at: float | None = None
+        self.follower = RouteFollower(host_id, on_change, snapshot_timeout=snapshot_timeout,
+                                      drop=drop)
         self._threads: list[Any] = []
         self._sub: Any = None
         self._dealer: Any = None
 
     @property
+    def replica(self) -> CloneReplica:
+        return self.follower.replica
+
+    @property
+    def snapshots_asked(self) -> int:
+        return self.follower.snapshots_asked
+
+    @property
     def table(self) -> Table:
-        return self.replica.table
+        return self.follower.replica.table
 
     def start(self) -> None:
         self._sub = channels.connect(self.ctx, "routes", self.routes_endpoint)
         self._dealer = channels.connect(self.ctx, "routes_snapshot",
                                         self.snapshot_endpoint)
-        self._threads = [eventlet.spawn(self._read_updates),
-                         eventlet.spawn(self._read_snapshots),
+        self._threads = [eventlet.spawn(self._read, self._sub, self.follower.on_update),
+                         eventlet.spawn(self._read, self._dealer, self.follower.on_snapshot),
                          eventlet.spawn(self._ask_loop)]
 
     def stop(self) -> None:
@@ -70,59 +63,18 @@ class RouteSubscriber:
                 sock.close(linger=0)
         self._sub = self._dealer = None
 
-    # -- green threads -----------------------------------------------------------------
-
     def _ask_loop(self) -> None:
         while True:
-            now = time.monotonic()
-            if self.replica.needs_snapshot and (
-                    self._asked_at is None or now - self._asked_at >= self.snapshot_timeout):
-                send(self._dealer, make("snapshot_request", self.host_id))
-                self._asked_at = now
-                self.snapshots_asked += 1
-                log.info("asked for a route snapshot",
-                         extra={"seq": self.replica.seq, "gaps": self.replica.gaps})
-            eventlet.sleep(0.05)
+            ask = self.follower.snapshot_request(time.monotonic())
+            if ask is not None:
+                send(self._dealer, ask)
+            eventlet.sleep(ASK_EVERY)
 
-    def _read_updates(self) -> None:
+    def _read(self, sock: Any, handle: Callable[[Message], None]) -> None:
         while True:
-            msg = self._recv(self._sub)
-            if msg is None:
+            try:
+                _, msg = recv(sock)
+            except ProtocolError as exc:
+                log.warning("bad route message", extra={"error": exc.message})
                 continue
-            if msg.type == "route_update" and self.drop is not None \
-                    and self.drop(int(msg["seq"])):
-                continue
-            before = self.replica.needs_snapshot
-            if self.replica.apply(msg):
-                self._changed()
-            if self.replica.needs_snapshot and not before:
-                log.info("route update gap; asking for a snapshot",
-                         extra={"seq": self.replica.seq, "got": msg["seq"]})
-                self._asked_at = None
-
-    def _read_snapshots(self) -> None:
-        while True:
-            msg = self._recv(self._dealer)
-            if msg is None or msg.type != "snapshot":
-                continue
-            if not self.replica.needs_snapshot and int(msg["seq"]) <= self.replica.seq:
-                continue   # an answer to an earlier ask; we are already past it
-            self.replica.load(msg)
-            self._asked_at = None
-            log.info("route snapshot loaded",
-                     extra={"seq": self.replica.seq, "apps": len(self.replica.table)})
-            self._changed()
-
-    def _recv(self, sock: Any) -> Message | None:
-        try:
-            _, msg = recv(sock)
-        except ProtocolError as exc:
-            log.warning("bad route message", extra={"error": exc.message})
-            return None
-        return msg
-
-    def _changed(self) -> None:
-        try:
-            self.on_change(self.replica.table)
-        except Exception:
-            log.exception("route change handler failed")
+            handle(msg)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from messaging.channels import PROTOCOL_VERSION
 from messaging.errors import ProtocolError
@@ -119,19 +120,34 @@ def decode(frames: list[bytes]) -> Message:
     return msg
 
 
-def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None,
-         flags: int = 0) -> None:
-    """Send on any channel socket; ROUTER ends pass the peer identity."""
+def _frames(msg: Message, identity: bytes | None) -> list[bytes]:
     frames = encode(msg)
-    if identity is not None:
-        frames = [identity, *frames]
-    sock.send_multipart(frames, flags=flags)
+    return [identity, *frames] if identity is not None else frames
 
 
-def recv(sock: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
-    """Receive one message; returns (identity or None, message)."""
-    frames = sock.recv_multipart(flags=flags)
+def _split(sock: zmq.Socket, frames: list[bytes]) -> tuple[bytes | None, Message]:
     identity = None
     if sock.type == zmq.ROUTER:
         identity, frames = frames[0], frames[1:]
     return identity, decode(frames)
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None,
+         flags: int = 0) -> None:
+    """Send on any channel socket; ROUTER ends pass the peer identity."""
+    sock.send_multipart(_frames(msg, identity), flags=flags)
+
+
+def recv(sock: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
+    """Receive one message; returns (identity or None, message)."""
+    return _split(sock, sock.recv_multipart(flags=flags))
+
+
+async def send_async(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> None:
+    """`send` for a zmq.asyncio socket."""
+    await sock.send_multipart(_frames(msg, identity))
+
+
+async def recv_async(sock: zmq.asyncio.Socket) -> tuple[bytes | None, Message]:
+    """`recv` for a zmq.asyncio socket."""
+    return _split(sock, await sock.recv_multipart())
