@@ -231,7 +231,8 @@ class Handler(BaseHTTPRequestHandler):
                           "use `berth maintenance on` or `berth limits --max-body-mb 50`")
         if "maintenance" in body:
             if not isinstance(body["maintenance"], bool):
-                raise Invalid("maintenance must be true or false")
+                raise Invalid("maintenance must be true or false",
+                              "use `berth maintenance on` or `berth maintenance off`")
             self.c.store.set_maintenance(app, body["maintenance"])
         if "max_body_mb" in body:
             self.c.store.set_max_body(app, body["max_body_mb"])
@@ -371,7 +372,8 @@ class Handler(BaseHTTPRequestHandler):
     @route("GET", r"/v1/slugs/([^/]+)")
     def get_slug(self, sha: str) -> None:
         if not SLUG_NAME.match(sha):
-            raise Invalid(f"invalid slug id {sha!r}")
+            raise Invalid(f"invalid slug id {sha!r}",
+                          "slug ids are the 64 hex digits of a sha256; the runner got a bad URL")
         path: Path = self.c.data_dir / "slugs" / f"{sha}.tar.gz"
         if not path.exists():
             raise NotFound(f"slug {sha} not found", "push the app again")

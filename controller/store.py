@@ -198,7 +198,8 @@ class Store:
                 raise Invalid(f"config key {key!r} is set by the platform",
                               "choose another name")
             if value is not None and not isinstance(value, str):
-                raise Invalid(f"config value for {key} must be a string")
+                raise Invalid(f"config value for {key} must be a string",
+                              "quote numbers and booleans: `berth config set KEY=value`")
         with self._tx():
             cur = self.current_release(app)
             self.require_app(app)

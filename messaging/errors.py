@@ -13,12 +13,13 @@ class BerthError(Exception):
 
     code = "error"
     status = 400
+    default_hint = ""       # what to do, for a subclass whose errors share one answer
 
     def __init__(self, message: str, hint: str = "", *, code: str | None = None,
                  status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = hint or self.default_hint
         if code is not None:
             self.code = code
         if status is not None:
@@ -40,3 +41,5 @@ class ProtocolError(BerthError):
     """A frame or message that does not match the declared protocol."""
 
     code = "protocol"
+    default_hint = "the two ends disagree on the wire protocol: run the same Berth " \
+                   "version on every host"

@@ -24,3 +24,4 @@ class CommandError(RunnerError):
     """A control command that is malformed or cannot be carried out now."""
 
     code = "bad_command"
+    default_hint = "run the same Berth version on the controller and every runner"

@@ -66,3 +66,9 @@ def test_ids_are_unique_in_a_process_and_after_fork():
     os.waitpid(pid, 0)
     child = os.read(r, 100).decode()
     assert child not in ids and child[:8] != envelope.new_id()[:8]
+
+
+def test_protocol_errors_always_say_what_to_do():
+    with pytest.raises(ProtocolError) as err:
+        envelope.decode([b"log"])
+    assert "same Berth version" in err.value.hint
