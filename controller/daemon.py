@@ -22,7 +22,7 @@ import zmq
 
 from controller.api import ApiServer
 from controller.logstore import LogStore
-from controller.reconciler import Plan, flatten, plan
+from controller.reconciler import Plan, StartSpec, flatten, plan
 from controller.stats import StatsHub
 from controller.store import Store
 from messaging import channels, envelope
@@ -328,7 +328,7 @@ class Controller:
                  self.settings.drain_seconds, self.settings.base_domain,
                  self.settings.default_max_body_mb << 20)
         for spec in p.starts:
-            self._start(spec, now)
+            self._start(spec, observed[spec.host].get("address"), now)
         for iid in p.drains:
             self.draining[iid] = now
         for host, iid in p.stops:
@@ -340,11 +340,11 @@ class Controller:
         self._update_view(observed)
         return p
 
-    def _start(self, spec: Any, now: float) -> None:
+    def _start(self, spec: StartSpec, address: str | None, now: float) -> None:
         rel = spec.release
         self.pending[spec.instance] = {"host": spec.host, "app": spec.app,
                                        "release": rel.version, "proc": spec.proc,
-                                       "address": self.observed(now)[spec.host].get("address"),
+                                       "address": address,
                                        "deadline": now + START_PENDING, "since": time.time()}
         self._command(spec.host, "start", {"instance": spec.instance},
                       instance=spec.instance, app=spec.app, release=rel.version,
