@@ -58,7 +58,8 @@ class LocalPlatform:
     data_dir: Path
     ports: Ports = field(default_factory=Ports)
     runners: list[tuple[str, str]] = field(default_factory=lambda: [("runner-1", "127.0.0.1")])
-    venv_cache_dir: str = ""
+    wheel_cache_dir: str = ""
+    apps_dir: str = ""          # each runner's app files go in <apps_dir>/<runner name>
     drain_seconds: float = 2.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -86,16 +87,21 @@ class LocalPlatform:
                            "stats_out_endpoint": f"{host}:{p.stats_out}", **zmq},
             "runner": {"control_endpoint": f"{host}:{p.control}",
                        "logs_endpoint": f"{host}:{p.logs}", "controller_url": self.api_url,
-                       "venv_cache_dir": self.venv_cache_dir},
+                       "wheel_cache_dir": self.wheel_cache_dir},
             "balancer": {"listen_port": p.balancer, "logs_endpoint": f"{host}:{p.logs}", **zmq},
         }
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # app users pass through on the way to their runner's apps dir; nothing here
+        # is listable or readable by them (each daemon keeps its own dir 0700)
+        self.data_dir.chmod(0o711)
         self.config_path().write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.config_path().chmod(0o600)
         return self.config_path()
 
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        logs.chmod(0o700)
         out = open(logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--config", str(self.config_path())],
@@ -131,10 +137,12 @@ class LocalPlatform:
 
     def start_runner(self, name: str, address: str, token: str | None = None) -> None:
         token = token or (self.data_dir / "controller" / "runner.token").read_text().strip()
-        self._spawn(name, "runner", {
-            "BERTH_RUNNER_HOST_ID": name, "BERTH_RUNNER_ADDRESS": address,
-            "BERTH_RUNNER_DATA_DIR": str(self.data_dir / name),
-            "BERTH_RUNNER_RUNNER_TOKEN": token})
+        env = {"BERTH_RUNNER_HOST_ID": name, "BERTH_RUNNER_ADDRESS": address,
+               "BERTH_RUNNER_DATA_DIR": str(self.data_dir / name),
+               "BERTH_RUNNER_RUNNER_TOKEN": token}
+        if self.apps_dir:
+            env["BERTH_RUNNER_APPS_DIR"] = str(Path(self.apps_dir) / name)
+        self._spawn(name, "runner", env)
 
     def start_balancer(self, name: str, port: int, timeout: float = 30.0) -> None:
         self._spawn(name, "balancer", {"BERTH_BALANCER_HOST_ID": name,

@@ -19,6 +19,14 @@ def _age(since: float | None) -> str:
     return f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
 
 
+def _note(inst: dict[str, object]) -> str:
+    note = str(inst.get("reason") or "")
+    ooms = inst.get("oom_kills")
+    if isinstance(ooms, int) and ooms and "out of memory" not in note:
+        note += f" (out of memory: {ooms} process{'es' if ooms > 1 else ''} killed)"
+    return note
+
+
 @click.command()
 @appname.app_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -38,7 +46,7 @@ def ps(app: str | None, as_json: bool) -> None:
         addr = f"{i.get('address') or '?'}:{i['port']}" if i.get("port") else i.get("host", "")
         table.add_row(i["instance"], i["proc"], f"v{i['release']}", i["state"].lower(),
                       addr, str(i.get("restarts", 0)), _age(i.get("since")),
-                      i.get("reason") or "")
+                      _note(i))
     console.print(table)
 
 

@@ -206,6 +206,7 @@ class Handler(BaseHTTPRequestHandler):
     def create_app(self) -> None:
         body = self._body()
         app = self.c.store.create_app(str(body.get("name", "")))
+        self.c.logs.revive(app["name"])
         self.c.wake()
         self._json(201, {**app, "url": self.c_url(app["name"])})
 
@@ -221,14 +222,16 @@ class Handler(BaseHTTPRequestHandler):
     def get_limits(self, app: str) -> None:
         self._json(200, {**self.c.store.limits(app),
                          "default_max_body_mb": self.c.settings.default_max_body_mb})
+        # memory_mb / pids_max null: each runner's own default applies
 
     @route("PATCH", r"/v1/apps/([^/]+)/limits")
     def patch_limits(self, app: str) -> None:
         body = self._body()
-        if not isinstance(body, dict) or not set(body) <= {"maintenance", "max_body_mb"} \
-                or not body:
-            raise Invalid("give maintenance (true/false) and/or max_body_mb (number or null)",
-                          "use `berth maintenance on` or `berth limits --max-body-mb 50`")
+        keys = {"maintenance", "max_body_mb", "memory_mb", "pids_max"}
+        if not isinstance(body, dict) or not set(body) <= keys or not body:
+            raise Invalid("give maintenance (true/false) and/or max_body_mb, memory_mb, "
+                          "pids_max (number or null)",
+                          "use `berth maintenance on` or `berth limits --memory-mb 256`")
         if "maintenance" in body:
             if not isinstance(body["maintenance"], bool):
                 raise Invalid("maintenance must be true or false",
@@ -236,13 +239,21 @@ class Handler(BaseHTTPRequestHandler):
             self.c.store.set_maintenance(app, body["maintenance"])
         if "max_body_mb" in body:
             self.c.store.set_max_body(app, body["max_body_mb"])
+        for name in ("memory_mb", "pids_max"):
+            if name in body:
+                self.c.store.set_process_limit(app, name, body[name])
         self.c.wake()
         self.get_limits(app)
 
     @route("DELETE", r"/v1/apps/([^/]+)")
     def destroy_app(self, app: str) -> None:
+        slugs = self.c.store.slugs_of(app)
         self.c.store.destroy_app(app)
         self.c.logs.forget(app)
+        # its slugs, unless another app pushed the same bytes; runners remove the app's
+        # files, user and cgroups when their heartbeat still lists it (reconcile)
+        for sha in slugs - self.c.store.slugs_in_use():
+            (self.c.data_dir / "slugs" / f"{sha}.tar.gz").unlink(missing_ok=True)
         self.c.wake()
         self._json(200, {"destroyed": app})
 

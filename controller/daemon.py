@@ -36,6 +36,7 @@ NO_RUNNER_WAIT = 30.0
 BUILD_TIMEOUT = 900.0
 START_PENDING = 15.0
 STOP_RETRY = 60.0
+DESTROY_RETRY = 30.0
 LOG_CATCH_UP = 3.0
 
 
@@ -44,6 +45,7 @@ class Controller:
         self.settings = settings
         self.data_dir = Path(settings.data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)      # state, tokens, slugs: the platform's alone
         (self.data_dir / "slugs").mkdir(exist_ok=True)
         self.store = Store(self.data_dir / "state.db")
         self.logs = LogStore(self.data_dir / "logs")
@@ -61,6 +63,7 @@ class Controller:
         self.waiting_builds: list[tuple[str, float]] = []
         self.build_lines: dict[str, int] = {}             # build -> runner lines received
         self.finishing: list[tuple[dict[str, Any], Message, float]] = []
+        self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
         self._view_lock = threading.Lock()
         self._view: dict[str, Any] = {"hosts": {}, "instances": []}
         self._wake = threading.Event()
@@ -338,7 +341,21 @@ class Controller:
                 self._command(host, "stop", {"instance": iid}, instance=iid)
         self._publish(p.routes)
         self._update_view(observed)
+        self._destroy_leftovers(observed, set(desired), now)
         return p
+
+    def _destroy_leftovers(self, observed: dict[str, dict[str, Any]], apps: set[str],
+                           now: float) -> None:
+        """A host that lists an app the store no longer has (destroyed while the host
+        was away, or just now) is told to remove everything of it."""
+        for host, beat in observed.items():
+            for app in beat.get("apps", []):
+                if app in apps or now - self.destroy_sent.get((host, app), -1e9) \
+                        < DESTROY_RETRY:
+                    continue
+                self.destroy_sent[(host, app)] = now
+                self._command(host, "destroy_app", {"app": app, "timeout": 120.0}, app=app)
+                log.info("destroying leftovers", extra={"app": app, "runner": host})
 
     def _start(self, spec: StartSpec, address: str | None, now: float) -> None:
         rel = spec.release
@@ -346,11 +363,14 @@ class Controller:
                                        "release": rel.version, "proc": spec.proc,
                                        "address": address,
                                        "deadline": now + START_PENDING, "since": time.time()}
+        limits = self.store.limits(spec.app)
         self._command(spec.host, "start", {"instance": spec.instance},
                       instance=spec.instance, app=spec.app, release=rel.version,
                       proc=spec.proc, command=rel.procfile[spec.proc], env=rel.config,
                       slug=rel.slug, slug_url=self.slug_url(rel.slug),
-                      host_header=f"{spec.app}.{self.settings.base_domain}")
+                      host_header=f"{spec.app}.{self.settings.base_domain}",
+                      limits={"memory_mb": limits["memory_mb"],
+                              "pids_max": limits["pids_max"]})
         log.info("starting instance", extra={"app": spec.app, "release": rel.version,
                                              "proc": spec.proc, "runner": spec.host,
                                              "instance": spec.instance})

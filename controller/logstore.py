@@ -30,11 +30,14 @@ class LogStore:
         self._counters: dict[str, int] = {}
         self._builds: dict[str, list[str]] = {}
         self._builds_done: set[str] = set()
+        self._gone: set[str] = set()        # destroyed apps: late lines are dropped
         self._cond = threading.Condition()
 
     # -- app logs -----------------------------------------------------------
     def append(self, app: str, entry: dict[str, Any]) -> None:
         with self._cond:
+            if app in self._gone:
+                return      # a runner's last events about an app destroyed meanwhile
             n = self._counters.get(app, 0) + 1
             self._counters[app] = n
             self._apps.setdefault(app, deque(maxlen=self.keep)).append((n, entry))
@@ -56,8 +59,14 @@ class LogStore:
 
     def forget(self, app: str) -> None:
         with self._cond:
+            self._gone.add(app)
             self._apps.pop(app, None)
             (self.root / "apps" / f"{app}.log").unlink(missing_ok=True)
+
+    def revive(self, app: str) -> None:
+        """An app of a destroyed one's name was created again: log it anew."""
+        with self._cond:
+            self._gone.discard(app)
 
     # -- build logs ---------------------------------------------------------
     def build_line(self, build: str, line: str) -> None:

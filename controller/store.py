@@ -41,12 +41,17 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE apps ADD COLUMN maintenance INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE apps ADD COLUMN max_body_mb INTEGER",
     ],
+    [
+        "ALTER TABLE apps ADD COLUMN memory_mb INTEGER",
+        "ALTER TABLE apps ADD COLUMN pids_max INTEGER",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
 CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
-RESERVED_KEYS = {"PORT", "PATH", "HOME", "GUNICORN_CMD_ARGS"}
+RESERVED_KEYS = {"PORT", "PATH", "HOME", "GUNICORN_CMD_ARGS", "BERTH_DATA_DIR"}
+PROCESS_LIMITS = {"memory_mb": (16, 65536), "pids_max": (8, 100000)}
 
 
 @dataclass
@@ -296,10 +301,31 @@ class Store:
 
     # -- per-app limits and maintenance --------------------------------------
     def limits(self, app: str) -> dict[str, Any]:
-        rows = self._q("SELECT maintenance, max_body_mb FROM apps WHERE name = ?", app)
+        rows = self._q("SELECT maintenance, max_body_mb, memory_mb, pids_max FROM apps "
+                       "WHERE name = ?", app)
         if not rows:
             raise app_not_found(app)
-        return {"maintenance": bool(rows[0][0]), "max_body_mb": rows[0][1]}
+        return {"maintenance": bool(rows[0][0]), "max_body_mb": rows[0][1],
+                "memory_mb": rows[0][2], "pids_max": rows[0][3]}
+
+    def set_process_limit(self, app: str, name: str, value: int | None) -> None:
+        """memory_mb or pids_max for every instance of the app; None = the runner's."""
+        low, high = PROCESS_LIMITS[name]
+        self.require_app(app)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not low <= value <= high):
+            raise Invalid(f"{name} must be {low} to {high}, got {value!r}",
+                          f"use `berth limits --{name.replace('_', '-')} N`, or --default")
+        self._q(f"UPDATE apps SET {name} = ? WHERE name = ?", value, app)
+
+    def slugs_of(self, app: str) -> set[str]:
+        return {r[0] for r in self._q("SELECT slug FROM releases WHERE app = ? AND slug IS "
+                                      "NOT NULL UNION SELECT slug FROM builds WHERE app = ?",
+                                      app, app)}
+
+    def slugs_in_use(self) -> set[str]:
+        return {r[0] for r in self._q("SELECT slug FROM releases WHERE slug IS NOT NULL "
+                                      "UNION SELECT slug FROM builds")}
 
     def set_maintenance(self, app: str, on: bool) -> None:
         self.require_app(app)

@@ -1,14 +1,7 @@
 """The wire protocol: the one place that knows frames, channels and message shapes.
 
-Components import from here and never build frames themselves. This package imports
-no eventlet and no component, so the balancer can hand it green sockets and the
-controller plain ones.
+Components import its modules (messaging.channels, .envelope, .messages, .errors) and
+never build frames themselves. This package imports no eventlet and no component, and
+its __init__ imports nothing at all: `messaging.errors` must stay importable without
+pyzmq, for the slug unpacker that runs as an app's user.
 """
-from messaging.channels import CHANNELS, PROTOCOL_VERSION, Channel
-from messaging.envelope import Message, decode, encode, recv, send
-from messaging.errors import BerthError
-
-__all__ = [
-    "CHANNELS", "PROTOCOL_VERSION", "Channel", "Message", "decode", "encode",
-    "recv", "send", "BerthError",
-]

@@ -28,10 +28,13 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                 doc="Runner -> controller answer to a command; error is "
                     "{code, message, hint}."),
     MessageType("heartbeat", {"host": str, "interval": (int, float)},
-                {"address": str, "inventory": list, "seq": int},
+                {"address": str, "inventory": list, "seq": int, "apps": list},
                 doc="Both ways over control. A runner's carries its full inventory "
                     "(every instance with app, release, proc, port, state, "
-                    "restarts) so the controller never depends on a single event."),
+                    "restarts, oom_kills) so the controller never depends on a single "
+                    "event, and `apps`: every app that has files, a user or cgroups "
+                    "on the host, so a destroyed app's leftovers are found and removed "
+                    "even on a host that was away when it was destroyed."),
     MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
                 doc="One app's route; route None means the app is gone. Route: "
                     "{hosts: [..], backends: [{id, address, port}], reason: str, "
@@ -66,7 +69,11 @@ ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "start": (("instance", "app", "release", "proc", "command", "env", "slug",
                "slug_url"),
               "Start one instance of a process type; replies at once, the instance "
-              "then appears in heartbeats (PREPARING, STARTING, RUNNING...)."),
+              "then appears in heartbeats (PREPARING, STARTING, RUNNING...). Optional "
+              "`limits` {memory_mb, pids_max} override the runner's defaults."),
     "stop": (("instance",),
              "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`)."),
+    "destroy_app": (("app",),
+                    "Stop the app's instances and remove every file, cgroup and the "
+                    "system user it had on the host; replies {destroyed} when done."),
 }

@@ -32,10 +32,12 @@ from messaging.messages import ACTIONS
 from runner import leftovers
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.health import wait_healthy
+from runner.isolation import Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
 from runner.process import Hooks, Instance, InstanceSpec, Policy, State
+from runner.retention import prune_app
 from runner.slug import SlugStore
-from runner.venv import Venv, VenvCache, has_control_socket, kill_builds
+from runner.venv import BuildContext, Venv, VenvBuilder, has_control_socket, kill_builds
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,14 @@ class Runner(Hooks):
         self.settings = settings
         self.host = settings.host_id
         self.data_dir = Path(settings.data_dir).resolve()
-        venv_root = Path(settings.venv_cache_dir).resolve() if settings.venv_cache_dir \
-            else self.data_dir / "venvs"
-        self.slugs = SlugStore(self.data_dir, settings.runner_token)
-        self.venvs = VenvCache(venv_root, settings.python)
+        self.apps_dir = Path(settings.apps_dir).resolve() if settings.apps_dir \
+            else self.data_dir / "apps"
+        wheel_dir = Path(settings.wheel_cache_dir).resolve() if settings.wheel_cache_dir \
+            else self.data_dir / "wheels"
+        self.isolation = Isolation(settings, self.apps_dir)
+        self.slugs = SlugStore(self.data_dir, settings.runner_token,
+                               settings.max_unpacked_mb << 20, settings.max_files)
+        self.venvs = VenvBuilder(wheel_dir, settings.python, self.data_dir / "locks")
         self.policy = Policy(address=settings.address,
                              health_timeout=settings.health_timeout,
                              stop_grace=settings.stop_grace,
@@ -74,14 +80,21 @@ class Runner(Hooks):
         self._next_heartbeat = 0.0
         self._log_files: dict[str, IO[str]] = {}
         self._build_lines: dict[str, int] = {}      # build id -> lines sent
+        self._destroying: dict[str, Message] = {}   # app -> destroy_app command
         self.control: zmq.Socket | None = None
         self.logs: zmq.Socket | None = None
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        for sub in ("slugs", "apps", "logs", "instances"):
-            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        for stale in (self.data_dir / "apps").glob("*/.unpack-*"):
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # the platform's own files are root's alone; app users may only pass through
+        # the data dir on the way to their own dir when apps_dir lies inside it
+        self.data_dir.chmod(0o711 if self.data_dir in self.apps_dir.parents else 0o700)
+        for sub in ("slugs", "logs", "instances", "locks"):
+            (self.data_dir / sub).mkdir(exist_ok=True)
+            (self.data_dir / sub).chmod(0o700)
+        self.isolation.start()
+        for stale in self.apps_dir.glob("*/releases/.unpack-*"):
             shutil.rmtree(stale, ignore_errors=True)      # left by a killed unpack
         leftovers.end(self.data_dir / "instances", self.settings.stop_grace)
         self.control = connect(self.ctx, "control", self.settings.control_endpoint,
@@ -153,8 +166,11 @@ class Runner(Hooks):
             changed |= inst.tick()
             if inst.state is State.STOPPED:
                 del self.instances[inst.id]
+                if inst.jail is not None:
+                    inst.jail.remove()
                 shutil.rmtree(inst.instance_dir, ignore_errors=True)
                 changed = True
+        self._start_destroys()
         now = time.monotonic()
         if changed or now >= self._next_heartbeat:
             self._heartbeat(now)
@@ -178,7 +194,7 @@ class Runner(Hooks):
         self._send(make("heartbeat", self.host, host=self.host,
                         interval=self.settings.heartbeat_interval,
                         address=self.settings.address, inventory=self.inventory(),
-                        seq=self._seq))
+                        seq=self._seq, apps=self.isolation.apps()))
 
     def inventory(self) -> list[dict[str, Any]]:
         return [inst.inventory() for inst in self.instances.values()]
@@ -209,7 +225,7 @@ class Runner(Hooks):
         self.controller.seen(CONTROLLER)
         handlers: dict[str, Callable[[Message, dict[str, Any]], dict[str, Any] | None]] = {
             "prepare": self.handle_prepare, "start": self.handle_start,
-            "stop": self.handle_stop,
+            "stop": self.handle_stop, "destroy_app": self.handle_destroy_app,
         }
         action, args = msg["action"], msg["args"]
         try:
@@ -269,15 +285,64 @@ class Runner(Hooks):
         inst.stop(float(grace) if isinstance(grace, (int, float)) else None)
         return {"stopping": True, "known": True}
 
+    def handle_destroy_app(self, msg: Message, args: dict[str, Any]) -> None:
+        """destroy_app {app}: stops the app's instances, then removes every file, cgroup
+        and the user it had on this host; replies {destroyed: app} when done."""
+        app = str(args["app"])
+        for inst in self.instances.values():
+            if inst.spec.app == app:
+                inst.stop(0.0)
+        self._destroying[app] = msg
+
+    def _start_destroys(self) -> None:
+        for app in list(self._destroying):
+            if any(inst.spec.app == app for inst in self.instances.values()):
+                continue            # wait until its instances are gone
+            msg = self._destroying.pop(app)
+            fh = self._log_files.pop(app, None)
+            if fh is not None:
+                fh.close()
+            self.jobs.submit(("destroy", msg), self._destroy, app)
+
+    def _destroy(self, app: str) -> str:
+        """Job thread: everything the app had on this host."""
+        self.isolation.destroy(app)
+        (self.data_dir / "logs" / f"{app}.log").unlink(missing_ok=True)
+        self._prune_slugs()
+        log.info("destroyed app", extra={"app": app})
+        return app
+
+    def _done_destroy(self, event: JobDone) -> None:
+        msg: Message = event.tag[1]
+        if event.error is not None:
+            self._send(reply(msg, self.host, error=_error_dict(event.error)))
+        else:
+            self._send(reply(msg, self.host, result={"destroyed": event.result}))
+
+    def _prune_slugs(self) -> None:
+        kept = {p.name for p in self.apps_dir.glob("*/releases/*") if p.is_dir()}
+        self.slugs.prune(kept)
+
     # ---- jobs --------------------------------------------------------------------
     def _prepare(self, app: str, sha: str, url: str,
                  sink: Callable[[str], None]) -> tuple[Path, Venv]:
-        """Job thread: slug fetched and unpacked, venv built or reused."""
+        """Job thread: slug fetched and unpacked as the app's user, venv built or reused."""
+        paths = self.isolation.ensure_app(app)
+        user = self.isolation.user(app)
+        wrap = functools.partial(self.isolation.wrap, app)
         sink(f"-----> Fetching slug {sha[:12]}")
-        release_dir, had = self.slugs.ensure(app, sha, url)
+        release_dir, had = self.slugs.ensure(
+            app, sha, url, paths.releases, wrap, (user.uid, user.gid) if user else None)
         if had:
             sink(f"-----> Slug {sha[:12]} already unpacked")
-        venv = self.venvs.ensure(release_dir / "requirements.txt", sink)
+        ctx = BuildContext(paths.venvs, paths.cache, wrap, self.isolation.wrap_fetch,
+                           self.isolation.fetch_owner())
+        venv = self.venvs.ensure(ctx, release_dir / "requirements.txt", sink)
+        instances = [i for i in list(self.instances.values()) if i.spec.app == app]
+        prune_app(paths, self.settings.keep_releases,
+                  {release_dir} | {i.release_dir for i in instances if i.release_dir},
+                  {venv.path} | {i.venv_bin.parent for i in instances if i.venv_bin})
+        self._prune_slugs()
         return release_dir, venv
 
     def _on_event(self, event: Any) -> None:
@@ -311,7 +376,16 @@ class Runner(Hooks):
             inst.prepare_failed(message, retry=not isinstance(err, BuildError))
             return
         release_dir, venv = event.result
-        inst.prepared(release_dir, venv.bin, has_control_socket(venv.path))
+        spec = inst.spec
+        try:
+            jail = self.isolation.instance(spec.app, inst.id,
+                                           spec.limits(self.isolation.defaults))
+        except BerthError as exc:
+            self.platform(inst, f"cannot set limits: {exc.message}")
+            inst.prepare_failed(exc.message, retry=True)
+            return
+        inst.prepared(release_dir, venv.bin, has_control_socket(venv.path), jail,
+                      self.isolation.paths(spec.app).data)
 
     def _done_health(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]
@@ -395,11 +469,18 @@ def _start_spec(args: dict[str, Any]) -> InstanceSpec:
     if not isinstance(env, dict):
         raise CommandError("start arg 'env' must be a mapping of config vars")
     host_header = args.get("host_header")
+    limits = args.get("limits") or {}
+    if not isinstance(limits, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for v in limits.values() if v is not None):
+        raise CommandError("start arg 'limits' must map memory_mb/pids_max to positive "
+                           "integers")
     return InstanceSpec(
         instance=text("instance"), app=text("app"), release=release, proc=text("proc"),
         command=text("command"), env={str(k): str(v) for k, v in env.items()},
         slug=text("slug"), slug_url=text("slug_url"),
-        host_header=str(host_header) if host_header else None)
+        host_header=str(host_header) if host_header else None,
+        memory_mb=limits.get("memory_mb"), pids_max=limits.get("pids_max"))
 
 
 def _error_dict(exc: BaseException) -> dict[str, Any]:

@@ -25,3 +25,15 @@ class CommandError(RunnerError):
 
     code = "bad_command"
     default_hint = "run the same Berth version on the controller and every runner"
+
+
+class LimitError(RunnerError):
+    """A cgroup for an instance's memory and process limits could not be made or used."""
+
+    code = "limits"
+
+
+class IsolationError(RunnerError):
+    """An app's user, jail, cgroup or firewall rule could not be set up or removed."""
+
+    code = "isolation"

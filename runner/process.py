@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.cgroups import Limits
 from runner.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,16 @@ class InstanceSpec:
     slug: str
     slug_url: str
     host_header: str | None = None
+    memory_mb: int | None = None        # the app's own limits; None = the runner's default
+    pids_max: int | None = None
 
     @property
     def web(self) -> bool:
         return self.proc == "web"
+
+    def limits(self, defaults: Limits) -> Limits:
+        return Limits(self.memory_mb << 20 if self.memory_mb else defaults.memory_bytes,
+                      self.pids_max or defaults.pids)
 
 
 class ProcessOps:
@@ -179,6 +186,9 @@ class Instance:
     release_dir: Path | None = None
     venv_bin: Path | None = None
     control_socket: bool = False
+    jail: Any = None                # runner.isolation.InstanceJail: user, jail, cgroup
+    data_dir: Path | None = None    # the app's persistent dir (BERTH_DATA_DIR)
+    oom_kills: int = 0              # processes the kernel killed for memory, so far
 
     _started_at: float = 0.0
     _running_at: float = 0.0
@@ -186,6 +196,7 @@ class Instance:
     _kill_at: float | None = None
     _fail_reason: str | None = None
     _reprepare: bool = False
+    _next_oom_check: float = 0.0
 
     def __post_init__(self) -> None:
         self.since = self.wall()
@@ -211,12 +222,14 @@ class Instance:
         self.hooks.event(self, f"{self.spec.proc}.{self.id} {new.value}: {reason}")
 
     # ---- events fed by the daemon ----------------------------------------------
-    def prepared(self, release_dir: Path, venv_bin: Path, control_socket: bool) -> None:
+    def prepared(self, release_dir: Path, venv_bin: Path, control_socket: bool,
+                 jail: Any = None, data_dir: Path | None = None) -> None:
         """The slug is unpacked and the venv is ready: spawn the process."""
         if self.state is not State.PREPARING:
             return      # stopped meanwhile
         self.release_dir, self.venv_bin, self.control_socket = \
             release_dir, venv_bin, control_socket
+        self.jail, self.data_dir = jail, data_dir
         self._spawn()
 
     def prepare_failed(self, message: str, retry: bool) -> None:
@@ -262,7 +275,7 @@ class Instance:
     def tick(self) -> bool:
         """Time-driven step: reap exits, act on deadlines. True when something
         changed that a heartbeat should carry."""
-        before = (self.state, self.restarts, self.failures)
+        before = (self.state, self.restarts, self.failures, self.oom_kills)
         now = self.clock()
         if self.proc is not None and self.ops.exited(self.proc):
             self._exited()
@@ -294,7 +307,26 @@ class Instance:
             assert self.proc is not None
             self.ops.signal_group(self.proc.pid, signal.SIGKILL)
             self._kill_at = None
-        return before != (self.state, self.restarts, self.failures)
+        if self.proc is not None and now >= self._next_oom_check \
+                and not self.ops.exited(self.proc):
+            self._next_oom_check = now + 1.0
+            if self._new_oom_kills():
+                # a worker was killed but the process lives on (gunicorn respawns it)
+                self.hooks.event(self, f"{self.spec.proc}.{self.id} out of memory: the "
+                                       f"kernel killed a process over the limit of "
+                                       f"{self._memory_limit()} ({self.oom_kills} so far)")
+        return before != (self.state, self.restarts, self.failures, self.oom_kills)
+
+    def _new_oom_kills(self) -> int:
+        if self.jail is None:
+            return 0
+        total = self.jail.oom_kills()
+        new, self.oom_kills = total - self.oom_kills, max(total, self.oom_kills)
+        return max(new, 0)
+
+    def _memory_limit(self) -> str:
+        limit = self.jail.limits.memory_bytes if self.jail is not None else 0
+        return f"{limit >> 20} MB" if limit else "the host"
 
     # ---- internals --------------------------------------------------------------
     def _exited(self) -> None:
@@ -305,11 +337,14 @@ class Instance:
         code = self.ops.reap(self.proc)
         self.proc = None
         self.port = None
+        oom = self._new_oom_kills()
         if self.state is State.STOPPING:
             # STOPPING -> STOPPED: a commanded stop, never counted as a crash
             self._transition(State.STOPPED, f"stopped ({describe_exit(code)})")
             return
         why = self._fail_reason or describe_exit(code)
+        if oom:
+            why = f"killed by the kernel: out of memory (limit {self._memory_limit()})"
         self._failed(why, count_restart=True)
 
     def _failed(self, why: str, count_restart: bool) -> None:
@@ -337,6 +372,8 @@ class Instance:
             self.instance_dir.mkdir(parents=True, exist_ok=True)
             self.port = free_port(self.policy.address) if self.spec.web else None
             args = self.args()
+            if self.jail is not None:
+                args = self.jail.argv(args)
             self.proc = self.ops.spawn(args, self.release_dir, self.environment())
         except (OSError, ValueError) as exc:
             self.proc = None
@@ -366,7 +403,7 @@ class Instance:
                                     "/usr/local/bin", "/usr/bin", "/bin") if p)
         env = {
             "PATH": path,
-            "HOME": str(self.release_dir),
+            "HOME": str(self.data_dir or self.release_dir),
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
             "BERTH_APP": self.spec.app,
@@ -375,6 +412,8 @@ class Instance:
         }
         if self.venv_bin is not None:
             env["VIRTUAL_ENV"] = str(self.venv_bin.parent)
+        if self.data_dir is not None:
+            env["BERTH_DATA_DIR"] = str(self.data_dir)
         env.update({str(k): str(v) for k, v in self.spec.env.items()})
         if self.spec.web:
             assert self.port is not None
@@ -387,7 +426,10 @@ class Instance:
 
     def control_socket_path(self) -> str:
         """<instance dir>/gunicorn.ctl, or a short path in /tmp when that would not fit
-        in a unix socket address (108 bytes)."""
+        in a unix socket address (108 bytes); in a jail, its private /tmp (the app's
+        user may not write the runner's instance dir)."""
+        if self.jail is not None and self.jail.isolated:
+            return "/tmp/gunicorn.ctl"
         path = self.instance_dir / "gunicorn.ctl"
         if len(str(path)) < 100:
             return str(path)
@@ -399,5 +441,5 @@ class Instance:
             "instance": self.id, "app": self.spec.app, "release": self.spec.release,
             "proc": self.spec.proc, "address": self.policy.address, "port": self.port,
             "state": self.state.value, "restarts": self.restarts, "pid": self.pid,
-            "since": self.since, "reason": self.reason,
+            "since": self.since, "reason": self.reason, "oom_kills": self.oom_kills,
         }

@@ -1,31 +1,36 @@
 """Slugs: fetch from the controller, verify the sha256, unpack safely and atomically.
 
-Layout under the runner's data dir:
-    slugs/<sha>.tar.gz            verified archives (a .part file while downloading)
-    apps/<app>/<sha>/             unpacked release trees, never modified after rename
-A killed runner leaves at most a .part file or an `apps/<app>/.unpack-*` temp dir,
-both cleaned up and redone on the next use.
+Layout:
+    <data_dir>/slugs/<sha>.tar.gz          verified archives (.part while downloading)
+    <apps_dir>/<app>/releases/<sha>/       unpacked release trees, never modified
+                                           after rename (see runner/isolation.py)
+A killed runner leaves at most a .part file or a `releases/.unpack-*` temp dir, both
+cleaned up and redone on the next use.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
-import tarfile
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from messaging import slugfile
 from runner.errors import SlugError
+from runner.venv import Wrap, unwrapped
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
 FETCH_TIMEOUT = 60.0
+UNPACK_TIMEOUT = 600.0
 
 
 def sha256_file(path: Path) -> str:
@@ -36,19 +41,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_members(archive: tarfile.TarFile) -> None:
-    """Reject members that would land outside the destination, before anything is
-    written, with one clear error naming the member."""
-    for member in archive.getmembers():
-        problem = slugfile.member_problem(member)
-        if problem:
-            raise SlugError(f"slug member {member.name!r} {problem}",
-                            "push the app again; links and paths must stay inside it")
-
-
-def unpack(archive_path: Path, dest: Path) -> Path:
+def unpack(archive_path: Path, dest: Path, *, max_bytes: int, max_members: int,
+           wrap: Wrap = unwrapped, owner: tuple[int, int] | None = None) -> Path:
     """Unpack a gzip tar into `dest`, atomically: a temp dir beside it, then rename.
 
+    The unpacking itself is `python -m runner.unpack`, run through `wrap` as the app's
+    own user (so even a flaw in it could only write what that user may), reading the
+    archive from stdin: the app's user never needs to read the runner's slug store.
     Returns `dest`; an existing `dest` is reused as is (it was complete when renamed).
     """
     if dest.is_dir():
@@ -56,18 +55,40 @@ def unpack(archive_path: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
     try:
-        try:
-            with tarfile.open(archive_path, "r:gz") as archive:
-                check_members(archive)
-                slugfile.extract(archive, tmp)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise SlugError(f"cannot unpack slug {archive_path.name}: {exc}",
-                            "push the app again to make a fresh slug") from exc
+        if owner is not None:
+            os.chown(tmp, *owner, follow_symlinks=False)
+        command = [sys.executable, "-m", "runner.unpack", str(tmp),
+                   "--max-bytes", str(max_bytes), "--max-members", str(max_members)]
+        with open(archive_path, "rb") as stdin:
+            proc = subprocess.run(wrap(command, (tmp,)), stdin=stdin, capture_output=True,
+                                  text=True, timeout=UNPACK_TIMEOUT,
+                                  env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        outcome = _outcome(proc.stdout)
+        if proc.returncode != 0 or not outcome.get("ok"):
+            raise SlugError(str(outcome.get("message") or
+                                f"unpacking failed (exit {proc.returncode}): "
+                                f"{proc.stderr.strip()[-500:]}"),
+                            str(outcome.get("hint") or "push the app again"),
+                            code=str(outcome.get("code") or "slug_failed"))
         os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except subprocess.TimeoutExpired as exc:
+        raise SlugError(f"unpacking slug {archive_path.name} took over "
+                        f"{UNPACK_TIMEOUT:.0f}s", "push a smaller app") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _outcome(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
 
 
 def fetch(url: str, sha: str, token: str, dest_dir: Path) -> Path:
@@ -109,28 +130,38 @@ def fetch(url: str, sha: str, token: str, dest_dir: Path) -> Path:
 
 
 class SlugStore:
-    """Fetch + unpack with one lock per slug, so concurrent jobs share the work."""
+    """Fetch + unpack with one lock per (app, slug), so concurrent jobs share the work."""
 
-    def __init__(self, data_dir: Path, token: str) -> None:
+    def __init__(self, data_dir: Path, token: str, max_bytes: int, max_members: int) -> None:
         self.slugs_dir = data_dir / "slugs"
-        self.apps_dir = data_dir / "apps"
         self.token = token
+        self.max_bytes = max_bytes
+        self.max_members = max_members
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 
-    def release_dir(self, app: str, sha: str) -> Path:
-        return self.apps_dir / app / sha
-
-    def ensure(self, app: str, sha: str, url: str) -> tuple[Path, bool]:
-        """The unpacked release tree for (app, sha); True when it was already there."""
+    def ensure(self, app: str, sha: str, url: str, releases: Path, wrap: Wrap = unwrapped,
+               owner: tuple[int, int] | None = None) -> tuple[Path, bool]:
+        """The unpacked release tree of `sha` in the app's `releases` dir; True when it
+        was already there."""
         _check_name("app", app)
         _check_name("slug", sha)
-        dest = self.release_dir(app, sha)
-        with self._lock(sha):
+        dest = releases / sha
+        with self._lock(f"{app}/{sha}"):
             if dest.is_dir():
                 return dest, True
             archive = fetch(url, sha, self.token, self.slugs_dir)
-            return unpack(archive, dest), False
+            return unpack(archive, dest, max_bytes=self.max_bytes,
+                          max_members=self.max_members, wrap=wrap, owner=owner), False
+
+    def prune(self, keep_shas: set[str]) -> list[str]:
+        """Remove archives no kept release uses any more."""
+        gone = []
+        for archive in self.slugs_dir.glob("*.tar.gz"):
+            if archive.name.removesuffix(".tar.gz") not in keep_shas:
+                archive.unlink(missing_ok=True)
+                gone.append(archive.name)
+        return gone
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:

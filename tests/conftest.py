@@ -3,17 +3,65 @@ stopped by PID when the fixture ends."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def venv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One virtualenv cache for the session, so each requirements set is built once
-    per run (the first build of each is real: virtualenv + pip from PyPI)."""
+def berth_root() -> Iterator[Path]:
+    """A directory app users can walk through. pytest's own temp dirs are 0700, so an
+    app's user (runner isolation) could not reach its files below them; and not under
+    /tmp, which every jail replaces with a private one."""
+    root = Path(tempfile.mkdtemp(prefix="berth-test-", dir="/var/tmp"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def venv_cache(berth_root: Path) -> Path:
+    """One shared wheel cache for the session, so each requirement is downloaded once
+    per run (the first build of each is real: virtualenv + pip from PyPI). Each app
+    still gets its own virtualenv."""
     preset = os.environ.get("BERTH_TEST_VENV_CACHE")
-    if preset:
-        Path(preset).mkdir(parents=True, exist_ok=True)
-        return Path(preset)
-    return tmp_path_factory.mktemp("venv-cache")
+    path = Path(preset) if preset else berth_root / "wheels"
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
+
+
+def new_apps_dir(berth_root: Path) -> Path:
+    """A fresh apps dir for one platform or runner; `forget_apps` cleans up after it."""
+    return berth_root / f"apps-{uuid.uuid4().hex[:8]}"
+
+
+def forget_apps(apps_dir: Path) -> None:
+    """Remove the users and cgroups a test platform's runner made (files go with
+    berth_root): a test that stops a platform without destroying its apps."""
+    from runner.cgroups import Cgroups
+    from runner.isolation import scope_for
+    from runner.users import AppUsers
+
+    if os.geteuid() != 0:
+        return
+    scope = scope_for(apps_dir)
+    cgroups = Cgroups(scope)
+    if cgroups.version is not None:
+        for app in cgroups.apps():
+            cgroups.remove_app(app)
+    users = AppUsers(scope)
+    for app in users.apps():
+        users.remove(app)
+    shutil.rmtree(apps_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def apps_dir(berth_root: Path) -> Iterator[Path]:
+    path = new_apps_dir(berth_root)
+    yield path
+    forget_apps(path)

@@ -9,13 +9,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from cli.localplatform import LocalPlatform, Ports
+from tests.conftest import forget_apps, new_apps_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "hello"
@@ -88,9 +90,13 @@ def request(port: int, host: str, path: str = "/", method: str = "GET",
         conn.close()
 
 
-def start_platform(data_dir: Path, venv_cache: Path) -> LocalPlatform:
-    platform = LocalPlatform(data_dir, Ports.free(), runners=[("runner-1", "127.0.0.2")],
-                             venv_cache_dir=str(venv_cache), drain_seconds=1.0)
+def start_platform(data_dir: Path, venv_cache: Path, apps_dir: Path,
+                   runners: list[tuple[str, str]] | None = None) -> LocalPlatform:
+    """`apps_dir` must be reachable by app users (see tests/conftest.berth_root)."""
+    platform = LocalPlatform(data_dir, Ports.free(),
+                             runners=runners or [("runner-1", "127.0.0.2")],
+                             wheel_cache_dir=str(venv_cache), apps_dir=str(apps_dir),
+                             drain_seconds=1.0)
     try:
         platform.start()
     except BaseException:
@@ -100,10 +106,12 @@ def start_platform(data_dir: Path, venv_cache: Path) -> LocalPlatform:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory, venv_cache: Path):
-    p = start_platform(tmp_path_factory.mktemp("platform"), venv_cache)
+def platform(tmp_path_factory: pytest.TempPathFactory, venv_cache: Path, berth_root: Path):
+    apps = new_apps_dir(berth_root)
+    p = start_platform(tmp_path_factory.mktemp("platform"), venv_cache, apps)
     yield p
     p.stop()
+    forget_apps(apps)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from tests.e2e.conftest import ROOT, Berth, copy_example, start_platform
 
 
 @pytest.fixture
-def own_platform(tmp_path, venv_cache):
-    p = start_platform(tmp_path / "data", venv_cache)
+def own_platform(tmp_path, venv_cache, apps_dir):
+    p = start_platform(tmp_path / "data", venv_cache, apps_dir)
     yield p
     p.stop()
 

@@ -81,10 +81,10 @@ def test_balancer_started_late_serves_the_same_routes(berth):
         berth.platform.stop_one("balancer-late")
 
 
-def test_platform_resumes_apps_after_restart(tmp_path, venv_cache):
+def test_platform_resumes_apps_after_restart(tmp_path, venv_cache, apps_dir):
     from tests.e2e.conftest import Berth
     data = tmp_path / "data"
-    platform = start_platform(data, venv_cache)
+    platform = start_platform(data, venv_cache, apps_dir)
     try:
         b = Berth(platform, tmp_path / "cfg")
         b("apps", "create", "keeper")
@@ -94,7 +94,7 @@ def test_platform_resumes_apps_after_restart(tmp_path, venv_cache):
     finally:
         platform.stop()
     assert platform.procs == {}
-    again = start_platform(data, venv_cache)
+    again = start_platform(data, venv_cache, apps_dir)
     try:
         b = Berth(again, tmp_path / "cfg")
         r = b.wait_for(lambda: (lambda r: r.status == 200 and r)(b.get("keeper")),

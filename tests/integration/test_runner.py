@@ -17,9 +17,9 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
@@ -181,12 +181,15 @@ class FakeController:
 
 class RunnerProcess:
     def __init__(self, tmp: Path, ctl: FakeController, slugs: SlugServer,
-                 venv_cache: Path, host_id: str = "host-2", **extra: Any) -> None:
+                 venv_cache: Path, host_id: str = "host-2", *, apps_dir: Path,
+                 **extra: Any) -> None:
         self.data_dir = tmp / "data"
+        self.apps_dir = apps_dir
         self.config = tmp / "runner.yaml"
         settings = {
             "host_id": host_id, "address": ADDRESS, "data_dir": str(self.data_dir),
-            "venv_cache_dir": str(venv_cache), "control_endpoint": ctl.control_endpoint,
+            "wheel_cache_dir": str(venv_cache), "control_endpoint": ctl.control_endpoint,
+            "apps_dir": str(apps_dir),
             "logs_endpoint": ctl.logs_endpoint, "controller_url": slugs.url,
             "runner_token": TOKEN, "heartbeat_interval": 0.5, "stop_grace": 5.0,
             "health_timeout": 30.0, "log_level": "debug", **extra,
@@ -225,10 +228,11 @@ def kill_leftovers(pids: set[int]) -> None:
 
 
 @pytest.fixture
-def env(tmp_path: Path, venv_cache: Path) -> Iterator[tuple[FakeController, SlugServer, RunnerProcess]]:
+def env(tmp_path: Path, venv_cache: Path, apps_dir: Path
+        ) -> Iterator[tuple[FakeController, SlugServer, RunnerProcess]]:
     ctl = FakeController()
     slugs = SlugServer({HELLO_SHA: HELLO_SLUG})
-    runner = RunnerProcess(tmp_path, ctl, slugs, venv_cache)
+    runner = RunnerProcess(tmp_path, ctl, slugs, venv_cache, apps_dir=apps_dir)
     try:
         yield ctl, slugs, runner
     finally:
@@ -290,7 +294,7 @@ def test_prepare_streams_build_log_and_reuses_venv(env: Any) -> None:
     assert again["result"]["venv"] == result["venv"]
     assert time.monotonic() - started < 10
     assert [s for _, s in slugs.requests] == [200]      # fetched once, then reused
-    assert (runner.data_dir / "apps" / "hello" / HELLO_SHA / "app.py").is_file()
+    assert (runner.apps_dir / "hello" / "releases" / HELLO_SHA / "app.py").is_file()
 
 
 def test_prepare_rejects_a_slug_with_the_wrong_sha(env: Any) -> None:
@@ -324,7 +328,7 @@ def test_start_crash_restart_stop(env: Any) -> None:
     assert inst["app"] == "hello" and inst["release"] == 3 and inst["proc"] == "web"
     assert inst["address"] == ADDRESS and inst["restarts"] == 0
     assert set(inst) == {"instance", "app", "release", "proc", "address", "port", "state",
-                         "restarts", "pid", "since", "reason"}
+                         "restarts", "pid", "since", "reason", "oom_kills"}
     status, body = http_get(inst["port"])
     assert status == 200 and body == "hello from web-1 hi"
     # gunicorn's own output arrives as web log lines
@@ -394,7 +398,8 @@ def alive(pid: int) -> bool:
 
 
 def test_restarted_runner_ends_what_a_killed_one_left(env: Any, tmp_path: Path,
-                                                      venv_cache: Path) -> None:
+                                                      venv_cache: Path,
+                                                      apps_dir: Path) -> None:
     """kill -9 of the runner leaves its gunicorn running (own session); the next
     start of the runner on the same data dir ends it before taking new work."""
     ctl, slugs, runner = env
@@ -404,7 +409,7 @@ def test_restarted_runner_ends_what_a_killed_one_left(env: Any, tmp_path: Path,
     assert alive(inst["pid"])                             # still alive: orphaned
     assert http_get(inst["port"])[0] == 200
     ctl.pids.add(inst["pid"])                             # fixture cleans up on failure
-    again = RunnerProcess(tmp_path, ctl, slugs, venv_cache)
+    again = RunnerProcess(tmp_path, ctl, slugs, venv_cache, apps_dir=apps_dir)
     try:
         ctl.heartbeats.clear()
         ctl.wait_for("heartbeat from the new runner", lambda: ctl.heartbeats, STEP_TIMEOUT)

@@ -102,9 +102,16 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
     db.close()
     s = Store(tmp_path / "old.db")
     assert s.schema_version() == len(MIGRATIONS)
-    assert s.limits("old") == {"maintenance": False, "max_body_mb": None}
+    assert s.limits("old") == {"maintenance": False, "max_body_mb": None,
+                               "memory_mb": None, "pids_max": None}
     s.set_maintenance("old", True)
     s.set_max_body("old", 5)
-    assert s.limits("old") == {"maintenance": True, "max_body_mb": 5}
+    s.set_process_limit("old", "memory_mb", 128)
+    assert s.limits("old") == {"maintenance": True, "max_body_mb": 5, "memory_mb": 128,
+                               "pids_max": None}
     with pytest.raises(Invalid):
         s.set_max_body("old", 0)
+    with pytest.raises(Invalid):
+        s.set_process_limit("old", "memory_mb", 4)
+    with pytest.raises(Invalid):
+        s.set_process_limit("old", "pids_max", True)

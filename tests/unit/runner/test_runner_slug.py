@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from runner.errors import SlugError
-from runner.slug import SlugStore, fetch, unpack
+from runner.slug import SlugStore, fetch
+from runner.slug import unpack as unpack_limited
 
 TOKEN = "secret"
 
@@ -94,6 +95,11 @@ def test_fetch_names_the_token_on_401(server: Any, tmp_path: Path) -> None:
     assert "HTTP 401" in err.value.message and "runner_token" in err.value.hint
 
 
+def unpack(archive: Path, dest: Path) -> Path:
+    """The real unpacker (a `python -m runner.unpack` subprocess), unjailed."""
+    return unpack_limited(archive, dest, max_bytes=10 << 20, max_members=1000)
+
+
 def test_unpack_is_atomic_and_reused(tmp_path: Path) -> None:
     archive = tarball(tmp_path / "s.tar.gz", [("app.py", b"x = 1\n"),
                                               ("pkg/mod.py", b""),
@@ -123,22 +129,28 @@ def test_unpack_rejects_paths_outside_the_app(tmp_path: Path,
     dest = tmp_path / "apps" / "demo" / "sha"
     with pytest.raises(SlugError) as err:
         unpack(archive, dest)
-    assert "outside the app" in err.value.message
+    assert err.value.code == "slug_unsafe", err.value.message
+    assert member_name(member) in err.value.message
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []      # the temp dir was removed
     assert not (tmp_path / "evil.py").exists()
 
 
+def member_name(member: tarfile.TarInfo | tuple[str, bytes]) -> str:
+    return member[0] if isinstance(member, tuple) else member.name
+
+
 def test_unpack_rejects_a_corrupt_archive(tmp_path: Path) -> None:
     archive = tmp_path / "bad.tar.gz"
     archive.write_bytes(b"not a tarball")
-    with pytest.raises(SlugError, match="cannot unpack"):
+    with pytest.raises(SlugError) as err:
         unpack(archive, tmp_path / "apps" / "a" / "s")
+    assert err.value.code == "slug_failed"
 
 
 def test_store_refuses_names_that_are_paths(tmp_path: Path) -> None:
-    store = SlugStore(tmp_path, TOKEN)
+    store = SlugStore(tmp_path, TOKEN, 1 << 20, 100)
     with pytest.raises(SlugError):
-        store.ensure("../other", "a" * 64, "http://127.0.0.1:1/")
+        store.ensure("../other", "a" * 64, "http://127.0.0.1:1/", tmp_path / "rel")
     with pytest.raises(SlugError):
-        store.ensure("demo", "../../x", "http://127.0.0.1:1/")
+        store.ensure("demo", "../../x", "http://127.0.0.1:1/", tmp_path / "rel")
