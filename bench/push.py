@@ -1,13 +1,15 @@
-"""How long a push takes: first push (virtualenv built) and a redeploy with unchanged
-requirements (virtualenv reused), against the peer: plain `python -m venv` + `pip
-install -r` of the same requirements. Run by hand:
+"""How long a push takes, against the peer: plain `python -m venv` + `pip install -r`
+of the same requirements. Run by hand (as root, the runner isolates each app):
 
     .venv/bin/python bench/push.py [--rounds 3]
 
 It starts its own platform (controller, runner on 127.0.0.2, balancer) on free ports
-with an empty virtualenv cache, times `berth push` end to end (pack, upload, build,
-start, health check, route), and prints the medians and ratios. pip's own download
-cache is warmed first so both sides install from the same local cache.
+with an empty wheel cache and times `berth push` end to end (pack, upload, unpack as
+the app's user, build, start, health check, route) for:
+  - the first app, cold: the shared wheel cache is empty (wheels fetched from PyPI);
+  - a second app with the same requirements: its own venv, from the warm wheel cache;
+  - a redeploy of that app with unchanged requirements (its venv reused).
+pip's own download cache is warmed first so the peer installs from a local cache too.
 """
 from __future__ import annotations
 
@@ -49,31 +51,45 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     rounds = parser.parse_args().rounds
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-"))
+    # not under /tmp: every app jail has a private /tmp; parents traversable by app users
+    work = Path(tempfile.mkdtemp(prefix="berth-bench-", dir="/var/tmp"))
+    work.chmod(0o711)
     plain_pip(work, 0)                                   # warm pip's download cache
     results: dict[str, list[float]] = {"plain venv + pip install": [],
-                                       "berth push, first (venv built)": [],
+                                       "berth push, first app (cold cache)": [],
+                                       "berth push, new app (warm cache)": [],
                                        "berth push, unchanged requirements": []}
     for n in range(rounds):
         results["plain venv + pip install"].append(plain_pip(work, n + 1))
         platform = LocalPlatform(work / f"platform-{n}", Ports.free(),
                                  runners=[("runner-1", "127.0.0.2")],
-                                 venv_cache_dir=str(work / f"venvs-{n}"))
+                                 wheel_cache_dir=str(work / f"wheels-{n}"),
+                                 apps_dir=str(work / f"apps-{n}"))
         platform.start()
         try:
             env = {**os.environ, "BERTH_CLI_API_URL": platform.api_url,
                    "BERTH_CLI_TOKEN": platform.admin_token,
                    "BERTH_CLI_CONFIG_DIR": str(work / "cli")}
             berth = [sys.executable, "-m", "cli.main"]
-            subprocess.run([*berth, "apps", "create", "bench"], env=env, check=True,
-                           capture_output=True, cwd=ROOT)
+            for name in ("first", "second"):
+                subprocess.run([*berth, "apps", "create", name], env=env, check=True,
+                               capture_output=True, cwd=ROOT)
             app = work / f"app-{n}"
             shutil.copytree(EXAMPLE, app)
-            results["berth push, first (venv built)"].append(
-                timed([*berth, "push", str(app), "-a", "bench"], env=env, cwd=ROOT))
+            results["berth push, first app (cold cache)"].append(
+                timed([*berth, "push", str(app), "-a", "first"], env=env, cwd=ROOT))
+            results["berth push, new app (warm cache)"].append(
+                timed([*berth, "push", str(app), "-a", "second"], env=env, cwd=ROOT))
             (app / "app.py").write_text((app / "app.py").read_text() + "\n# changed\n")
             results["berth push, unchanged requirements"].append(
-                timed([*berth, "push", str(app), "-a", "bench"], env=env, cwd=ROOT))
+                timed([*berth, "push", str(app), "-a", "second"], env=env, cwd=ROOT))
+            for name in ("first", "second"):     # their users and cgroups go too
+                subprocess.run([*berth, "apps", "destroy", name, "--confirm", name],
+                               env=env, check=True, capture_output=True, cwd=ROOT)
+            deadline = time.monotonic() + 60
+            while any((work / f"apps-{n}" / "runner-1").glob("*")) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
         finally:
             platform.stop()
     shutil.rmtree(work, ignore_errors=True)

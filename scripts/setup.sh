@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(curl ca-certificates git)
+# bubblewrap, nftables (and util-linux's setpriv, passwd's useradd, both in every
+# Debian) wall one app off from another when the runner runs as root
+APT_PACKAGES=(curl ca-certificates git bubblewrap nftables)
 # Debian's own interpreter is built with optimizations (about 25% faster than a plain
 # source build on the balancer's hot paths); use it when present.
 if [ -z "${PYTHON:-}" ]; then

@@ -19,13 +19,13 @@ def free_block(size: int) -> int:
     raise AssertionError("no block of free ports")
 
 
-def test_up_detached_then_down_stops_everything(tmp_path):
+def test_up_detached_then_down_stops_everything(tmp_path, berth_root):
     api, port = free_block(7), free_port()
     env = {**os.environ, "BERTH_CLI_CONFIG_DIR": str(tmp_path / "cfg"), "NO_COLOR": "1"}
     env.pop("BERTH_CLI_API_URL", None)
     env.pop("BERTH_CLI_TOKEN", None)
     berth = [sys.executable, "-m", "cli.main"]
-    data = tmp_path / "data"
+    data = berth_root / f"up-{tmp_path.name}"      # app users must reach it: not in /tmp
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*berth, *args], env=env, cwd=ROOT, capture_output=True,

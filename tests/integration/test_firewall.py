@@ -62,11 +62,15 @@ conn.sendall(b"hello from the app")
 conn.close()
 """
 
+# a uid range of its own: a platform started by another test installs the real
+# `inet berth` table for 200000-299999, which would refuse these users too
+TEST_RANGE = (300000, 300999)
+
 
 @pytest.fixture
 def firewall() -> Iterator[Firewall]:
     table = f"berth_t{secrets.token_hex(4)}"
-    fw = Firewall(200000, 299999, table=table)
+    fw = Firewall(*TEST_RANGE, table=table)
     try:
         yield fw
     finally:
@@ -77,7 +81,7 @@ def firewall() -> Iterator[Firewall]:
 
 @pytest.fixture
 def app_user(tmp_path: Path) -> Iterator[AppUser]:
-    users = AppUsers(secrets.token_hex(2), 200000, 299999)
+    users = AppUsers(secrets.token_hex(2), *TEST_RANGE)
     try:
         yield users.ensure("fwtest", tmp_path / "home")
     finally:
@@ -229,7 +233,7 @@ def test_concurrent_ensures_leave_one_copy(firewall: Firewall) -> None:
     def run() -> None:
         try:
             for _ in range(3):
-                Firewall(200000, 299999, table=firewall.table).ensure()
+                Firewall(*TEST_RANGE, table=firewall.table).ensure()
         except BaseException as exc:   # reported below, in the test's thread
             errors.append(exc)
 

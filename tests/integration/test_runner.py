@@ -421,3 +421,32 @@ def test_restarted_runner_ends_what_a_killed_one_left(env: Any, tmp_path: Path,
     finally:
         assert again.terminate() == 0
         again.stderr.close()
+
+
+def test_a_slug_bomb_is_stopped_while_unpacking(tmp_path: Path, venv_cache: Path,
+                                                apps_dir: Path) -> None:
+    """5 MB of zeros (a few kB gzipped) under a 1 MB limit: the runner's unpacker (as
+    the app's user) counts what it writes, stops at the limit, and leaves no partial
+    file; the push is refused with a clear error."""
+    bomb = make_slug({"requirements.txt": b"", "Procfile": b"web: true\n",
+                      "zeros.bin": bytes(5 << 20)})
+    sha = hashlib.sha256(bomb).hexdigest()
+    assert len(bomb) < 64 << 10
+    ctl = FakeController()
+    slugs = SlugServer({sha: bomb})
+    runner = RunnerProcess(tmp_path, ctl, slugs, venv_cache, apps_dir=apps_dir,
+                           max_unpacked_mb=1)
+    try:
+        rep = ctl.reply(ctl.command("prepare", build="bomb", app="bomb", slug=sha,
+                                    slug_url=slugs.slug_url(sha)), STEP_TIMEOUT)
+        assert not rep["ok"]
+        assert rep["error"]["code"] == "slug_too_large", rep["error"]
+        assert "1 MB" in rep["error"]["message"] or "1048576" in rep["error"]["message"]
+        assert rep["error"]["hint"]
+        releases = apps_dir / "bomb" / "releases"
+        assert releases.is_dir() and list(releases.iterdir()) == []   # nothing partial
+    finally:
+        runner.terminate()
+        runner.stderr.close()
+        slugs.close()
+        ctl.close()
