@@ -15,7 +15,6 @@ import pwd
 import shutil
 import subprocess
 import tarfile
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
