@@ -27,6 +27,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# As root the runner runs each app's unpacking and virtualenv steps as that app's
+# user, from this checkout: every directory above it must let others pass (o+x, not
+# read). Said out loud when changed; a checkout under /tmp.XXXX or /root needs it.
+if [ "$(id -u)" -eq 0 ]; then
+  d=$(pwd -P)
+  while [ "$d" != "/" ]; do
+    if [ -z "$(find "$d" -maxdepth 0 -perm -o=x)" ]; then
+      echo "-----> Letting app users pass through $d (chmod o+x) to run Berth's unpacker"
+      chmod o+x "$d"
+    fi
+    d=$(dirname "$d")
+  done
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "-----> Creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv

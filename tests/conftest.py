@@ -49,14 +49,18 @@ def forget_apps(apps_dir: Path) -> None:
 
     if os.geteuid() != 0:
         return
-    scope = scope_for(apps_dir)
-    cgroups = Cgroups(scope)
-    if cgroups.version is not None:
-        for app in cgroups.apps():
-            cgroups.remove_app(app)
-    users = AppUsers(scope)
-    for app in users.apps():
-        users.remove(app)
+    # a runner's own apps dir, or a platform's, whose runners each have a subdir
+    dirs = [apps_dir, *(p for p in apps_dir.iterdir() if p.is_dir())] \
+        if apps_dir.is_dir() else [apps_dir]
+    for path in dirs:
+        scope = scope_for(path)
+        cgroups = Cgroups(scope)
+        if cgroups.version is not None:
+            for app in cgroups.apps():
+                cgroups.remove_app(app)
+        users = AppUsers(scope)
+        for app in users.apps():
+            users.remove(app)
     shutil.rmtree(apps_dir, ignore_errors=True)
 
 
