@@ -13,6 +13,7 @@ namespace code: both are small, audited and do exactly this.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class Jail:
         bwrap = ["bwrap", "--unshare-pid", "--unshare-ipc",
                  "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
                  "--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/dev/shm"]
+        bwrap += _code_binds()
         for path in self.writable:
             bwrap += ["--bind", str(path), str(path)]
         if self.cwd is not None:
@@ -45,6 +47,22 @@ class Jail:
             return bwrap
         return ["sh", "-c", TRAMPOLINE, "berth-jail", str(len(self.cgroup_procs)),
                 *map(str, self.cgroup_procs), *bwrap]
+
+
+def _code_binds() -> list[str]:
+    """Berth's own code (the unpacker, virtualenv) runs in jails too: when it is
+    installed under /tmp, which every jail replaces, bind it back in, read-only, with
+    directories on the way that the app's user may pass."""
+    out: list[str] = []
+    tmp = Path("/tmp")
+    for root in sorted({Path(sys.prefix).resolve(), Path(__file__).resolve().parents[1]}):
+        if tmp not in root.parents:
+            continue
+        for parent in reversed(root.parents):
+            if tmp in parent.parents:
+                out += ["--perms", "0755", "--dir", str(parent)]
+        out += ["--ro-bind", str(root), str(root)]
+    return out
 
 
 def plain(command: list[str]) -> list[str]:
