@@ -331,7 +331,7 @@ class Controller:
                  self.settings.drain_seconds, self.settings.base_domain,
                  self.settings.default_max_body_mb << 20)
         for spec in p.starts:
-            self._start(spec, observed[spec.host].get("address"), now)
+            self._start(spec, observed[spec.host].get("address"), now, desired[spec.app])
         for iid in p.drains:
             self.draining[iid] = now
         for host, iid in p.stops:
@@ -348,29 +348,30 @@ class Controller:
                            now: float) -> None:
         """A host that lists an app the store no longer has (destroyed while the host
         was away, or just now) is told to remove everything of it."""
-        for host, beat in observed.items():
-            for app in beat.get("apps", []):
-                if app in apps or now - self.destroy_sent.get((host, app), -1e9) \
-                        < DESTROY_RETRY:
-                    continue
-                self.destroy_sent[(host, app)] = now
-                self._command(host, "destroy_app", {"app": app, "timeout": 120.0}, app=app)
-                log.info("destroying leftovers", extra={"app": app, "runner": host})
+        listed = {(host, app) for host, beat in observed.items()
+                  for app in beat.get("apps", [])}
+        for key in set(self.destroy_sent) - listed:
+            del self.destroy_sent[key]          # gone from the host: nothing to remember
+        for host, app in sorted(listed):
+            if app in apps or now - self.destroy_sent.get((host, app), -1e9) < DESTROY_RETRY:
+                continue
+            self.destroy_sent[(host, app)] = now
+            self._command(host, "destroy_app", {"app": app, "timeout": 120.0}, app=app)
+            log.info("destroying leftovers", extra={"app": app, "runner": host})
 
-    def _start(self, spec: StartSpec, address: str | None, now: float) -> None:
+    def _start(self, spec: StartSpec, address: str | None, now: float,
+               app: dict[str, Any]) -> None:
         rel = spec.release
         self.pending[spec.instance] = {"host": spec.host, "app": spec.app,
                                        "release": rel.version, "proc": spec.proc,
                                        "address": address,
                                        "deadline": now + START_PENDING, "since": time.time()}
-        limits = self.store.limits(spec.app)
         self._command(spec.host, "start", {"instance": spec.instance},
                       instance=spec.instance, app=spec.app, release=rel.version,
                       proc=spec.proc, command=rel.procfile[spec.proc], env=rel.config,
                       slug=rel.slug, slug_url=self.slug_url(rel.slug),
                       host_header=f"{spec.app}.{self.settings.base_domain}",
-                      limits={"memory_mb": limits["memory_mb"],
-                              "pids_max": limits["pids_max"]})
+                      limits={"memory_mb": app["memory_mb"], "pids_max": app["pids_max"]})
         log.info("starting instance", extra={"app": spec.app, "release": rel.version,
                                              "proc": spec.proc, "runner": spec.host,
                                              "instance": spec.instance})

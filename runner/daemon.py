@@ -45,6 +45,7 @@ LOOP_POLL_MS = 50
 MAX_MESSAGES = 100          # control messages handled per step
 MAX_EVENTS = 1000           # worker events handled per step
 SHUTDOWN_SLACK = 5.0        # seconds past stop_grace before remaining groups are killed
+APPS_EVERY = 2.0            # seconds between listings of the apps this host holds
 CONTROLLER = "controller"
 
 
@@ -81,6 +82,8 @@ class Runner(Hooks):
         self._log_files: dict[str, IO[str]] = {}
         self._build_lines: dict[str, int] = {}      # build id -> lines sent
         self._destroying: dict[str, Message] = {}   # app -> destroy_app command
+        self._apps: list[str] = []                  # apps with anything here (cached)
+        self._apps_at = 0.0
         self.control: zmq.Socket | None = None
         self.logs: zmq.Socket | None = None
 
@@ -194,7 +197,14 @@ class Runner(Hooks):
         self._send(make("heartbeat", self.host, host=self.host,
                         interval=self.settings.heartbeat_interval,
                         address=self.settings.address, inventory=self.inventory(),
-                        seq=self._seq, apps=self.isolation.apps()))
+                        seq=self._seq, apps=self._apps_here(now)))
+
+    def _apps_here(self, now: float) -> list[str]:
+        """What the host holds of which apps (dirs, users, cgroups): read at most every
+        APPS_EVERY seconds, not on every heartbeat of a busy loop."""
+        if now >= self._apps_at:
+            self._apps, self._apps_at = self.isolation.apps(), now + APPS_EVERY
+        return self._apps
 
     def inventory(self) -> list[dict[str, Any]]:
         return [inst.inventory() for inst in self.instances.values()]
@@ -314,6 +324,7 @@ class Runner(Hooks):
 
     def _done_destroy(self, event: JobDone) -> None:
         msg: Message = event.tag[1]
+        self._apps_at = 0.0         # the next heartbeat says what is left
         if event.error is not None:
             self._send(reply(msg, self.host, error=_error_dict(event.error)))
         else:
@@ -327,8 +338,7 @@ class Runner(Hooks):
     def _prepare(self, app: str, sha: str, url: str,
                  sink: Callable[[str], None]) -> tuple[Path, Venv]:
         """Job thread: slug fetched and unpacked as the app's user, venv built or reused."""
-        paths = self.isolation.ensure_app(app)
-        user = self.isolation.user(app)
+        paths, user = self.isolation.ensure_app(app)
         wrap = functools.partial(self.isolation.wrap, app)
         sink(f"-----> Fetching slug {sha[:12]}")
         release_dir, had = self.slugs.ensure(

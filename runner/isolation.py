@@ -175,10 +175,11 @@ class Isolation:
         try:
             subprocess.run(jail.argv([sys.executable, "-c", code]), check=True,
                            capture_output=True, text=True, timeout=60)
-        except subprocess.CalledProcessError as exc:
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            stderr = exc.stderr if isinstance(exc.stderr, str) else "timed out after 60s"
             raise IsolationError(
                 f"an unprivileged user cannot run Berth's code with {sys.executable}: "
-                f"{exc.stderr.strip()[-300:]}",
+                f"{stderr.strip()[-300:]}",
                 "install Berth where every user can read it (e.g. clone it outside "
                 "/root, or chmod o+rx the path to it)") from exc
 
@@ -189,7 +190,7 @@ class Isolation:
     def user(self, app: str) -> AppUser | None:
         return self.users.get(app) if self.enabled else None
 
-    def ensure_app(self, app: str) -> AppPaths:
+    def ensure_app(self, app: str) -> tuple[AppPaths, AppUser | None]:
         """The app's user and directories, made on first use (idempotent)."""
         paths = self.paths(app)
         user = self.users.ensure(app, paths.data) if self.enabled else None
@@ -202,7 +203,7 @@ class Isolation:
             if user is not None and (info.st_uid, info.st_gid) != (user.uid, user.gid):
                 os.chown(path, user.uid, user.gid, follow_symlinks=False)
         paths.root.chmod(0o700)
-        return paths
+        return paths, user
 
     def wrap(self, app: str, command: list[str], writable: tuple[Path, ...] = (),
              cwd: Path | None = None) -> list[str]:

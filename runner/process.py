@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.cgroups import Limits
+from runner.isolation import InstanceJail
 from runner.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class Instance:
     release_dir: Path | None = None
     venv_bin: Path | None = None
     control_socket: bool = False
-    jail: Any = None                # runner.isolation.InstanceJail: user, jail, cgroup
+    jail: InstanceJail | None = None    # user, jail and cgroup (None: not prepared yet)
     data_dir: Path | None = None    # the app's persistent dir (BERTH_DATA_DIR)
     oom_kills: int = 0              # processes the kernel killed for memory, so far
 
@@ -223,7 +224,7 @@ class Instance:
 
     # ---- events fed by the daemon ----------------------------------------------
     def prepared(self, release_dir: Path, venv_bin: Path, control_socket: bool,
-                 jail: Any = None, data_dir: Path | None = None) -> None:
+                 jail: InstanceJail | None = None, data_dir: Path | None = None) -> None:
         """The slug is unpacked and the venv is ready: spawn the process."""
         if self.state is not State.PREPARING:
             return      # stopped meanwhile

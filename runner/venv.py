@@ -141,7 +141,8 @@ class VenvBuilder:
                 sink(f"-----> Making virtualenv {key[:12]} ({version})")
                 try:
                     self._build(ctx, path, requirements if reqs else None, sink)
-                    run_streaming(ctx.wrap(["sh", "-c", f'echo {version} > "$1"', "sh",
+                    # written by the app's user: the venv is its, links in it included
+                    run_streaming(ctx.wrap(["sh", "-c", 'echo "$1" > "$2"', "sh", version,
                                             str(path / MARKER)], (ctx.venvs,)),
                                   sink, "marking the virtualenv complete")
                 except BaseException:
