@@ -14,8 +14,9 @@ from balancer.errors import BackendError, BadRequest
 VECTORS = sorted((Path(__file__).parent / "vectors").glob("*.http"))
 
 
-def decide(raw: bytes, max_bytes: int = 65536) -> tuple[http1.Request, bytes]:
-    """What the proxy does with raw bytes: the parsed request and its decoded body;
+def frame(raw: bytes, max_bytes: int = 65536) -> tuple[http1.Request, bytes, bytes]:
+    """What the proxy does with raw bytes: the parsed request, its decoded body and
+    the bytes past that body (what the connection would read as the next request);
     raises BadRequest for anything it must refuse."""
     found = http1.find_head(raw, max_bytes)
     assert found, "head incomplete"
@@ -26,8 +27,68 @@ def decide(raw: bytes, max_bytes: int = 65536) -> tuple[http1.Request, bytes]:
         dec = http1.ChunkedDecoder()
         body = b"".join(dec.feed(rest))
         assert dec.done, "chunked body incomplete"
-        return req, body
-    return req, rest[:req.framing.length]
+        return req, body, dec.leftover
+    length = req.framing.length if req.framing.kind == "length" else 0
+    assert len(rest) >= length, "length body incomplete"
+    return req, rest[:length], rest[length:]
+
+
+def decide(raw: bytes, max_bytes: int = 65536) -> tuple[http1.Request, bytes]:
+    """The parsed request and its decoded body (see frame)."""
+    req, body, _ = frame(raw, max_bytes)
+    return req, body
+
+
+def backend_lines(req: http1.Request) -> list[str]:
+    """The head the backend is sent for `req`, less the X-Forwarded-* and
+    X-Request-ID lines every request gets (tested on their own below)."""
+    head = http1.backend_request_head(req, client_addr="192.0.2.1", port=80,
+                                      req_id="rid").decode("latin-1")
+    assert head.endswith("\r\n\r\n")
+    return [line for line in head[:-4].split("\r\n")
+            if not line.lower().startswith(("x-forwarded-", "x-request-id:"))]
+
+
+# What each ok-* vector must parse to. Every ok vector needs an entry here
+# (test_every_ok_vector_has_an_expectation), so a new one cannot pass by merely not
+# raising. `leftover` is what the connection reads after the body: a framing that
+# is one byte off would show up there. `backend` is the head sent on, without the
+# X-Forwarded-*/X-Request-ID lines.
+OK_EXPECTED: dict[str, dict] = {
+    "ok-absolute-form": dict(
+        method="GET", target="/x", version=(1, 1), host="a.localhost",
+        headers=[("Host", "other")], framing=http1.Framing("none"), keep_alive=True,
+        body=b"", leftover=b"",
+        backend=["GET /x HTTP/1.1", "Host: a.localhost"]),
+    "ok-chunked": dict(
+        method="POST", target="/", version=(1, 1), host="a",
+        headers=[("Host", "a"), ("Transfer-Encoding", "Chunked")],
+        framing=http1.Framing("chunked"), keep_alive=True,
+        body=b"abc", leftover=b"",          # extension and trailer dropped
+        backend=["POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked"]),
+    "ok-duplicate-identical-cl": dict(
+        method="POST", target="/", version=(1, 1), host="a",
+        headers=[("Host", "a"), ("Content-Length", "3"), ("Content-Length", "3")],
+        framing=http1.Framing("length", 3), keep_alive=True,
+        body=b"abc", leftover=b"",
+        # the backend sees one Content-Length, never the client's pair
+        backend=["POST / HTTP/1.1", "Host: a", "Content-Length: 3"]),
+    "ok-http10-no-host": dict(
+        method="GET", target="/", version=(1, 0), host="",
+        headers=[], framing=http1.Framing("none"), keep_alive=False,
+        body=b"", leftover=b"",
+        backend=["GET / HTTP/1.1", "Host: "]),
+    "ok-leading-crlf": dict(
+        method="GET", target="/", version=(1, 1), host="a.localhost",
+        headers=[("Host", "a.localhost")], framing=http1.Framing("none"),
+        keep_alive=True, body=b"", leftover=b"",
+        backend=["GET / HTTP/1.1", "Host: a.localhost"]),
+    "ok-simple-get": dict(
+        method="GET", target="/", version=(1, 1), host="a.localhost",
+        headers=[("Host", "a.localhost")], framing=http1.Framing("none"),
+        keep_alive=True, body=b"", leftover=b"",
+        backend=["GET / HTTP/1.1", "Host: a.localhost"]),
+}
 
 
 @pytest.mark.parametrize("path", VECTORS, ids=[p.stem for p in VECTORS])
@@ -35,19 +96,81 @@ def test_vector(path: Path) -> None:
     expected = path.stem.split("-", 1)[0]
     raw = path.read_bytes()
     if expected == "ok":
-        decide(raw)
+        assert path.stem in OK_EXPECTED, f"add what {path.name} must parse to to OK_EXPECTED"
+        want = OK_EXPECTED[path.stem]
+        req, body, leftover = frame(raw)
+        assert (req.method, req.target, req.version, req.host) == \
+            (want["method"], want["target"], want["version"], want["host"])
+        assert req.headers.items == want["headers"]
+        assert req.framing == want["framing"]
+        assert req.keep_alive is want["keep_alive"]
+        assert (body, leftover) == (want["body"], want["leftover"])
+        assert backend_lines(req) == want["backend"]
     else:
         with pytest.raises(BadRequest) as info:
-            decide(raw)
+            frame(raw)
         assert info.value.status == int(expected), info.value.message
 
 
-def test_vectors_cover_the_smuggling_families() -> None:
-    names = {p.stem for p in VECTORS}
-    for needed in ("400-cl-te", "400-te-cl", "400-te-xchunked", "400-cl-differing-duplicates",
-                   "400-obs-fold", "400-space-before-colon", "400-missing-host",
-                   "400-duplicate-host", "400-chunk-size-not-hex"):
-        assert needed in names
+def test_every_ok_vector_has_an_expectation() -> None:
+    ok = {p.stem for p in VECTORS if p.stem.startswith("ok-")}
+    assert ok == set(OK_EXPECTED), "OK_EXPECTED and vectors/ok-*.http must match"
+
+
+# Each request-smuggling family: its vector, and the one edit that removes the
+# ambiguity. The vector must be refused with 400 and the edited request accepted
+# with the framing and body given, so the refusal is shown to come from that
+# family's trick and not from something else wrong with the vector. `stage` is
+# where the refusal happens: "head" means before any byte could reach a backend.
+SMUGGLING_FAMILIES = {
+    "400-cl-te": (b"Content-Length: 6\r\n", b"", "head",
+                  http1.Framing("chunked"), b"", b"G"),
+    "400-te-cl": (b"Content-Length: 3\r\n", b"", "head",
+                  http1.Framing("chunked"), b"SMUGGLED", b""),
+    "400-te-xchunked": (b"xchunked", b"chunked", "head",
+                        http1.Framing("chunked"), b"", b""),
+    "400-te-obs-fold": (b"Transfer-Encoding:\r\n chunked", b"Transfer-Encoding: chunked",
+                        "head", http1.Framing("chunked"), b"", b""),
+    "400-te-space-before-colon": (b"Transfer-Encoding :", b"Transfer-Encoding:", "head",
+                                  http1.Framing("chunked"), b"", b""),
+    "400-te-underscore": (b"Transfer_Encoding", b"Transfer-Encoding", "head",
+                          http1.Framing("chunked"), b"", b""),
+    "400-te-vertical-tab": (b"chunked\x0b", b"chunked", "head",
+                            http1.Framing("chunked"), b"", b""),
+    "400-cl-differing-duplicates": (b"Content-Length: 0\r\n", b"", "head",
+                                    http1.Framing("length", 5), b"abcde", b""),
+    "400-obs-fold": (b"one\r\n\ttwo", b"one two", "head", http1.NO_BODY, b"", b""),
+    "400-space-before-colon": (b"Host :", b"Host:", "head", http1.NO_BODY, b"", b""),
+    "400-missing-host": (b"X: y\r\n", b"Host: a\r\nX: y\r\n", "head",
+                         http1.NO_BODY, b"", b""),
+    "400-duplicate-host": (b"Host: b\r\n", b"", "head", http1.NO_BODY, b"", b""),
+    "400-chunk-size-not-hex": (b"zz\r\n", b"3\r\n", "body",
+                               http1.Framing("chunked"), b"abc", b""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING_FAMILIES))
+def test_vectors_cover_the_smuggling_families(name: str) -> None:
+    trick, fix, stage, framing, body, leftover = SMUGGLING_FAMILIES[name]
+    path = Path(__file__).parent / "vectors" / f"{name}.http"
+    raw = path.read_bytes()
+    assert raw.count(trick) == 1, f"{path.name} no longer holds {trick!r}"
+
+    found = http1.find_head(raw, 65536)
+    assert found
+    start, end = found
+    if stage == "head":
+        with pytest.raises(BadRequest) as info:
+            http1.parse_request(raw[start:end])
+    else:
+        assert http1.parse_request(raw[start:end]).framing.kind == "chunked"
+        with pytest.raises(BadRequest) as info:
+            http1.ChunkedDecoder().feed(raw[end:])
+    assert info.value.status == 400, info.value.message
+
+    req, got_body, got_leftover = frame(raw.replace(trick, fix))
+    assert req.framing == framing
+    assert (got_body, got_leftover) == (body, leftover)
 
 
 def test_head_incomplete_then_too_large() -> None:
