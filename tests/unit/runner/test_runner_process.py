@@ -3,11 +3,13 @@ test moves forward (so backoff delays cost no real time)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from typing import IO
 
 import pytest
 
@@ -72,6 +74,14 @@ def tick_until(inst: Instance, state: State, timeout: float = 10.0) -> None:
         assert time.monotonic() < deadline, f"still {inst.state} ({inst.reason})"
         inst.tick()
         time.sleep(0.02)
+
+
+def read_line(stream: IO[bytes], timeout: float = 10.0) -> bytes:
+    """One line from a child's stdout pipe, failing after `timeout` seconds rather
+    than blocking for as long as the child lives."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no output within {timeout}s"
+    return stream.readline()
 
 
 def advance(inst: Instance, seconds: float) -> None:
@@ -186,15 +196,18 @@ def test_commanded_stop_is_not_a_crash(make: Callable[..., Instance],
 
 def test_stop_escalates_to_sigkill_after_the_grace(make: Callable[..., Instance],
                                                    tmp_path: Path) -> None:
+    # says "term" on each SIGTERM and carries on (sleep resumes after the handler)
     inst = make(f"{PY} -c 'import signal, time; signal.signal(signal.SIGTERM, "
-                "signal.SIG_IGN); print(\"ready\", flush=True); time.sleep(30)'")
+                "lambda *a: print(\"term\", flush=True)); print(\"ready\", flush=True); "
+                "time.sleep(30)'")
     prepared(inst, tmp_path)
     assert inst.proc is not None and inst.proc.stdout is not None
-    assert inst.proc.stdout.readline() == b"ready\n"
+    assert read_line(inst.proc.stdout) == b"ready\n"
     inst.stop(grace=3)
-    time.sleep(0.2)
+    assert read_line(inst.proc.stdout) == b"term\n"   # the SIGTERM arrived...
     inst.tick()
-    assert inst.state is State.STOPPING           # SIGTERM ignored, grace not over
+    assert inst.proc.poll() is None                 # ...and was survived
+    assert inst.state is State.STOPPING             # grace not over: no SIGKILL yet
     advance(inst, 3)
     tick_until(inst, State.STOPPED)
     assert inst.reason == "stopped (killed by SIGKILL)"
