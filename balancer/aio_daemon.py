@@ -214,7 +214,7 @@ class Balancer:
         if not self.routes_loaded:
             self.routes_loaded = True
             self._start_accepting()
-        for conn in self.pool.sync(table):
+        for conn in self.pool.sync(self.index.routes):
             conn.close()
         log.info("routes changed", extra={"apps": len(table),
                                           "hosts": len(self.index.hosts)})

@@ -185,7 +185,7 @@ class Balancer:
         if not self.routes_loaded:
             self.routes_loaded = True
             self._start_accepting()
-        for conn in self.pool.sync(table):
+        for conn in self.pool.sync(self.index.routes):
             try:
                 conn.close()
             except OSError:

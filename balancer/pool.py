@@ -8,18 +8,17 @@ are opaque objects here; proxy.py opens, checks and closes them.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from messaging import shapes
+from messaging.shapes import Route
 
 BASE_BACKOFF = 0.5      # seconds down after the first failure, doubled after each
 MAX_BACKOFF = 30.0
 MAX_IDLE = 64           # idle keep-alive connections kept per backend
 IDLE_TTL = 4.0          # seconds an idle backend connection may be reused
-
-
-def backend_key(entry: dict[str, Any]) -> str:
-    return f"{entry['address']}:{int(entry['port'])}"
 
 
 @dataclass
@@ -50,38 +49,35 @@ class Pool:
         self.idle_ttl = idle_ttl
         self.backends: dict[str, Backend] = {}
 
-    def sync(self, table: dict[str, dict[str, Any]]) -> list[Any]:
+    def sync(self, routes: Mapping[str, Route]) -> list[Any]:
         """Follow a new route table: keep the state of backends still listed, add
         new ones, forget gone ones. Returns idle connections the caller closes."""
-        wanted: dict[str, dict[str, Any]] = {}
-        for route in table.values():
-            for entry in (route or {}).get("backends") or []:
-                wanted[backend_key(entry)] = entry
+        wanted: dict[str, shapes.Backend] = {}
+        for route in routes.values():
+            for entry in route.backends:
+                wanted[entry.key] = entry
         to_close: list[Any] = []
         for key in list(self.backends):
             if key not in wanted:
                 to_close.extend(conn for conn, _ in self.backends.pop(key).idle)
         for key, entry in wanted.items():
             if key not in self.backends:
-                self.backends[key] = Backend(key, str(entry["address"]),
-                                             int(entry["port"]), str(entry.get("id", "")))
+                self.backends[key] = Backend(key, entry.address, entry.port, entry.id)
         return to_close
 
-    def _get(self, entry: dict[str, Any]) -> Backend:
-        key = backend_key(entry)
+    def _get(self, entry: shapes.Backend) -> Backend:
+        key = entry.key
         backend = self.backends.get(key)
         if backend is None:   # route seen before sync: track it anyway
-            backend = self.backends[key] = Backend(key, str(entry["address"]),
-                                                   int(entry["port"]),
-                                                   str(entry.get("id", "")))
+            backend = self.backends[key] = Backend(key, entry.address, entry.port, entry.id)
         return backend
 
-    def choose(self, entries: Iterable[dict[str, Any]], exclude: set[str],
+    def choose(self, entries: Iterable[shapes.Backend], exclude: set[str],
                now: float) -> Backend | None:
         """Pick a backend for one attempt, skipping keys in `exclude` (already
         tried for this request). Up backends first; when every one left is down,
         the one whose backoff ends soonest (it may have recovered)."""
-        candidates = [self._get(e) for e in entries if backend_key(e) not in exclude]
+        candidates = [self._get(e) for e in entries if e.key not in exclude]
         if not candidates:
             return None
         up = [b for b in candidates if b.is_up(now)]

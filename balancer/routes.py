@@ -1,14 +1,16 @@
 """Host -> app index over the replicated route table, without I/O.
 
-Route table (from the controller, via messaging.clone): {app: route} where
-route = {"hosts": [...], "backends": [{"id", "address", "port"}], "reason": str,
-"maintenance": bool, "max_body": int (bytes; 0 or absent = no limit)}.
+The route table (from the controller, via messaging.clone) maps each app to a route
+on the wire; its shape is messaging.shapes.Route, parsed once per table change.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from typing import Any
+
+from messaging.errors import ProtocolError
+from messaging.shapes import Backend, Route
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ def normalize_host(host: str) -> str:
 @dataclass(frozen=True)
 class Match:
     app: str
-    backends: list[dict[str, Any]]
+    backends: tuple[Backend, ...]
     reason: str
     maintenance: bool = False
     max_body: int = 0
@@ -35,36 +37,38 @@ class Match:
 class RouteIndex:
     """Rebuilt whole on every table change; lookups are one dict access."""
 
-    def __init__(self, table: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, table: dict[str, Any] | None = None) -> None:
         self.hosts: dict[str, str] = {}
-        self.table: dict[str, dict[str, Any]] = {}
+        self.routes: dict[str, Route] = {}
         self.update(table or {})
         self.loaded = table is not None   # a table has arrived (else every host is unknown)
 
-    def update(self, table: dict[str, dict[str, Any]]) -> None:
+    def update(self, table: dict[str, Any]) -> None:
+        """Take a new wire table; a malformed route is logged and left out."""
         hosts: dict[str, str] = {}
+        routes: dict[str, Route] = {}
         for app in sorted(table):
-            route = table[app] or {}
-            for host in route.get("hosts") or []:
-                key = normalize_host(str(host))
+            try:
+                route = routes[app] = Route.from_wire(table[app] or {})
+            except ProtocolError as exc:
+                log.warning("dropped a malformed route", extra={"app": app,
+                                                                "error": exc.message})
+                continue
+            for host in route.hosts:
+                key = normalize_host(host)
                 if key in hosts and hosts[key] != app:
                     log.warning("host claimed by two apps; keeping the first",
                                 extra={"host_name": key, "app": hosts[key],
                                        "other_app": app})
                     continue
                 hosts[key] = app
-        self.hosts, self.table = hosts, table
+        self.hosts, self.routes = hosts, routes
         self.loaded = True
 
     def lookup(self, host: str) -> Match | None:
         app = self.hosts.get(normalize_host(host))
         if app is None:
             return None
-        route = self.table.get(app) or {}
-        try:
-            max_body = max(0, int(route.get("max_body") or 0))
-        except (TypeError, ValueError):
-            max_body = 0
-        return Match(app, list(route.get("backends") or []),
-                     str(route.get("reason") or ""),
-                     maintenance=bool(route.get("maintenance")), max_body=max_body)
+        route = self.routes[app]
+        return Match(app, route.backends, route.reason, maintenance=route.maintenance,
+                     max_body=route.max_body)

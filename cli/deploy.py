@@ -13,6 +13,7 @@ from cli.client import Client
 from cli.output import console, handle_errors, step
 from cli.settings import SPEC
 from messaging.errors import BerthError
+from messaging.shapes import InventoryItem, State
 
 
 def wait_for_release(client: Client, app: str, version: int, timeout: float) -> None:
@@ -22,15 +23,15 @@ def wait_for_release(client: Client, app: str, version: int, timeout: float) -> 
         while time.monotonic() < deadline:
             ps = client.get(f"/v1/apps/{app}/ps")
             want = ps["formation"].get("web", 0)
-            mine = [i for i in ps["instances"]
-                    if i["release"] == version and i["proc"] == "web"]
+            mine = [i for i in map(InventoryItem.from_wire, ps["instances"])
+                    if i.release == version and i.web]
             if want == 0:
                 return
-            if sum(1 for i in mine if i["state"] == "RUNNING") >= want:
+            if sum(1 for i in mine if i.state is State.RUNNING) >= want:
                 return
-            fatal = [i for i in mine if i["state"] == "FATAL"]
+            fatal = [i for i in mine if i.state is State.FATAL]
             if fatal and len(fatal) >= want:
-                raise BerthError(f"release v{version} crashed on start: {fatal[0].get('reason')}",
+                raise BerthError(f"release v{version} crashed on start: {fatal[0].reason}",
                                  f"see `berth logs -a {app}`; the previous release keeps "
                                  "serving", code="crashed")
             time.sleep(0.3)

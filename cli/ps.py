@@ -10,6 +10,7 @@ from cli import appname
 from cli.client import Client
 from cli.output import console, handle_errors, step
 from messaging.errors import BerthError
+from messaging.shapes import InventoryItem
 
 
 def _age(since: float | None) -> str:
@@ -19,10 +20,9 @@ def _age(since: float | None) -> str:
     return f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
 
 
-def _note(inst: dict[str, object]) -> str:
-    note = str(inst.get("reason") or "")
-    ooms = inst.get("oom_kills")
-    if isinstance(ooms, int) and ooms and "out of memory" not in note:
+def _note(inst: InventoryItem) -> str:
+    note, ooms = inst.reason, inst.oom_kills
+    if ooms and "out of memory" not in note:
         note += f" (out of memory: {ooms} process{'es' if ooms > 1 else ''} killed)"
     return note
 
@@ -42,11 +42,12 @@ def ps(app: str | None, as_json: bool) -> None:
     click.echo(f"=== {name} ({formation})")
     table = Table("instance", "proc", "release", "state", "address", "restarts", "age",
                   "note", box=None)
-    for i in sorted(data["instances"], key=lambda i: (i["proc"], i["instance"])):
-        addr = f"{i.get('address') or '?'}:{i['port']}" if i.get("port") else i.get("host", "")
-        table.add_row(i["instance"], i["proc"], f"v{i['release']}", i["state"].lower(),
-                      addr, str(i.get("restarts", 0)), _age(i.get("since")),
-                      _note(i))
+    insts = sorted(map(InventoryItem.from_wire, data["instances"]),
+                   key=lambda i: (i.proc, i.instance))
+    for i in insts:
+        addr = f"{i.address or '?'}:{i.port}" if i.port else i.host
+        table.add_row(i.instance, i.proc, f"v{i.release}", i.state.value.lower(), addr,
+                      str(i.restarts), _age(i.since), _note(i))
     console.print(table)
 
 

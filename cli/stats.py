@@ -12,6 +12,7 @@ from rich.table import Table
 from cli import appname
 from cli.client import Client
 from cli.output import console, handle_errors
+from messaging.shapes import InventoryItem
 
 
 def _line(name: str, fig: dict[str, Any]) -> str:
@@ -63,9 +64,8 @@ def hosts(as_json: bool) -> None:
         click.echo(f"=== {name} ({info['address']}): {info['instances']} instances")
         table = Table("instance", "app", "proc", "release", "state", "port", "restarts",
                       box=None)
-        for i in info["inventory"]:
-            table.add_row(i["instance"], i["app"], i["proc"], f"v{i['release']}",
-                          i["state"].lower(), str(i.get("port") or "-"),
-                          str(i.get("restarts", 0)))
+        for i in (InventoryItem.from_wire(raw) for raw in info["inventory"]):
+            table.add_row(i.instance, i.app, i.proc, f"v{i.release}", i.state.value.lower(),
+                          str(i.port or "-"), str(i.restarts))
         console.print(table)
     click.echo(f"stats from: {', '.join(data['stats_from']) or 'nobody yet'}")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from controller import slugcheck
-from controller.errors import Invalid, NotFound, Unauthorized
+from controller.errors import Invalid, NotFound, Unauthorized, internal
 from controller.logstore import format_line
 from messaging.errors import BerthError
 
@@ -74,8 +74,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as exc:               # keep the server up; tell the user
             log.exception("api error", extra={"path": self.url.path})
-            self._json(500, {"error": {"code": "internal", "message": f"internal error: {exc}",
-                                       "hint": "see the controller's log"}})
+            self._json(500, {"error": internal(exc).to_dict()})
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
 

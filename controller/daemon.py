@@ -8,12 +8,13 @@ ZeroMQ sockets are touched by the loop thread alone.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import queue
 import secrets
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,23 +22,34 @@ from typing import Any
 import zmq
 
 from controller.api import ApiServer
+from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
+from controller.commands import Command, Commands
+from controller.errors import build_interrupted, no_runner
 from controller.logstore import LogStore
-from controller.reconciler import Plan, StartSpec, flatten, plan
+from controller.reconciler import Plan, StartSpec, draining_view, flatten, plan
 from controller.stats import StatsHub
 from controller.store import Store
 from messaging import channels, envelope
 from messaging.clone import ClonePublisher
 from messaging.envelope import Message, make
+from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
+from messaging.shapes import HostReport, HostView, InventoryItem, Limits, Route, State
 
 log = logging.getLogger(__name__)
 
-NO_RUNNER_WAIT = 30.0
-BUILD_TIMEOUT = 900.0
 START_PENDING = 15.0
 STOP_RETRY = 60.0
 DESTROY_RETRY = 30.0
-LOG_CATCH_UP = 3.0
+
+
+@dataclass(frozen=True)
+class View:
+    """What the API threads may read: made whole by the loop, swapped under a lock."""
+
+    hosts: dict[str, HostView] = field(default_factory=dict)
+    instances: list[InventoryItem] = field(default_factory=list)
+    routes: tuple[int, dict[str, Any]] = (0, {})
 
 
 class Controller:
@@ -54,18 +66,17 @@ class Controller:
         self.publisher = ClonePublisher(settings.host_id)
         self.tracker = PeerTracker(settings.heartbeat_interval, settings.dead_after)
         self.identities: dict[str, bytes] = {}
-        # explicit loop state
-        self.pending: dict[str, dict[str, Any]] = {}      # instance -> start sent
+        # explicit loop state: commands and builds in their own state machines, and
+        # the instances the reconciler is steering
+        self.commands = Commands(settings.host_id, self._send)
+        self.builds = Builds()
+        self.pending: dict[str, InventoryItem] = {}       # start sent, not yet reported
+        self.pending_until: dict[str, float] = {}         # instance -> give up waiting
         self.draining: dict[str, float] = {}              # instance -> since
         self.stopping: dict[str, float] = {}              # instance -> stop sent at
-        self.in_flight: dict[str, dict[str, Any]] = {}    # command id -> what it was
-        self.build_queue: queue.Queue[str] = queue.Queue()
-        self.waiting_builds: list[tuple[str, float]] = []
-        self.build_lines: dict[str, int] = {}             # build -> runner lines received
-        self.finishing: list[tuple[dict[str, Any], Message, float]] = []
         self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
         self._view_lock = threading.Lock()
-        self._view: dict[str, Any] = {"hosts": {}, "instances": []}
+        self._view = View()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.api: ApiServer | None = None
@@ -89,10 +100,8 @@ class Controller:
 
     def start(self) -> None:
         self.ensure_admin_token()
-        for build in self.store.unfinished_builds():
-            self._fail_build(build, {"code": "interrupted",
-                                     "message": "the controller restarted during this build",
-                                     "hint": "push again with `berth push`"})
+        for build_id in self.store.unfinished_builds():
+            self._build_failed_log(build_id, build_interrupted())
         self.ctx = zmq.Context()
         s = self.settings
         self.control = channels.bind(self.ctx, "control", s.control_endpoint)
@@ -126,7 +135,7 @@ class Controller:
                     next_beat = now + interval
                 self._dispatch_builds(now)
                 self._finish_builds(now)
-                self._expire_commands(now)
+                self.commands.expire(now)
                 if now >= next_reconcile or self._wake.is_set():
                     self._wake.clear()
                     self.reconcile(now)
@@ -161,13 +170,19 @@ class Controller:
 
     def _on_control(self, identity: bytes, msg: Message) -> None:
         if msg.type == "heartbeat":
-            host = msg["host"]
-            if self.tracker.seen(host, msg.fields):
-                log.info("runner joined", extra={"runner": host, "address": msg.get("address")})
+            try:
+                report = HostReport.from_heartbeat(msg.fields)
+            except ProtocolError as exc:
+                log.warning("dropped bad heartbeat", extra={"runner": msg.get("host"),
+                                                            "error": exc.message})
+                return
+            if self.tracker.seen(report.host, report):
+                log.info("runner joined", extra={"runner": report.host,
+                                                  "address": report.address})
                 self._wake.set()
-            self.identities[host] = identity
+            self.identities[report.host] = identity
         elif msg.type == "reply":
-            self._on_reply(msg)
+            self.commands.answered(msg)
 
     def _on_log(self, msg: Message) -> None:
         if msg.type == "log_batch":
@@ -176,7 +191,7 @@ class Controller:
                     self.logs.append(str(entry["app"]), {**entry, "ts": entry.get("ts", msg.ts)})
             return
         if msg.get("build"):
-            self.build_lines[msg["build"]] = self.build_lines.get(msg["build"], 0) + 1
+            self.builds.line(msg["build"])
             self.logs.build_line(msg["build"], msg["line"])
         else:
             self.logs.append(msg["app"], {**msg.fields, "ts": msg.ts})
@@ -184,11 +199,7 @@ class Controller:
     def _beat(self, now: float) -> None:
         for peer in self.tracker.reap(now):
             log.warning("runner lost", extra={"runner": peer.name})
-            for cid, cmd in list(self.in_flight.items()):
-                if cmd["host"] == peer.name:
-                    self._command_failed(cid, {"code": "runner_lost",
-                                               "message": f"runner {peer.name} stopped answering",
-                                               "hint": "push again; another runner will take it"})
+            self.commands.host_lost(peer.name)
             self._wake.set()
         beat = make("heartbeat", self.settings.host_id, host=self.settings.host_id,
                     interval=self.settings.heartbeat_interval)
@@ -201,127 +212,96 @@ class Controller:
         if identity is not None:
             envelope.send(self.control, msg, identity)
 
-    def _command(self, host: str, action: str, what: dict[str, Any], **args: Any) -> None:
-        msg = envelope.command(action, self.settings.host_id, **args)
-        self.in_flight[msg.id] = {"host": host, "action": action,
-                                  "deadline": time.monotonic() + what.pop("timeout", 30.0),
-                                  **what}
-        self._send(host, msg)
-
     # -- builds -------------------------------------------------------------
     def submit_build(self, build_id: str) -> None:
-        self.build_queue.put(build_id)
+        self.builds.submit(build_id)
 
     def _dispatch_builds(self, now: float) -> None:
-        while True:
-            try:
-                self.waiting_builds.append((self.build_queue.get_nowait(), now))
-            except queue.Empty:
-                break
-        still = []
-        for build_id, since in self.waiting_builds:
-            hosts = {h: len(b.get("inventory", [])) for h, b in self.observed(now).items()}
-            if not hosts:
-                if now - since > NO_RUNNER_WAIT:
-                    self._fail_build(build_id, {
-                        "code": "no_runner", "message": "no runner host is connected",
-                        "hint": "start one (`berth up` does) and push again"})
-                else:
-                    still.append((build_id, since))
+        self.builds.take_new(now)
+        queued = self.builds.in_state(BuildState.QUEUED)
+        if not queued:
+            return
+        load = {h: len(r.inventory) for h, r in self.observed(now).items()}
+        for build in queued:
+            if not load:
+                if now - build.queued_at > NO_RUNNER_WAIT:
+                    self._build_over(build, error=no_runner())
                 continue
-            host = min(sorted(hosts), key=lambda h: hosts[h])
-            build = self.store.build(build_id)
-            self.logs.build_line(build_id, f"-----> Building on {host}")
-            self._command(host, "prepare", {"build": build_id, "started": now,
-                                            "timeout": BUILD_TIMEOUT},
-                          build=build_id, app=build["app"], slug=build["slug"],
-                          slug_url=self.slug_url(build["slug"]))
-        self.waiting_builds = still
+            host = min(sorted(load), key=lambda h: load[h])
+            stored = self.store.build(build.id)
+            self.logs.build_line(build.id, f"-----> Building on {host}")
+            build.dispatched(host, now)
+            self.commands.send(
+                host, "prepare", {"build": build.id, "app": stored["app"],
+                                  "slug": stored["slug"],
+                                  "slug_url": self.slug_url(stored["slug"])},
+                subject=build.id, now=now, timeout=BUILD_TIMEOUT,
+                on_result=functools.partial(self._prepared, build),
+                on_error=functools.partial(self._prepare_failed, build))
 
     def slug_url(self, sha: str) -> str:
         return f"{self.public_url}/v1/slugs/{sha}"
 
-    def _build_succeeded(self, cmd: dict[str, Any], result: dict[str, Any]) -> None:
-        build = self.store.build(cmd["build"])
-        cur = self.store.current_release(build["app"])
+    def _prepared(self, build: Build, cmd: Command, result: dict[str, Any]) -> None:
+        # build output travels on the logs socket: finish once it has all arrived
+        build.answered(time.monotonic(), int(result.get("log_lines") or 0), result=result)
+
+    def _prepare_failed(self, build: Build, cmd: Command, err: BerthError,
+                        body: dict[str, Any]) -> None:
+        build.answered(time.monotonic(), int(body.get("log_lines") or 0), error=err)
+
+    def _finish_builds(self, now: float) -> None:
+        for build in self.builds.in_state(BuildState.CATCHING_UP):
+            if build.caught_up(now):
+                build.finish()
+                self._build_over(build)
+        self.builds.forget_done()
+
+    def _build_over(self, build: Build, error: BerthError | None = None) -> None:
+        """Record a build's end in the store and its log, by the state it ended in."""
+        if error is not None:
+            build.fail(error)
+        if build.state is BuildState.FAILED:
+            assert build.error is not None
+            self._build_failed_log(build.id, build.error)
+            return
+        stored = self.store.build(build.id)
+        cur = self.store.current_release(stored["app"])
         release = self.store.add_release(
-            build["app"], slug=build["slug"], procfile=build["procfile"],
-            config=cur.config if cur else {}, description=f"Deploy {build['slug'][:8]}")
-        self.store.finish_build(build["id"], "succeeded", release.version)
-        took = time.monotonic() - cmd["started"]
-        venv = "reused" if result.get("reused") else "built"
-        self.logs.build_line(build["id"], f"-----> Build finished in {took:.1f}s "
-                                          f"(virtualenv {venv})")
-        self.logs.build_line(build["id"], f"-----> Released v{release.version}")
-        self.logs.build_done(build["id"])
-        log.info("build succeeded", extra={"app": build["app"], "release": release.version,
+            stored["app"], slug=stored["slug"], procfile=stored["procfile"],
+            config=cur.config if cur else {}, description=f"Deploy {stored['slug'][:8]}")
+        self.store.finish_build(build.id, "succeeded", release.version)
+        took = time.monotonic() - build.started
+        venv = "reused" if (build.result or {}).get("reused") else "built"
+        self.logs.build_line(build.id, f"-----> Build finished in {took:.1f}s "
+                                       f"(virtualenv {venv})")
+        self.logs.build_line(build.id, f"-----> Released v{release.version}")
+        self.logs.build_done(build.id)
+        log.info("build succeeded", extra={"app": stored["app"], "release": release.version,
                                            "seconds": round(took, 2)})
         self._wake.set()
 
-    def _fail_build(self, build_id: str, error: dict[str, Any]) -> None:
-        self.store.finish_build(build_id, "failed", error=error)
-        self.logs.build_line(build_id, f"-----> Build failed: {error.get('message')}")
-        if error.get("hint"):
-            self.logs.build_line(build_id, f"       {error['hint']}")
+    def _build_failed_log(self, build_id: str, error: BerthError) -> None:
+        self.store.finish_build(build_id, "failed", error=error.to_dict())
+        self.logs.build_line(build_id, f"-----> Build failed: {error.message}")
+        if error.hint:
+            self.logs.build_line(build_id, f"       {error.hint}")
         self.logs.build_done(build_id)
-
-    # -- replies ------------------------------------------------------------
-    def _on_reply(self, msg: Message) -> None:
-        cmd = self.in_flight.pop(msg["re"], None)
-        if cmd is None:
-            return
-        if cmd["action"] == "prepare":
-            # build output travels on the logs socket: finish once it has all arrived
-            self.finishing.append((cmd, msg, time.monotonic() + LOG_CATCH_UP))
-        elif not msg["ok"]:
-            self.in_flight[msg["re"]] = cmd
-            self._command_failed(msg["re"], msg.get("error") or {})
-
-    def _finish_builds(self, now: float) -> None:
-        still = []
-        for cmd, msg, deadline in self.finishing:
-            body = (msg.get("result") if msg["ok"] else msg.get("error")) or {}
-            if self.build_lines.get(cmd["build"], 0) < body.get("log_lines", 0) \
-                    and now < deadline:
-                still.append((cmd, msg, deadline))
-                continue
-            self.build_lines.pop(cmd["build"], None)
-            if msg["ok"]:
-                self._build_succeeded(cmd, body)
-            else:
-                self._fail_build(cmd["build"], body)
-        self.finishing = still
-
-    def _command_failed(self, cid: str, error: dict[str, Any]) -> None:
-        cmd = self.in_flight.pop(cid)
-        if cmd["action"] == "prepare":
-            self._fail_build(cmd["build"], error)
-        elif cmd["action"] == "start":
-            self.pending.pop(cmd["instance"], None)
-        log.warning("command failed", extra={"action": cmd["action"], "runner": cmd["host"],
-                                             "error": error.get("message")})
-
-    def _expire_commands(self, now: float) -> None:
-        for cid, cmd in list(self.in_flight.items()):
-            if now > cmd["deadline"]:
-                self._command_failed(cid, {"code": "timeout",
-                                           "message": f"{cmd['action']} got no answer from "
-                                                      f"{cmd['host']}",
-                                           "hint": "try again"})
 
     # -- reconcile ----------------------------------------------------------
     def wake(self) -> None:
         self._wake.set()
 
-    def observed(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        return {p.name: p.payload for p in self.tracker.alive(now)}
+    def observed(self, now: float | None = None) -> dict[str, HostReport]:
+        return {p.name: p.payload for p in self.tracker.alive(now)
+                if isinstance(p.payload, HostReport)}
 
     def reconcile(self, now: float) -> Plan:
         observed = self.observed(now)
-        reported = {i["instance"] for beat in observed.values() for i in beat.get("inventory", [])}
+        reported = {i.instance for r in observed.values() for i in r.inventory}
         for iid in list(self.pending):
-            if iid in reported or now > self.pending[iid]["deadline"]:
-                del self.pending[iid]
+            if iid in reported or now > self.pending_until[iid]:
+                del self.pending[iid], self.pending_until[iid]
         for table in (self.draining, self.stopping):
             for iid in list(table):
                 if iid not in reported:
@@ -331,86 +311,90 @@ class Controller:
                  self.settings.drain_seconds, self.settings.base_domain,
                  self.settings.default_max_body_mb << 20)
         for spec in p.starts:
-            self._start(spec, observed[spec.host].get("address"), now, desired[spec.app])
+            self._start(spec, observed[spec.host].address, now, desired[spec.app])
         for iid in p.drains:
             self.draining[iid] = now
         for host, iid in p.stops:
             if now - self.stopping.get(iid, -STOP_RETRY) >= STOP_RETRY:
                 self.stopping[iid] = now
                 self.draining.pop(iid, None)
-                self._command(host, "stop", {"instance": iid}, instance=iid)
+                self.commands.send(host, "stop", {"instance": iid}, subject=iid, now=now)
         self._publish(p.routes)
         self._update_view(observed)
         self._destroy_leftovers(observed, set(desired), now)
         return p
 
-    def _destroy_leftovers(self, observed: dict[str, dict[str, Any]], apps: set[str],
+    def _destroy_leftovers(self, observed: dict[str, HostReport], apps: set[str],
                            now: float) -> None:
         """A host that lists an app the store no longer has (destroyed while the host
         was away, or just now) is told to remove everything of it."""
-        listed = {(host, app) for host, beat in observed.items()
-                  for app in beat.get("apps", [])}
+        listed = {(host, app) for host, report in observed.items() for app in report.apps}
         for key in set(self.destroy_sent) - listed:
             del self.destroy_sent[key]          # gone from the host: nothing to remember
         for host, app in sorted(listed):
             if app in apps or now - self.destroy_sent.get((host, app), -1e9) < DESTROY_RETRY:
                 continue
             self.destroy_sent[(host, app)] = now
-            self._command(host, "destroy_app", {"app": app, "timeout": 120.0}, app=app)
+            self.commands.send(host, "destroy_app", {"app": app}, subject=app, now=now,
+                               timeout=120.0)
             log.info("destroying leftovers", extra={"app": app, "runner": host})
 
     def _start(self, spec: StartSpec, address: str | None, now: float,
                app: dict[str, Any]) -> None:
         rel = spec.release
-        self.pending[spec.instance] = {"host": spec.host, "app": spec.app,
-                                       "release": rel.version, "proc": spec.proc,
-                                       "address": address,
-                                       "deadline": now + START_PENDING, "since": time.time()}
-        self._command(spec.host, "start", {"instance": spec.instance},
-                      instance=spec.instance, app=spec.app, release=rel.version,
-                      proc=spec.proc, command=rel.procfile[spec.proc], env=rel.config,
-                      slug=rel.slug, slug_url=self.slug_url(rel.slug),
-                      host_header=f"{spec.app}.{self.settings.base_domain}",
-                      limits={"memory_mb": app["memory_mb"], "pids_max": app["pids_max"]})
+        self.pending[spec.instance] = InventoryItem(
+            instance=spec.instance, app=spec.app, release=rel.version, proc=spec.proc,
+            state=State.PENDING, address=address, since=time.time(), host=spec.host)
+        self.pending_until[spec.instance] = now + START_PENDING
+        limits = Limits(memory_mb=app["memory_mb"], pids_max=app["pids_max"])
+        self.commands.send(
+            spec.host, "start",
+            {"instance": spec.instance, "app": spec.app, "release": rel.version,
+             "proc": spec.proc, "command": rel.procfile[spec.proc], "env": rel.config,
+             "slug": rel.slug, "slug_url": self.slug_url(rel.slug),
+             "host_header": f"{spec.app}.{self.settings.base_domain}",
+             "limits": limits.to_wire()},
+            subject=spec.instance, now=now, on_error=self._start_failed)
         log.info("starting instance", extra={"app": spec.app, "release": rel.version,
                                              "proc": spec.proc, "runner": spec.host,
                                              "instance": spec.instance})
 
-    def _publish(self, routes: dict[str, dict[str, Any]]) -> None:
-        changes = [self.publisher.set(app, route) for app, route in routes.items()]
+    def _start_failed(self, cmd: Command, err: BerthError, body: dict[str, Any]) -> None:
+        self.pending.pop(cmd.subject, None)
+        self.pending_until.pop(cmd.subject, None)
+        log.warning("start failed", extra={"instance": cmd.subject, "runner": cmd.host,
+                                           "error": err.message})
+
+    def _publish(self, routes: dict[str, Route]) -> None:
+        changes = [self.publisher.set(app, route.to_wire()) for app, route in routes.items()]
         changes += [self.publisher.set(app, None)
                     for app in list(self.publisher.table) if app not in routes]
         for msg in changes:
             if msg is not None:
                 envelope.send(self.routes_pub, msg)
 
-    def _update_view(self, observed: dict[str, dict[str, Any]]) -> None:
-        insts = flatten(observed, self.pending)
-        for inst in insts:
-            if inst["instance"] in self.draining:
-                inst["state"] = "DRAINING"
-        hosts = {h: {"address": b.get("address"), "instances": len(b.get("inventory", []))}
-                 for h, b in observed.items()}
+    def _update_view(self, observed: dict[str, HostReport]) -> None:
+        insts = draining_view(flatten(observed, self.pending), self.draining)
+        hosts = {h: HostView(r.address, len(r.inventory)) for h, r in observed.items()}
         with self._view_lock:
-            self._view = {"hosts": hosts, "instances": insts,
-                          "routes": (self.publisher.seq, dict(self.publisher.table))}
+            self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)))
 
-    # -- read-only views for the API threads --------------------------------
+    # -- read-only views for the API threads (JSON-ready) --------------------
     def instances(self, app: str) -> list[dict[str, Any]]:
         with self._view_lock:
-            return [dict(i) for i in self._view["instances"] if i["app"] == app]
+            return [i.to_wire() for i in self._view.instances if i.app == app]
 
     def instances_on(self, host: str) -> list[dict[str, Any]]:
         with self._view_lock:
-            return [dict(i) for i in self._view["instances"] if i["host"] == host]
+            return [i.to_wire() for i in self._view.instances if i.host == host]
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         with self._view_lock:
-            return {h: dict(v) for h, v in self._view["hosts"].items()}
+            return {h: v.to_wire() for h, v in self._view.hosts.items()}
 
     def routes(self) -> tuple[int, dict[str, Any]]:
         with self._view_lock:
-            return self._view.get("routes", (0, {}))
+            return self._view.routes
 
 
 def install_signals(controller: Controller) -> None:

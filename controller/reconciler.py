@@ -13,10 +13,10 @@ the formation asks for. A release that cannot start leaves the old one serving.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-LIVE = {"PENDING", "PREPARING", "STARTING", "RUNNING", "BACKOFF", "FATAL"}
+from messaging.shapes import LIVE, Backend, HostReport, InventoryItem, Route, State
 
 
 @dataclass
@@ -33,29 +33,23 @@ class Plan:
     starts: list[StartSpec] = field(default_factory=list)
     drains: list[str] = field(default_factory=list)
     stops: list[tuple[str, str]] = field(default_factory=list)   # (host, instance)
-    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
 
 
 def new_instance_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def flatten(observed: dict[str, dict[str, Any]],
-            pending: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every instance on every live host, plus sent-but-unreported starts."""
-    out = []
-    seen = set()
-    for host, beat in observed.items():
-        for inst in beat.get("inventory", []):
-            out.append({**inst, "host": host})
-            seen.add(inst["instance"])
-    for iid, p in pending.items():
-        if iid not in seen:
-            out.append({"instance": iid, "state": "PENDING", "port": None, **p})
+def flatten(observed: dict[str, HostReport],
+            pending: dict[str, InventoryItem]) -> list[InventoryItem]:
+    """Every instance on every live host, plus sent-but-unreported starts (PENDING)."""
+    out = [inst for report in observed.values() for inst in report.inventory]
+    seen = {inst.instance for inst in out}
+    out += [p for iid, p in pending.items() if iid not in seen]
     return out
 
 
-def _reason(app: str, release: Any, formation: dict[str, int], insts: list[dict[str, Any]],
+def _reason(app: str, release: Any, formation: dict[str, int], insts: list[InventoryItem],
             hosts: int) -> str:
     if release is None or not release.slug:
         return f"app '{app}' has no release yet; deploy it with `berth push`"
@@ -63,48 +57,48 @@ def _reason(app: str, release: Any, formation: dict[str, int], insts: list[dict[
         return f"no web process is running; scale it up with `berth scale web=1 -a {app}`"
     if hosts == 0:
         return "no runner host is available to run the app; the operator has been told"
-    web = [i for i in insts if i["proc"] == "web"]
-    if web and all(i["state"] == "FATAL" for i in web):
+    web = [i for i in insts if i.web]
+    if web and all(i.state is State.FATAL for i in web):
         return (f"the app crashed on start (release v{release.version}); "
                 f"see `berth logs -a {app}`")
     return f"the app is starting (release v{release.version}); try again in a few seconds"
 
 
-def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]],
-         pending: dict[str, dict[str, Any]], draining: dict[str, float],
+def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
+         pending: dict[str, InventoryItem], draining: dict[str, float],
          stopping: set[str], now: float, drain_seconds: float,
          base_domain: str, default_max_body: int = 100 << 20) -> Plan:
     result = Plan()
     insts = [i for i in flatten(observed, pending)
-             if i["state"] != "STOPPING" and i["instance"] not in stopping]
+             if i.state is not State.STOPPING and i.instance not in stopping]
     load = {host: 0 for host in observed}
     for i in insts:
-        if i["host"] in load:
-            load[i["host"]] += 1
+        if i.host in load:
+            load[i.host] += 1
 
-    def retire(inst: dict[str, Any]) -> None:
-        if inst["instance"] in draining:
+    def retire(inst: InventoryItem) -> None:
+        if inst.instance in draining:
             return
-        if inst["proc"] == "web" and inst["state"] == "RUNNING":
-            result.drains.append(inst["instance"])
-        elif inst["state"] != "PENDING":
-            result.stops.append((inst["host"], inst["instance"]))
+        if inst.web and inst.state is State.RUNNING:
+            result.drains.append(inst.instance)
+        elif inst.state is not State.PENDING:
+            result.stops.append((inst.host, inst.instance))
 
-    by_app: dict[str, list[dict[str, Any]]] = {}
+    by_app: dict[str, list[InventoryItem]] = {}
     for i in insts:
-        by_app.setdefault(i["app"], []).append(i)
+        by_app.setdefault(i.app, []).append(i)
 
     for app, want in desired.items():
         release = want["release"]
-        mine = [i for i in by_app.get(app, []) if i["instance"] not in draining]
+        mine = [i for i in by_app.get(app, []) if i.instance not in draining]
         wanted = {}
         if release is not None and release.slug:
             wanted = {p: n for p, n in want["formation"].items() if p in release.procfile}
-        for proc in sorted(set(wanted) | {i["proc"] for i in mine}):
+        for proc in sorted(set(wanted) | {i.proc for i in mine}):
             n = wanted.get(proc, 0)
-            cur = [i for i in mine if i["proc"] == proc and release
-                   and i["release"] == release.version and i["state"] in LIVE]
-            old = [i for i in mine if i["proc"] == proc and i not in cur]
+            cur = [i for i in mine if i.proc == proc and release
+                   and i.release == release.version and i.state in LIVE]
+            old = [i for i in mine if i.proc == proc and i not in cur]
             missing = n - len(cur)
             for _ in range(max(0, missing)):
                 if not load:
@@ -113,28 +107,28 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]]
                 load[host] += 1
                 result.starts.append(StartSpec(host, new_instance_id(), app, release, proc))
             if missing < 0:
-                extras = sorted(cur, key=lambda i: (i["state"] == "RUNNING", -i.get("since", 0)))
+                extras = sorted(cur, key=lambda i: (i.state is State.RUNNING, -i.since))
                 for inst in extras[:-missing]:
                     retire(inst)
-            ready = sum(1 for i in cur if i["state"] == "RUNNING")
+            ready = sum(1 for i in cur if i.state is State.RUNNING)
             if ready >= n:
                 for inst in old:
                     retire(inst)
-        backends = [{"id": i["instance"], "address": i["address"], "port": i["port"]}
-                    for i in mine if i["proc"] == "web" and i["state"] == "RUNNING"
-                    and i["port"] and i["instance"] not in result.drains]
-        backends.sort(key=lambda b: b["id"])
-        route: dict[str, Any] = {
-            "hosts": [f"{app}.{base_domain}", *want["domains"]],
-            "backends": backends,
-            "maintenance": bool(want.get("maintenance")),
-            "max_body": (want["max_body_mb"] << 20 if want.get("max_body_mb")
-                         else default_max_body),
-        }
+        backends = sorted(
+            (Backend(i.instance, i.address or "", i.port) for i in mine
+             if i.web and i.state is State.RUNNING and i.port and i.address
+             and i.instance not in result.drains), key=lambda b: b.id)
+        reason = ""
         if not backends:
-            current = [i for i in mine if release and i["release"] == release.version]
-            route["reason"] = _reason(app, release, want["formation"], current, len(observed))
-        result.routes[app] = route
+            current = [i for i in mine if release and i.release == release.version]
+            reason = _reason(app, release, want["formation"], current, len(observed))
+        result.routes[app] = Route(
+            hosts=(f"{app}.{base_domain}", *want["domains"]),
+            backends=tuple(backends),
+            reason=reason,
+            maintenance=bool(want.get("maintenance")),
+            max_body=(want["max_body_mb"] << 20 if want.get("max_body_mb")
+                      else default_max_body))
 
     for app, gone in by_app.items():
         if app not in desired:
@@ -143,7 +137,12 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, dict[str, Any]]
 
     for iid, since in draining.items():
         if now - since >= drain_seconds:
-            where = next((i["host"] for i in insts if i["instance"] == iid), None)
+            where = next((i.host for i in insts if i.instance == iid), None)
             if where is not None:
                 result.stops.append((where, iid))
     return result
+
+
+def draining_view(insts: list[InventoryItem], draining: dict[str, float]) -> list[InventoryItem]:
+    """The instances as `berth ps` shows them: drained ones as DRAINING."""
+    return [replace(i, state=State.DRAINING) if i.instance in draining else i for i in insts]

@@ -78,7 +78,7 @@ class StatsHub:
             self._error = exc
             self._ready.set()
             return
-        xsub.send(b"\x01stats")          # the hub itself wants every stats message
+        envelope.subscribe_upstream(xsub, "stats")   # the hub itself wants every message
         self._ready.set()
         poller = zmq.Poller()
         poller.register(xsub, zmq.POLLIN)

@@ -13,9 +13,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from messaging.channels import PROTOCOL_VERSION
+from messaging.channels import CHANNELS, PROTOCOL_VERSION
 from messaging.errors import ProtocolError
-from messaging.messages import ACTIONS, MESSAGE_TYPES
+from messaging.messages import MESSAGE_TYPES, check_args
 
 ENVELOPE_FIELDS = ("v", "type", "id", "sender", "ts")
 
@@ -62,12 +62,7 @@ def make(type_: str, sender: str = "", **fields: Any) -> Message:
 
 def command(action: str, sender: str = "", **args: Any) -> Message:
     """A control command; its args are checked against ACTIONS."""
-    if action not in ACTIONS:
-        raise ProtocolError(f"unknown control action {action!r}",
-                            f"use one of: {', '.join(sorted(ACTIONS))}")
-    missing = [a for a in ACTIONS[action][0] if a not in args]
-    if missing:
-        raise ProtocolError(f"command {action!r} lacks args {missing}")
+    check_args(action, args)
     return make("command", sender, action=action, args=args)
 
 
@@ -118,6 +113,13 @@ def decode(frames: list[bytes]) -> Message:
                   sender=str(body.get("sender", "")), ts=float(body.get("ts", 0)))
     _validate(msg)
     return msg
+
+
+def subscribe_upstream(sock: zmq.Socket, channel: str) -> None:
+    """An XSUB end (a forwarder) asks its publishers for every message type of the
+    channel: XSUB subscribes by sending a frame of 0x01 + topic."""
+    for topic in CHANNELS[channel].messages:
+        sock.send(b"\x01" + topic.encode())
 
 
 def _frames(msg: Message, identity: bytes | None) -> list[bytes]:

@@ -6,7 +6,7 @@ known inventory.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -14,7 +14,7 @@ from typing import Any
 class Peer:
     name: str
     last_seen: float
-    payload: dict[str, Any] = field(default_factory=dict)
+    payload: Any = None        # the last heartbeat's content, as the owner parsed it
 
 
 class PeerTracker:
@@ -23,7 +23,7 @@ class PeerTracker:
         self.dead_after = dead_after
         self.peers: dict[str, Peer] = {}
 
-    def seen(self, name: str, payload: dict[str, Any] | None = None,
+    def seen(self, name: str, payload: Any = None,
              now: float | None = None) -> bool:
         """Record a heartbeat; returns True if the peer is new (or was dead)."""
         now = time.monotonic() if now is None else now

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from messaging.errors import ProtocolError
+
 
 @dataclass(frozen=True)
 class MessageType:
@@ -61,19 +63,44 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "'build' for build output, 'platform' for platform events."),
 )}
 
-# Control actions: name -> (required args, what the runner does)
-ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "prepare": (("build", "app", "slug", "slug_url"),
-                "Fetch and unpack a slug, build or reuse its virtualenv; output "
-                "goes to the logs channel with build=<id>. Replies when done."),
-    "start": (("instance", "app", "release", "proc", "command", "env", "slug",
-               "slug_url"),
-              "Start one instance of a process type; replies at once, the instance "
-              "then appears in heartbeats (PREPARING, STARTING, RUNNING...). Optional "
-              "`limits` {memory_mb, pids_max} override the runner's defaults."),
-    "stop": (("instance",),
-             "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`)."),
-    "destroy_app": (("app",),
-                    "Stop the app's instances and remove every file, cgroup and the "
-                    "system user it had on the host; replies {destroyed} when done."),
-}
+@dataclass(frozen=True)
+class Action:
+    """A control action: the args a command must carry, the ones it may carry, and
+    what the runner does. Each has exactly one handler in the runner's registry
+    (runner/actions.py); a test walks both lists."""
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    doc: str = ""
+
+
+ACTIONS: dict[str, Action] = {a.name: a for a in (
+    Action("prepare", ("build", "app", "slug", "slug_url"), (),
+           "Fetch and unpack a slug, build or reuse its virtualenv; output goes to the "
+           "logs channel with build=<id>. Replies when done with {venv, reused, seconds, "
+           "release_dir, log_lines}, or an error carrying log_lines."),
+    Action("start", ("instance", "app", "release", "proc", "command", "env", "slug",
+                     "slug_url"), ("host_header", "limits"),
+           "Start one instance of a process type; replies {accepted} at once, the "
+           "instance then appears in heartbeats (PREPARING, STARTING, RUNNING...). "
+           "`limits` (shapes.Limits) overrides the runner's defaults."),
+    Action("stop", ("instance",), ("grace",),
+           "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`); replies "
+           "{stopping, known} at once."),
+    Action("destroy_app", ("app",), (),
+           "Stop the app's instances and remove every file, cgroup and the system user "
+           "it had on the host; replies {destroyed} when done."),
+)}
+
+
+def check_args(action: str, args: dict[str, object]) -> Action:
+    """The declaration of `action`, once its args are known to be complete."""
+    decl = ACTIONS.get(action)
+    if decl is None:
+        raise ProtocolError(f"unknown control action {action!r}",
+                            f"use one of: {', '.join(sorted(ACTIONS))}")
+    missing = [a for a in decl.required if a not in args]
+    if missing:
+        raise ProtocolError(f"command {action!r} lacks args: {', '.join(missing)}")
+    return decl

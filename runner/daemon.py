@@ -28,13 +28,13 @@ from messaging.channels import connect
 from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
-from messaging.messages import ACTIONS
-from runner import leftovers
+from messaging.shapes import Limits, State
+from runner import actions, leftovers
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.health import wait_healthy
 from runner.isolation import Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
-from runner.process import Hooks, Instance, InstanceSpec, Policy, State
+from runner.process import Hooks, Instance, InstanceSpec, Policy
 from runner.retention import prune_app
 from runner.slug import SlugStore
 from runner.venv import BuildContext, Venv, VenvBuilder, has_control_socket, kill_builds
@@ -207,7 +207,7 @@ class Runner(Hooks):
         return self._apps
 
     def inventory(self) -> list[dict[str, Any]]:
-        return [inst.inventory() for inst in self.instances.values()]
+        return [inst.inventory().to_wire() for inst in self.instances.values()]
 
     def _watch_controller(self, now: float) -> None:
         alive = bool(self.controller.alive(now))
@@ -233,26 +233,15 @@ class Runner(Hooks):
         if msg.type != "command":
             return
         self.controller.seen(CONTROLLER)
-        handlers: dict[str, Callable[[Message, dict[str, Any]], dict[str, Any] | None]] = {
-            "prepare": self.handle_prepare, "start": self.handle_start,
-            "stop": self.handle_stop, "destroy_app": self.handle_destroy_app,
-        }
-        action, args = msg["action"], msg["args"]
         try:
-            if action not in handlers:
-                raise CommandError(f"unknown action {action!r}",
-                                   f"this runner knows: {', '.join(sorted(handlers))}",
-                                   code="unknown_action")
-            missing = [a for a in ACTIONS[action][0] if a not in args]
-            if missing:
-                raise CommandError(f"{action} lacks args: {', '.join(missing)}")
-            result = handlers[action](msg, args)
+            result = actions.dispatch(self, msg)
         except BerthError as exc:
             self._send(reply(msg, self.host, error=exc.to_dict()))
             return
         if result is not None:
             self._send(reply(msg, self.host, result=result))
 
+    @actions.action("prepare")
     def handle_prepare(self, msg: Message, args: dict[str, Any]) -> None:
         """prepare {build, app, slug, slug_url}: replies when the venv is ready with
         {venv, reused, seconds, release_dir} or error build_failed / slug_failed."""
@@ -263,6 +252,7 @@ class Runner(Hooks):
         self.jobs.submit(("prepare", msg), self._prepare, app, str(args["slug"]),
                          str(args["slug_url"]), sink)
 
+    @actions.action("start")
     def handle_start(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
         """start {instance, app, release, proc, command, env, slug, slug_url,
         host_header?}: replies {accepted: true} at once; the instance then shows in
@@ -285,6 +275,7 @@ class Runner(Hooks):
         self._next_heartbeat = 0.0
         return {"accepted": True}
 
+    @actions.action("stop")
     def handle_stop(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
         """stop {instance, grace?}: replies at once {stopping: bool}; the instance
         leaves the inventory once its process group is gone."""
@@ -295,6 +286,7 @@ class Runner(Hooks):
         inst.stop(float(grace) if isinstance(grace, (int, float)) else None)
         return {"stopping": True, "known": True}
 
+    @actions.action("destroy_app")
     def handle_destroy_app(self, msg: Message, args: dict[str, Any]) -> None:
         """destroy_app {app}: stops the app's instances, then removes every file, cgroup
         and the user it had on this host; replies {destroyed: app} when done."""
@@ -479,18 +471,16 @@ def _start_spec(args: dict[str, Any]) -> InstanceSpec:
     if not isinstance(env, dict):
         raise CommandError("start arg 'env' must be a mapping of config vars")
     host_header = args.get("host_header")
-    limits = args.get("limits") or {}
-    if not isinstance(limits, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0
-            for v in limits.values() if v is not None):
-        raise CommandError("start arg 'limits' must map memory_mb/pids_max to positive "
-                           "integers")
+    try:
+        limits = Limits.from_wire(args.get("limits"))
+    except ProtocolError as exc:
+        raise CommandError(f"start arg 'limits' is wrong: {exc.message}") from exc
     return InstanceSpec(
         instance=text("instance"), app=text("app"), release=release, proc=text("proc"),
         command=text("command"), env={str(k): str(v) for k, v in env.items()},
         slug=text("slug"), slug_url=text("slug_url"),
         host_header=str(host_header) if host_header else None,
-        memory_mb=limits.get("memory_mb"), pids_max=limits.get("pids_max"))
+        memory_mb=limits.memory_mb, pids_max=limits.pids_max)
 
 
 def _error_dict(exc: BaseException) -> dict[str, Any]:

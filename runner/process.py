@@ -17,7 +17,6 @@ learns what happened through `Hooks`. OS calls go through `ProcessOps`.
 """
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import os
@@ -29,8 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from messaging.shapes import InventoryItem, State
 from runner.cgroups import Limits
 from runner.isolation import InstanceJail
 from runner.ports import free_port
@@ -38,16 +37,8 @@ from runner.ports import free_port
 log = logging.getLogger(__name__)
 
 
-class State(str, enum.Enum):
-    PREPARING = "PREPARING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    BACKOFF = "BACKOFF"
-    STOPPING = "STOPPING"
-    FATAL = "FATAL"
-    STOPPED = "STOPPED"     # terminal; the daemon drops the instance from its inventory
-
-
+# The runner's states; PENDING and DRAINING are the controller's views and never
+# occur here. State itself is declared once, in messaging.shapes.
 TRANSITIONS: dict[State, frozenset[State]] = {
     # slug fetched and venv ready -> spawned; fetch failed -> retry later;
     # build failed -> FATAL; stop while preparing -> STOPPED (nothing to kill)
@@ -437,10 +428,9 @@ class Instance:
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
         return os.path.join(tempfile.gettempdir(), f"berth-{digest}.ctl")
 
-    def inventory(self) -> dict[str, Any]:
-        return {
-            "instance": self.id, "app": self.spec.app, "release": self.spec.release,
-            "proc": self.spec.proc, "address": self.policy.address, "port": self.port,
-            "state": self.state.value, "restarts": self.restarts, "pid": self.pid,
-            "since": self.since, "reason": self.reason, "oom_kills": self.oom_kills,
-        }
+    def inventory(self) -> InventoryItem:
+        return InventoryItem(
+            instance=self.id, app=self.spec.app, release=self.spec.release,
+            proc=self.spec.proc, address=self.policy.address, port=self.port,
+            state=self.state, restarts=self.restarts, pid=self.pid,
+            since=self.since, reason=self.reason or "", oom_kills=self.oom_kills)

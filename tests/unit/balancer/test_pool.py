@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import random
 
-from balancer.pool import Pool, backend_key
+from balancer.pool import Pool
+from messaging.shapes import Backend, Route
 
 
-def entries(n: int) -> list[dict]:
-    return [{"id": f"i{i}", "address": "127.0.0.2", "port": 5000 + i} for i in range(n)]
+def backend_key(entry: Backend) -> str:
+    return entry.key
 
 
-def table(es: list[dict]) -> dict:
-    return {"app": {"hosts": ["a"], "backends": es, "reason": ""}}
+def entries(n: int) -> list[Backend]:
+    return [Backend(f"i{i}", "127.0.0.2", 5000 + i) for i in range(n)]
+
+
+def table(es: list[Backend]) -> dict[str, Route]:
+    return {"app": Route(hosts=("a",), backends=tuple(es))}
 
 
 def test_two_choices_prefer_fewer_outstanding() -> None:

@@ -5,6 +5,7 @@ import json
 
 from balancer import pages
 from balancer.routes import RouteIndex, normalize_host
+from messaging.shapes import Backend
 
 
 def test_normalize_host() -> None:
@@ -21,14 +22,14 @@ def test_index_lookup_and_rebuild() -> None:
         "idle": {"hosts": ["idle.localhost"], "backends": [], "reason": "scale it up"},
     })
     match = index.lookup("www.example.com:80")
-    assert match and match.app == "myapp" and match.backends == backends
+    assert match and match.app == "myapp" and match.backends == (Backend("i1", "127.0.0.2", 4000),)
     idle = index.lookup("idle.localhost")
-    assert idle and idle.backends == [] and idle.reason == "scale it up"
+    assert idle and idle.backends == () and idle.reason == "scale it up"
     assert index.lookup("other.localhost") is None
     index.update({"idle": {"hosts": ["idle.localhost"], "backends": backends,
                            "reason": ""}})
     assert index.lookup("myapp.localhost") is None
-    assert index.lookup("idle.localhost").backends == backends
+    assert index.lookup("idle.localhost").backends == (Backend("i1", "127.0.0.2", 4000),)
 
 
 def test_host_claimed_twice_keeps_first_app() -> None:
@@ -51,3 +52,10 @@ def test_pages_html_and_json() -> None:
     assert not pages.wants_json("text/html,application/json")
     head_only = pages.render(404, "x", head_only=True)
     assert head_only.endswith(b"\r\n\r\n") and b"Content-Length: " in head_only
+
+
+def test_a_malformed_route_is_left_out_and_the_others_still_route():
+    index = RouteIndex({"bad": {"hosts": ["bad.localhost"], "backends": [{"address": "x"}]},
+                        "good": {"hosts": ["good.localhost"], "backends": []}})
+    assert index.lookup("bad.localhost") is None
+    assert index.lookup("good.localhost") is not None

@@ -1,14 +1,20 @@
 from controller.reconciler import plan
 from controller.store import Release
+from messaging.shapes import HostReport, InventoryItem, State
 
 
 def rel(version, procfile=None):
     return Release("app", version, "s" * 64, procfile or {"web": "gunicorn app:app"}, {}, "", 0)
 
 
-def inst(iid, release, state="RUNNING", proc="web", port=5000):
-    return {"instance": iid, "app": "app", "release": release, "proc": proc, "state": state,
-            "address": "127.0.0.2", "port": port, "restarts": 0, "since": 1.0}
+def inst(iid, release, state="RUNNING", proc="web", port=5000, host="r1"):
+    return InventoryItem(instance=iid, app="app", release=release, proc=proc,
+                         state=State(state), address="127.0.0.2", port=port, since=1.0,
+                         host=host)
+
+
+def report(host, inventory, address="127.0.0.2"):
+    return HostReport(host, address, inventory)
 
 
 def desired(version, web=1, procfile=None):
@@ -16,32 +22,31 @@ def desired(version, web=1, procfile=None):
 
 
 def run(d, inventory, draining=None, now=100.0, pending=None):
-    observed = {"r1": {"address": "127.0.0.2", "inventory": inventory}}
+    observed = {"r1": report("r1", inventory)}
     return plan(d, observed, pending or {}, draining or {}, set(), now, 2.0, "localhost")
 
 
 def test_starts_missing_instances_on_least_loaded_host():
-    p = plan(desired(1, web=2), {"r1": {"inventory": [inst("x", 1)]}, "r2": {"inventory": []}},
+    p = plan(desired(1, web=2), {"r1": report("r1", [inst("x", 1)]), "r2": report("r2", [])},
              {}, {}, set(), 0, 2.0, "localhost")
     assert [(s.host, s.proc) for s in p.starts] == [("r2", "web")]
 
 
 def test_pending_starts_are_not_repeated():
-    p = run(desired(1), [], pending={"p1": {"host": "r1", "app": "app", "release": 1,
-                                             "proc": "web", "address": "127.0.0.2"}})
+    p = run(desired(1), [], pending={"p1": inst("p1", 1, state="PENDING", port=None)})
     assert p.starts == []
 
 
 def test_old_release_kept_until_new_one_runs():
     p = run(desired(2), [inst("old", 1), inst("new", 2, state="STARTING", port=None)])
     assert p.drains == [] and p.stops == []
-    assert [b["id"] for b in p.routes["app"]["backends"]] == ["old"]
+    assert [b.id for b in p.routes["app"].backends] == ["old"]
 
 
 def test_old_release_drained_then_stopped_once_new_runs():
     p = run(desired(2), [inst("old", 1), inst("new", 2, port=6000)])
     assert p.drains == ["old"]
-    assert [b["id"] for b in p.routes["app"]["backends"]] == ["new"]
+    assert [b.id for b in p.routes["app"].backends] == ["new"]
     p = run(desired(2), [inst("old", 1), inst("new", 2, port=6000)],
             draining={"old": 99.0}, now=100.0)
     assert p.stops == []
@@ -53,17 +58,17 @@ def test_old_release_drained_then_stopped_once_new_runs():
 def test_crashed_new_release_keeps_old_serving_with_no_churn():
     p = run(desired(2), [inst("old", 1), inst("bad", 2, state="FATAL", port=None)])
     assert p.starts == [] and p.drains == [] and p.stops == []
-    assert [b["id"] for b in p.routes["app"]["backends"]] == ["old"]
+    assert [b.id for b in p.routes["app"].backends] == ["old"]
 
 
 def test_scale_down_stops_extras_and_zero_explains():
     p = run(desired(1, web=0), [inst("a", 1)])
     assert p.drains == ["a"]
-    assert "scale web=1" in p.routes["app"]["reason"]
+    assert "scale web=1" in p.routes["app"].reason
 
 
 def test_destroyed_app_is_removed():
-    p = plan({}, {"r1": {"inventory": [inst("a", 1, state="STARTING")]}}, {}, {}, set(), 0, 2.0,
+    p = plan({}, {"r1": report("r1", [inst("a", 1, state="STARTING")])}, {}, {}, set(), 0, 2.0,
              "localhost")
     assert p.stops == [("r1", "a")] and p.routes == {}
 
@@ -71,13 +76,13 @@ def test_destroyed_app_is_removed():
 def test_routes_name_hosts_and_reasons():
     d = {"app": {"release": None, "formation": {"web": 1}, "domains": ["www.example.com"]}}
     p = run(d, [])
-    assert p.routes["app"]["hosts"] == ["app.localhost", "www.example.com"]
-    assert "berth push" in p.routes["app"]["reason"]
+    assert p.routes["app"].hosts == ("app.localhost", "www.example.com")
+    assert "berth push" in p.routes["app"].reason
 
 
 def test_no_runner_means_no_start_and_a_reason():
     p = plan(desired(1), {}, {}, {}, set(), 0, 2.0, "localhost")
-    assert p.starts == [] and "no runner" in p.routes["app"]["reason"]
+    assert p.starts == [] and "no runner" in p.routes["app"].reason
 
 
 def test_worker_procs_are_started_but_not_routed():
@@ -91,6 +96,6 @@ def test_routes_carry_maintenance_and_body_limit():
     d = desired(1)
     d["app"].update(maintenance=True, max_body_mb=5)
     route = run(d, [inst("a", 1)]).routes["app"]
-    assert route["maintenance"] is True and route["max_body"] == 5 << 20
+    assert route.maintenance is True and route.max_body == 5 << 20
     d["app"].update(maintenance=False, max_body_mb=None)
-    assert run(d, [inst("a", 1)]).routes["app"]["max_body"] == 100 << 20
+    assert run(d, [inst("a", 1)]).routes["app"].max_body == 100 << 20

@@ -137,7 +137,7 @@ def test_worker_settles_crashes_backs_off_and_restarts(make: Callable[..., Insta
     inst.tick()
     assert inst.state is State.STARTING and inst.pid not in (None, first)
     assert inst.hooks.spawns == 2  # type: ignore[attr-defined]
-    assert inst.inventory()["state"] == "STARTING"
+    assert inst.inventory().state is State.STARTING
 
 
 def test_failures_are_forgiven_after_ten_seconds_running(make: Callable[..., Instance],

@@ -1,0 +1,219 @@
+"""The typed shapes inside messages: instance states, inventory items, backends and
+routes, declared once.
+
+On the wire they are plain JSON objects; in code they are these classes. Each has
+`to_wire()` (a JSON-ready dict) and `from_wire()` (tolerant of unknown fields, so a
+newer peer may add some; strict about the fields it needs, raising ProtocolError).
+Nothing outside messaging/ spells one of these as a dict literal.
+
+This module imports no pyzmq: the CLI and the balancer's pure modules use it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from messaging.errors import ProtocolError
+
+
+class State(str, enum.Enum):
+    """Where an instance is in its life.
+
+    The runner's process state machine (runner/process.py) moves an instance through
+    PREPARING .. STOPPED; the controller adds two views of its own: PENDING (a start
+    was sent, no heartbeat has shown the instance yet) and DRAINING (taken out of the
+    routes, stopped once the drain time is over).
+    """
+
+    PENDING = "PENDING"
+    PREPARING = "PREPARING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    FATAL = "FATAL"
+    STOPPED = "STOPPED"
+    DRAINING = "DRAINING"
+
+    @classmethod
+    def parse(cls, value: Any) -> State:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ProtocolError(f"unknown instance state {value!r}") from None
+
+
+# states in which an instance counts toward its formation (it is, or will be, up)
+LIVE = frozenset({State.PENDING, State.PREPARING, State.STARTING, State.RUNNING,
+                  State.BACKOFF, State.FATAL})
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+@dataclass
+class InventoryItem:
+    """One instance as its host reports it in every heartbeat (and the controller
+    shows it in `berth ps`); `host` is filled in by whoever knows which host sent it."""
+
+    instance: str
+    app: str
+    release: int
+    proc: str
+    state: State
+    address: str | None = None
+    port: int | None = None
+    restarts: int = 0
+    pid: int | None = None
+    since: float = 0.0
+    reason: str = ""
+    oom_kills: int = 0
+    host: str = ""
+
+    @property
+    def web(self) -> bool:
+        return self.proc == "web"
+
+    def to_wire(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = self.state.value
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Any, host: str = "") -> InventoryItem:
+        if not isinstance(data, dict):
+            raise ProtocolError("an inventory item is not a JSON object")
+        try:
+            kept = {k: v for k, v in data.items() if k in _INVENTORY_FIELDS}
+            kept["state"] = State.parse(data.get("state"))
+            kept["reason"] = str(data.get("reason") or "")
+            kept["since"] = float(data.get("since") or 0.0)
+            if host:
+                kept["host"] = host
+            return cls(**kept)
+        except TypeError as exc:
+            raise ProtocolError(f"inventory item lacks fields: {exc}") from exc
+
+
+_INVENTORY_FIELDS = _field_names(InventoryItem)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One running web instance a balancer may send requests to."""
+
+    id: str
+    address: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "address": self.address, "port": self.port}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Backend:
+        if not isinstance(data, dict):
+            raise ProtocolError("a backend is not a JSON object")
+        try:
+            return cls(str(data.get("id", "")), str(data["address"]), int(data["port"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"backend {data!r} lacks a valid address or port") from exc
+
+
+@dataclass(frozen=True)
+class Route:
+    """One app's route: the Host names it answers, its backends, and how to answer
+    when there are none (reason), in maintenance (503 + Retry-After) or beyond the
+    body limit (max_body bytes, 413; 0 means no limit)."""
+
+    hosts: tuple[str, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    reason: str = ""
+    maintenance: bool = False
+    max_body: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"hosts": list(self.hosts),
+                               "backends": [b.to_wire() for b in self.backends],
+                               "maintenance": self.maintenance,
+                               "max_body": self.max_body}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Route:
+        if not isinstance(data, dict):
+            raise ProtocolError("a route is not a JSON object")
+        hosts = data.get("hosts") or []
+        backends = data.get("backends") or []
+        if not isinstance(hosts, list) or not isinstance(backends, list):
+            raise ProtocolError("route hosts and backends must be lists")
+        try:
+            max_body = max(0, int(data.get("max_body") or 0))
+        except (TypeError, ValueError):
+            max_body = 0
+        return cls(tuple(str(h) for h in hosts),
+                   tuple(Backend.from_wire(b) for b in backends),
+                   str(data.get("reason") or ""), bool(data.get("maintenance")), max_body)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-instance resource limits a start command may carry; None = the runner's
+    default."""
+
+    memory_mb: int | None = None
+    pids_max: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"memory_mb": self.memory_mb, "pids_max": self.pids_max}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Limits:
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ProtocolError("limits must be a JSON object")
+        values = {}
+        for name in ("memory_mb", "pids_max"):
+            v = data.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ProtocolError(f"limit {name} must be a positive integer, got {v!r}")
+            values[name] = v
+        return cls(**values)
+
+
+@dataclass
+class HostView:
+    """A host as the controller's API shows it."""
+
+    address: str | None
+    instances: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class HostReport:
+    """What a runner's heartbeat says about its host: where its instances answer,
+    every instance on it, and every app it holds anything of (files, a user,
+    cgroups), so leftovers of a destroyed app are found on a host that was away."""
+
+    host: str
+    address: str | None = None
+    inventory: list[InventoryItem] = field(default_factory=list)
+    apps: list[str] = field(default_factory=list)
+    seq: int = 0
+
+    @classmethod
+    def from_heartbeat(cls, fields_: dict[str, Any]) -> HostReport:
+        host = str(fields_["host"])
+        return cls(host, fields_.get("address"),
+                   [InventoryItem.from_wire(i, host) for i in fields_.get("inventory") or []],
+                   [str(a) for a in fields_.get("apps") or []], int(fields_.get("seq") or 0))

@@ -1,0 +1,63 @@
+"""The typed wire shapes: each survives a round trip, tolerates fields a newer peer
+adds, and refuses what it cannot use with a ProtocolError."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from messaging.errors import ProtocolError
+from messaging.shapes import (LIVE, Backend, HostReport, InventoryItem, Limits, Route,
+                              State)
+
+
+def test_route_round_trips_through_json():
+    route = Route(("a.localhost", "www.example.com"), (Backend("i1", "127.0.0.2", 5000),),
+                  "", True, 5 << 20)
+    assert Route.from_wire(json.loads(json.dumps(route.to_wire()))) == route
+
+
+def test_route_keeps_working_with_unknown_fields_and_refuses_bad_backends():
+    wire = {"hosts": ["a"], "backends": [{"id": "i", "address": "127.0.0.2", "port": "81",
+                                          "weight": 3}], "new_thing": 1, "max_body": "x"}
+    route = Route.from_wire(wire)
+    assert route.backends == (Backend("i", "127.0.0.2", 81),) and route.max_body == 0
+    with pytest.raises(ProtocolError, match="port"):
+        Route.from_wire({"hosts": [], "backends": [{"address": "127.0.0.2"}]})
+    with pytest.raises(ProtocolError):
+        Route.from_wire({"hosts": "a", "backends": []})
+
+
+def test_inventory_item_round_trip_and_host_override():
+    item = InventoryItem("i1", "app", 3, "web", State.RUNNING, "127.0.0.2", 5000,
+                         restarts=2, pid=42, since=1.5, reason="ok", oom_kills=1)
+    wire = json.loads(json.dumps(item.to_wire()))
+    assert wire["state"] == "RUNNING"
+    back = InventoryItem.from_wire({**wire, "extra": True}, host="r1")
+    assert back.state is State.RUNNING and back.host == "r1" and back.web
+    assert back.oom_kills == 1 and back.pid == 42
+
+
+def test_inventory_item_refuses_unknown_states_and_missing_fields():
+    with pytest.raises(ProtocolError, match="state"):
+        InventoryItem.from_wire({"instance": "i", "app": "a", "release": 1, "proc": "web",
+                                 "state": "DANCING"})
+    with pytest.raises(ProtocolError, match="lacks"):
+        InventoryItem.from_wire({"instance": "i", "state": "RUNNING"})
+
+
+def test_live_states_are_the_ones_that_count_toward_a_formation():
+    assert State.RUNNING in LIVE and State.FATAL in LIVE
+    assert State.STOPPING not in LIVE and State.DRAINING not in LIVE
+
+
+def test_limits_and_host_report():
+    assert Limits.from_wire(None) == Limits()
+    assert Limits.from_wire({"memory_mb": 64}).memory_mb == 64
+    for bad in ({"memory_mb": 0}, {"pids_max": True}, {"pids_max": "5"}, [1]):
+        with pytest.raises(ProtocolError):
+            Limits.from_wire(bad)
+    report = HostReport.from_heartbeat({"host": "r1", "interval": 1, "apps": ["a"],
+                                        "inventory": [InventoryItem(
+                                            "i", "a", 1, "web", State.STARTING).to_wire()]})
+    assert report.inventory[0].host == "r1" and report.apps == ["a"]
