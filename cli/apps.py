@@ -9,14 +9,14 @@ from rich.table import Table
 from cli import appname, credentials
 from cli.client import Client
 from cli.credentials import Credentials
-from cli.output import console, handle_errors, step
+from cli.output import console, step
+from messaging import channels
 
 
 @click.command()
-@click.option("--api", "api_url", default="http://127.0.0.1:8700", show_default=True,
+@click.option("--api", "api_url", default=channels.api_url(), show_default=True,
               help="Controller API URL.")
 @click.option("--token", prompt=True, hide_input=True, help="Your API token.")
-@handle_errors
 def login(api_url: str, token: str) -> None:
     """Save the API URL and token after checking them."""
     Client(Credentials(api_url.rstrip("/"), token.strip())).get("/v1/apps")
@@ -31,7 +31,6 @@ def apps() -> None:
 
 @apps.command("create")
 @click.argument("name")
-@handle_errors
 def create(name: str) -> None:
     """Create an app called NAME."""
     app = Client().post("/v1/apps", {"name": name})
@@ -43,7 +42,6 @@ def create(name: str) -> None:
 
 @apps.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@handle_errors
 def list_(as_json: bool) -> None:
     """List apps."""
     data = Client().get("/v1/apps")
@@ -61,7 +59,6 @@ def list_(as_json: bool) -> None:
 
 @apps.command("info")
 @appname.app_option
-@handle_errors
 def info(app: str | None) -> None:
     """Show an app's release, formation and URL."""
     name = appname.resolve(app)
@@ -71,7 +68,6 @@ def info(app: str | None) -> None:
 @apps.command("destroy")
 @click.argument("name")
 @click.option("--confirm", help="The app's name again, to skip the prompt.")
-@handle_errors
 def destroy(name: str, confirm: str | None) -> None:
     """Destroy app NAME: stop its processes and forget its releases."""
     if confirm != name:

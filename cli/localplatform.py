@@ -13,15 +13,20 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from balancer import settings as balancer_settings
+from config import Spec
+from controller import settings as controller_settings
+from messaging.channels import API_PORT, BALANCER_PORT, CHANNELS, LOOPBACK, api_url
 from messaging.errors import BerthError
+from runner import settings as runner_settings
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -37,20 +42,45 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+# Ports field -> the channel it serves; each field defaults to its channel's port
+CHANNEL_FIELDS = {"control": "control", "routes": "routes", "snapshot": "routes_snapshot",
+                  "logs": "logs", "stats": "stats", "stats_out": "stats_out"}
+
+
 @dataclass
 class Ports:
-    api: int = 8700
-    control: int = 8701
-    routes: int = 8702
-    snapshot: int = 8703
-    logs: int = 8704
-    balancer: int = 8000
-    stats: int = 8705
-    stats_out: int = 8706
+    """Every port of one local platform; the defaults are the declared ones
+    (messaging/channels.py)."""
+
+    api: int = API_PORT
+    control: int = CHANNELS["control"].default_port
+    routes: int = CHANNELS["routes"].default_port
+    snapshot: int = CHANNELS["routes_snapshot"].default_port
+    logs: int = CHANNELS["logs"].default_port
+    balancer: int = BALANCER_PORT
+    stats: int = CHANNELS["stats"].default_port
+    stats_out: int = CHANNELS["stats_out"].default_port
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(8)))
+        return cls(*(free_port() for _ in fields(cls)))
+
+    @classmethod
+    def after_api(cls, api: int, balancer: int = BALANCER_PORT) -> Ports:
+        """The API on `api` and each channel as far after it as its default port is
+        after the default API port (8700 gives the defaults)."""
+        return cls(api=api, balancer=balancer, **{
+            name: api + CHANNELS[ch].default_port - API_PORT
+            for name, ch in CHANNEL_FIELDS.items()})
+
+    def for_channel(self, channel: str) -> int:
+        name = next(f for f, ch in CHANNEL_FIELDS.items() if ch == channel)
+        return int(getattr(self, name))
+
+    def endpoints(self, spec: Spec) -> dict[str, str]:
+        """The endpoint settings `spec` declares, each on this platform's port."""
+        return {ch.endpoint_setting: ch.endpoint(self.for_channel(ch.name))
+                for ch in CHANNELS.values() if ch.endpoint_setting in spec.settings}
 
 
 @dataclass
@@ -65,7 +95,7 @@ class LocalPlatform:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.api}"
+        return api_url(port=self.ports.api)
 
     @property
     def admin_token(self) -> str:
@@ -75,20 +105,14 @@ class LocalPlatform:
         return self.data_dir / "berth.yaml"
 
     def write_config(self) -> Path:
-        p, host = self.ports, "tcp://127.0.0.1"
-        zmq = {"routes_endpoint": f"{host}:{p.routes}",
-               "routes_snapshot_endpoint": f"{host}:{p.snapshot}",
-               "stats_endpoint": f"{host}:{p.stats}"}
+        p = self.ports
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
-                           "control_endpoint": f"{host}:{p.control}",
-                           "logs_endpoint": f"{host}:{p.logs}", "balancer_port": p.balancer,
-                           "drain_seconds": self.drain_seconds,
-                           "stats_out_endpoint": f"{host}:{p.stats_out}", **zmq},
-            "runner": {"control_endpoint": f"{host}:{p.control}",
-                       "logs_endpoint": f"{host}:{p.logs}", "controller_url": self.api_url,
-                       "wheel_cache_dir": self.wheel_cache_dir},
-            "balancer": {"listen_port": p.balancer, "logs_endpoint": f"{host}:{p.logs}", **zmq},
+                           "balancer_port": p.balancer, "drain_seconds": self.drain_seconds,
+                           **p.endpoints(controller_settings.SPEC)},
+            "runner": {"controller_url": self.api_url, "wheel_cache_dir": self.wheel_cache_dir,
+                       **p.endpoints(runner_settings.SPEC)},
+            "balancer": {"listen_port": p.balancer, **p.endpoints(balancer_settings.SPEC)},
         }
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # app users pass through on the way to their runner's apps dir; nothing here
@@ -112,10 +136,8 @@ class LocalPlatform:
         return proc
 
     def check_ports(self) -> None:
-        p = self.ports
-        for port in (p.balancer, p.api, p.control, p.routes, p.snapshot, p.logs, p.stats,
-                     p.stats_out):
-            if port_in_use("127.0.0.1", port):
+        for port in astuple(self.ports):
+            if port_in_use(LOOPBACK, port):
                 raise BerthError(f"port {port} on 127.0.0.1 is already in use",
                                  "stop what uses it (another `berth up`? try `berth down`) "
                                  "or pick other ports")

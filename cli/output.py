@@ -1,8 +1,8 @@
-"""Exit codes and the one place errors are printed (httpie's style: an enum)."""
+"""Exit codes and the one place errors are printed (httpie's style: an enum): `fail`,
+called by `Group.invoke` for every command."""
 from __future__ import annotations
 
 import enum
-import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from config import SettingsError
 from messaging.errors import BerthError
 
 console = Console(highlight=False)
@@ -26,6 +27,8 @@ class Exit(enum.IntEnum):
 
 
 def exit_code(err: BerthError) -> Exit:
+    if isinstance(err, SettingsError):
+        return Exit.USAGE
     return {401: Exit.AUTH, 404: Exit.NOT_FOUND, 503: Exit.UNAVAILABLE}.get(err.status, Exit.ERROR)
 
 
@@ -36,18 +39,28 @@ def fail(err: BerthError) -> None:
     sys.exit(int(exit_code(err)))
 
 
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn any BerthError into `Error:`/`Hint:` lines and a non-zero exit."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+def interrupted() -> None:
+    err_console.print("Interrupted.")
+    sys.exit(130)
+
+
+class Group(click.Group):
+    """The `berth` group: the one place a command's error is reported. A BerthError
+    raised anywhere below it (any subcommand, any subgroup) becomes `Error:`/`Hint:`
+    lines and a non-zero exit; Ctrl-C becomes "Interrupted." and exit 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except BerthError as err:
             fail(err)
         except KeyboardInterrupt:
-            err_console.print("Interrupted.")
-            sys.exit(130)
-    return wrapper
+            interrupted()
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Kept for commands that still wear it: errors are reported by `Group` now."""
+    return fn
 
 
 def step(text: str) -> None:

@@ -12,7 +12,8 @@ import click
 
 from cli import credentials
 from cli.localplatform import LocalPlatform, Ports
-from cli.output import handle_errors, step
+from cli.output import step
+from messaging.channels import API_PORT, BALANCER_PORT
 from messaging.errors import BerthError
 
 PIDFILE = "up.pid"
@@ -22,10 +23,11 @@ PIDFILE = "up.pid"
 @click.option("--data-dir", default=".berth-data", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Where state, slugs, virtualenvs and logs live; reuse it to resume.")
-@click.option("--port", default=8000, show_default=True, help="Balancer port on 127.0.0.1.")
-@click.option("--api-port", default=8700, show_default=True, help="Controller API port.")
+@click.option("--port", default=BALANCER_PORT, show_default=True,
+              help="Balancer port on 127.0.0.1.")
+@click.option("--api-port", default=API_PORT, show_default=True,
+              help="Controller API port; the ZeroMQ channels take the ports after it.")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; stop with `berth down`.")
-@handle_errors
 def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
     """Start controller, runner and balancer here; Ctrl-C stops them all."""
     data_dir = data_dir.resolve()
@@ -35,10 +37,7 @@ def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
                          f"use it as it is, or stop it with `berth down --data-dir {data_dir}`")
     if detach:
         return _detach(data_dir, port, api_port)
-    ports = Ports(api=api_port, control=api_port + 1, routes=api_port + 2,
-                  snapshot=api_port + 3, logs=api_port + 4, balancer=port,
-                  stats=api_port + 5, stats_out=api_port + 6)
-    platform = LocalPlatform(data_dir, ports)
+    platform = LocalPlatform(data_dir, Ports.after_api(api_port, balancer=port))
     stopping = False
 
     def on_signal(*_: object) -> None:
@@ -108,7 +107,6 @@ def _detach(data_dir: Path, port: int, api_port: int) -> None:
 @click.command()
 @click.option("--data-dir", default=".berth-data", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
-@handle_errors
 def down(data_dir: Path) -> None:
     """Stop a `berth up --detach` running from DATA_DIR."""
     pidfile = data_dir.resolve() / PIDFILE

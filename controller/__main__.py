@@ -1,28 +1,29 @@
 """`python -m controller --config berth.yaml`"""
 from __future__ import annotations
 
-import sys
-
 import click
+import zmq
 
-from config import SettingsError, setup_logging
+from config import reporting, setup_logging
+from config.describe import help_settings_option
+from config.report import SETTINGS, START
 from controller.daemon import Controller, install_signals
 from controller.settings import SPEC
 
 
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML settings file with a `controller:` section.")
+              help="YAML settings file with a `controller:` section; BERTH_CONTROLLER_* "
+                   "env vars override it.")
+@help_settings_option("controller")
 def main(config_path: str | None) -> None:
-    try:
+    with reporting(SETTINGS):
         settings = SPEC.load(config_path)
-    except SettingsError as exc:
-        click.echo(f"Error: {exc.message}\nHint: {exc.hint}", err=True)
-        sys.exit(2)
     setup_logging("controller", settings.host_id, settings.log_level)
-    controller = Controller(settings)
-    install_signals(controller)
-    controller.start()
+    with reporting(START, wrap=(OSError, zmq.ZMQError), doing="start the controller"):
+        controller = Controller(settings)
+        install_signals(controller)
+        controller.start()
     controller.run()
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 import sys
 
 import click
+import zmq
 
-from config import setup_logging
-from messaging.errors import BerthError
+from config import reporting, setup_logging
+from config.describe import help_settings_option
+from config.report import SETTINGS, START
 from runner.daemon import Runner
 from runner.settings import SPEC
 
@@ -14,17 +16,14 @@ from runner.settings import SPEC
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML file with a `runner:` section; BERTH_RUNNER_* env vars override it.")
+@help_settings_option("runner")
 def main(config_path: str | None) -> None:
-    try:
+    with reporting(SETTINGS):
         settings = SPEC.load(config_path)
-    except BerthError as exc:
-        click.echo(f"Error: {exc.message}", err=True)
-        if exc.hint:
-            click.echo(f"Hint: {exc.hint}", err=True)
-        sys.exit(2)
     setup_logging("runner", settings.host_id, settings.log_level)
-    runner = Runner(settings)
-    runner.start()
+    with reporting(START, wrap=(OSError, zmq.ZMQError), doing="start the runner"):
+        runner = Runner(settings)
+        runner.start()
     sys.exit(runner.run())
 
 
