@@ -5,7 +5,7 @@ import click
 
 from cli import appname
 from cli.client import Client
-from cli.output import console, handle_errors, step
+from cli.output import console, step
 from messaging.errors import BerthError
 
 
@@ -18,7 +18,6 @@ def config_group() -> None:
 @click.argument("key", required=False)
 @appname.app_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@handle_errors
 def get(key: str | None, app: str | None, as_json: bool) -> None:
     """Show all config vars, or one KEY's value."""
     name = appname.resolve(app)
@@ -39,7 +38,6 @@ def get(key: str | None, app: str | None, as_json: bool) -> None:
 @config_group.command("set")
 @click.argument("pairs", nargs=-1, required=True)
 @appname.app_option
-@handle_errors
 def set_(pairs: tuple[str, ...], app: str | None) -> None:
     """Set KEY=value pairs (makes a new release)."""
     name = appname.resolve(app)
@@ -57,7 +55,6 @@ def set_(pairs: tuple[str, ...], app: str | None) -> None:
 @config_group.command("unset")
 @click.argument("keys", nargs=-1, required=True)
 @appname.app_option
-@handle_errors
 def unset(keys: tuple[str, ...], app: str | None) -> None:
     """Remove config vars (makes a new release)."""
     name = appname.resolve(app)

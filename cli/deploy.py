@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli import appname, pack
 from cli.client import Client
-from cli.output import console, handle_errors, step
+from cli.output import console, step
 from cli.settings import SPEC
 from messaging.errors import BerthError
 from messaging.shapes import InventoryItem, State
@@ -43,7 +43,6 @@ def wait_for_release(client: Client, app: str, version: int, timeout: float) -> 
 @click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
 @appname.app_option
 @click.option("--no-wait", is_flag=True, help="Return once the build is done.")
-@handle_errors
 def push(directory: Path, app: str | None, no_wait: bool) -> None:
     """Deploy DIRECTORY (default: here) to the app."""
     started = time.monotonic()
@@ -82,7 +81,6 @@ def push(directory: Path, app: str | None, no_wait: bool) -> None:
 @click.command()
 @appname.app_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@handle_errors
 def releases(app: str | None, as_json: bool) -> None:
     """List the app's releases, newest first."""
     name = appname.resolve(app)
@@ -101,7 +99,6 @@ def releases(app: str | None, as_json: bool) -> None:
 @click.command()
 @click.argument("version", required=False)
 @appname.app_option
-@handle_errors
 def rollback(version: str | None, app: str | None) -> None:
     """Make a new release from an earlier one (default: the previous deploy)."""
     name = appname.resolve(app)

@@ -5,13 +5,12 @@ import click
 
 from cli import appname
 from cli.client import Client
-from cli.output import handle_errors, step
+from cli.output import step
 
 
 @click.group(invoke_without_command=True)
 @appname.app_option
 @click.pass_context
-@handle_errors
 def domains(ctx: click.Context, app: str | None) -> None:
     """List the app's hostnames."""
     if ctx.invoked_subcommand is None:
@@ -24,7 +23,6 @@ def domains(ctx: click.Context, app: str | None) -> None:
 @domains.command("add")
 @click.argument("hostname")
 @appname.app_option
-@handle_errors
 def add(hostname: str, app: str | None) -> None:
     """Route HOSTNAME to the app."""
     name = appname.resolve(app)
@@ -35,7 +33,6 @@ def add(hostname: str, app: str | None) -> None:
 @domains.command("remove")
 @click.argument("hostname")
 @appname.app_option
-@handle_errors
 def remove(hostname: str, app: str | None) -> None:
     """Stop routing HOSTNAME to the app."""
     name = appname.resolve(app)

@@ -5,13 +5,12 @@ import click
 
 from cli import appname
 from cli.client import Client
-from cli.output import handle_errors, step
+from cli.output import step
 
 
 @click.command()
 @click.argument("state", type=click.Choice(["on", "off"]), required=False)
 @appname.app_option
-@handle_errors
 def maintenance(state: str | None, app: str | None) -> None:
     """Show, or turn on/off, maintenance mode (the balancer answers 503)."""
     name = appname.resolve(app)
@@ -31,7 +30,6 @@ def maintenance(state: str | None, app: str | None) -> None:
 @click.option("--default", "use_default", is_flag=True,
               help="Go back to the platform defaults (for the limits named, or all).")
 @appname.app_option
-@handle_errors
 def limits(max_body_mb: int | None, memory_mb: int | None, pids_max: int | None,
            use_default: bool, app: str | None) -> None:
     """Show or set the app's limits. New process limits apply to instances started

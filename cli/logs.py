@@ -5,14 +5,12 @@ import click
 
 from cli import appname
 from cli.client import Client
-from cli.output import handle_errors
 
 
 @click.command()
 @appname.app_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=100, show_default=True, help="Lines of history.")
-@handle_errors
 def logs(app: str | None, follow: bool, lines: int) -> None:
     """Print the app's output, router and platform lines."""
     name = appname.resolve(app)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -56,11 +55,6 @@ class Group(click.Group):
             fail(err)
         except KeyboardInterrupt:
             interrupted()
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Kept for commands that still wear it: errors are reported by `Group` now."""
-    return fn
 
 
 def step(text: str) -> None:

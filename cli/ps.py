@@ -8,7 +8,7 @@ from rich.table import Table
 
 from cli import appname
 from cli.client import Client
-from cli.output import console, handle_errors, step
+from cli.output import console, step
 from messaging.errors import BerthError
 from messaging.shapes import InventoryItem
 
@@ -30,7 +30,6 @@ def _note(inst: InventoryItem) -> str:
 @click.command()
 @appname.app_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@handle_errors
 def ps(app: str | None, as_json: bool) -> None:
     """Show the app's instances: state, host, release and restarts."""
     name = appname.resolve(app)
@@ -54,7 +53,6 @@ def ps(app: str | None, as_json: bool) -> None:
 @click.command()
 @click.argument("pairs", nargs=-1, required=True)
 @appname.app_option
-@handle_errors
 def scale(pairs: tuple[str, ...], app: str | None) -> None:
     """Set process counts, e.g. `berth scale web=2 worker=1`."""
     name = appname.resolve(app)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli import appname
 from cli.client import Client
-from cli.output import console, handle_errors
+from cli.output import console
 from messaging.shapes import InventoryItem
 
 
@@ -29,7 +29,6 @@ def _line(name: str, fig: dict[str, Any]) -> str:
 @click.option("-f", "--follow", is_flag=True, help="A line per app every second.")
 @click.option("--count", default=0, help="With -f: stop after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@handle_errors
 def stats(app: str | None, all_apps: bool, follow: bool, count: int, as_json: bool) -> None:
     """Requests, status classes, latency and bytes per second, from the balancers."""
     path = "/v1/stats" if all_apps else f"/v1/apps/{appname.resolve(app)}/stats"
@@ -53,7 +52,6 @@ def stats(app: str | None, all_apps: bool, follow: bool, count: int, as_json: bo
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@handle_errors
 def hosts(as_json: bool) -> None:
     """Every runner host and the instances it runs (operators)."""
     data = Client().get("/v1/hosts")
