@@ -146,13 +146,37 @@ def test_not_a_tarball(berth, victim):
 
 
 def test_build_failure_is_reported_and_keeps_the_old_release(berth, tmp_path):
-    app = copy_example(tmp_path / "broken")
     berth("apps", "create", "broken")
-    (app / "requirements.txt").write_text("this-package-does-not-exist-berth-test==0.0.1\n")
+    app = copy_example(tmp_path / "broken")
+    old_body = "old release of broken"
+    (app / "app.py").write_text(
+        "from flask import Flask\napp = Flask(__name__)\n\n\n"
+        f"@app.route('/')\ndef index():\n    return {old_body!r}\n")
+    out = berth("push", str(app), "-a", "broken")
+    assert "-----> Deployed broken v1" in out.stdout
+    r = berth.wait_for(lambda: (lambda r: r.status == 200 and r)(berth.get("broken")),
+                       what="v1 served through the balancer")
+    assert r.text == old_body
+
+    # the next push changes the code and breaks the build
+    (app / "app.py").write_text(
+        "from flask import Flask\napp = Flask(__name__)\n\n\n"
+        "@app.route('/')\ndef index():\n    return 'new release of broken'\n")
+    (app / "requirements.txt").write_text(
+        "flask\ngunicorn\nthis-package-does-not-exist-berth-test==0.0.1\n")
     out = berth("push", str(app), "-a", "broken", check=False)
     assert out.returncode != 0
     assert "Error: the build failed" in out.stderr
-    assert releases(berth, "broken") == []
+    assert "Deployed" not in out.stdout
+
+    # v1 is still the current (and only) release, and still what the balancer serves
+    status, body = api(berth, "GET", "/v1/apps/broken/releases")
+    assert status == 200
+    assert [r["version"] for r in body["releases"]] == [1] and body["current"] == 1
+    assert "v1 (current)" in berth("releases", "-a", "broken").stdout
+    for _ in range(5):
+        r = berth.get("broken")
+        assert (r.status, r.text) == (200, old_body)
 
 
 def test_huge_push_is_refused_before_it_is_read(berth, victim):
