@@ -3,6 +3,7 @@ balancer, gunicorn and virtualenvs, driven through the real `berth` CLI."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import threading
@@ -88,7 +89,12 @@ def test_redeploy_under_load_drops_no_request(berth, tmp_path):
     loop.start()
     try:
         berth("push", str(app), "-a", "steady")
-        time.sleep(3)                             # past the drain of the old instance
+        # past the drain of the old instance: until only v2 is listed, and a few
+        # more requests after that
+        berth.wait_for(lambda: [i["release"] for i in berth.json(
+            "ps", "-a", "steady")["instances"]] == [2], what="only v2 left")
+        served = len(results)
+        berth.wait_for(lambda: len(results) >= served + 20, what="20 more requests")
     finally:
         stop.set()
         loop.join(30)
@@ -149,18 +155,28 @@ def test_logs_show_app_router_and_platform_lines_and_follow(berth, tmp_path):
     follow = subprocess.Popen([sys.executable, "-m", "cli.main", "logs", "-f", "-n", "0",
                                "-a", "chatty"], cwd=ROOT, env=berth.env,
                               stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert follow.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in follow.stdout],
+                              daemon=True)
+    reader.start()
     try:
-        time.sleep(1)
-        berth.get("chatty", "/followed-path")
-        assert follow.stdout is not None
-        deadline = time.monotonic() + 20
+        # the follower subscribes in its own time: ask again until a request shows
+        deadline = time.monotonic() + 30
         line = ""
-        while time.monotonic() < deadline and "/followed-path" not in line:
-            line = follow.stdout.readline()
-        assert "/followed-path" in line and "status=404" in line
+        while "/followed-path" not in line:
+            assert time.monotonic() < deadline, "no followed line in 30 s"
+            berth.get("chatty", "/followed-path")
+            try:
+                while "/followed-path" not in line:
+                    line = lines.get(timeout=1)
+            except queue.Empty:
+                pass
+        assert "status=404" in line
     finally:
         follow.kill()
         follow.wait(10)
+        reader.join(10)
     # another app's logs never show this app's lines
     berth("apps", "create", "quiet")
     assert "chatty" not in berth("logs", "-a", "quiet").stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -563,8 +564,11 @@ def test_smuggling_attempt_is_400_and_backend_sees_one_request(balancer, backend
         assert c.closed()
     finally:
         c.close()
-    time.sleep(0.2)
-    assert alpha.requests()[before:] == ["GET /first"]
+    # a later request, answered by the same backend, marks how far it has read: a
+    # smuggled request would have reached it before this one
+    assert get(balancer.port, "alpha.localhost", "/after")[0] == 200
+    wait_for(lambda: "GET /after" in alpha.requests()[before:], what="GET /after logged")
+    assert alpha.requests()[before:] == ["GET /first", "GET /after"]
 
 
 def test_bad_heads(balancer):
@@ -655,9 +659,22 @@ def test_killing_one_of_two_backends_fails_no_get(tmp, balancer, publisher):
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        # the load reaches both backends before one of them dies...
+        wait_for(lambda: "GET /sleep" in one.requests() and "GET /sleep" in two.requests(),
+                 what="load on both backends")
         one.kill()
-        time.sleep(1.5)
+        # ...and keeps going until the balancer has found it dead twice: marked down,
+        # tried again when that backoff (0.5 s) ran out, and marked down for 1 s
+        dead = re.compile(rf"marked down.* backend={BACKEND_HOST}:{one.port} .*"
+                          r"backoff=([0-9.]+)")
+
+        def longest_backoff() -> float:
+            text = balancer.stderr.read_text(errors="replace")
+            return max((float(m.group(1)) for m in dead.finditer(text)), default=0.0)
+        wait_for(lambda: longest_backoff() >= 1 or failures, what="a second mark-down")
+        served = len(statuses)
+        wait_for(lambda: len(statuses) >= served + 20 or failures,
+                 what="20 more answers after that")
         stop.set()
         for t in threads:
             t.join(10)
@@ -750,9 +767,12 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp, publisher, back
     bal = BalancerProc(tmp, publisher, **engine)
     try:
         wait_routed(bal.port, "alpha.localhost")
+        alpha = backends["alpha"]
+        before = len(alpha.requests())
         c = Client(bal.port)
         c.send(b"GET /sleep?1 HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n")
-        time.sleep(0.3)
+        wait_for(lambda: alpha.requests()[before:] == ["GET /sleep"],
+                 what="the request in flight at the backend")
         bal.proc.send_signal(signal.SIGTERM)
         status, headers, _ = c.response()
         assert status == 200 and headers["connection"] == "close"
@@ -817,6 +837,13 @@ class CutOffBackend:
         self.sock.close()
 
 
+def answered_200(port: int, host: str) -> bool:
+    try:
+        return get(port, host)[0] == 200
+    except OSError:                 # ConnectionError included
+        return False
+
+
 def test_backend_dying_mid_response_is_retried_for_get(tmp, balancer, publisher):
     good, bad = Backend(tmp, "delta"), CutOffBackend()
     try:
@@ -827,11 +854,14 @@ def test_backend_dying_mid_response_is_retried_for_get(tmp, balancer, publisher)
             status, _, body = get(balancer.port, "delta.localhost", "/")
             assert status == 200 and b"partial" not in body
         assert bad.served >= 1          # the cut-off one was tried, then retried away
+        publisher.set("delta", {"hosts": ["delta.localhost"], "backends": [bad.entry],
+                                "reason": ""})
+        # the balancer has the new route once a GET, with no good instance left to
+        # retry on, stops being answered 200
+        wait_for(lambda: not answered_200(balancer.port, "delta.localhost"),
+                 what="route to the cut-off backend only")
         c = Client(balancer.port)       # a POST is never resent: its client sees the cut
         try:
-            publisher.set("delta", {"hosts": ["delta.localhost"], "backends": [bad.entry],
-                                    "reason": ""})
-            time.sleep(0.5)
             c.send(b"POST / HTTP/1.1\r\nHost: delta.localhost\r\nContent-Length: 0\r\n\r\n")
             with pytest.raises((ConnectionError, OSError)):
                 c.response()

@@ -318,14 +318,19 @@ def test_max_body_is_413_and_the_backend_sees_nothing(balancer, publisher, backe
         assert c.response()[0] == 413
     finally:
         c.close()
-    time.sleep(0.2)
-    assert alpha.requests()[before:] == []
+    # a later request the backend does see: the refused ones would be logged before it
+    assert get(balancer.port, "small.localhost", "/after-413")[0] == 200
+    wait_for(lambda: "GET /after-413" in alpha.requests()[before:], what="marker logged")
+    assert alpha.requests()[before:] == ["GET /after-413"]
     # chunked, going over the limit later: the stream is cut and the client told
+    before = len(alpha.requests())
     c = Client(balancer.port)
     try:
         c.send(b"POST /echo HTTP/1.1\r\nHost: small.localhost\r\n"
                b"Transfer-Encoding: chunked\r\n\r\n32\r\n" + b"x" * 50 + b"\r\n")
-        time.sleep(0.3)
+        # the first piece was within the limit: the request is under way at the app
+        wait_for(lambda: alpha.requests()[before:] == ["POST /echo"],
+                 what="the streamed request at the backend")
         c.send(b"64\r\n" + b"x" * 100 + b"\r\n0\r\n\r\n")
         try:
             assert c.response()[0] == 413
@@ -409,7 +414,8 @@ def test_stats_message_counts_requests_and_status_classes(balancer, publisher, b
         return total
 
     wait_for(lambda: totals()["requests"] >= 7, what="stats for counted")
-    time.sleep(1.2)                         # two more intervals: nothing more arrives
+    seen = len(sink.messages)               # two more intervals: nothing more arrives
+    wait_for(lambda: len(sink.messages) >= seen + 2, what="two more stats intervals")
     assert totals() == {"requests": 7, "2xx": 7, "4xx": 0, "5xx": 0}
     msg = next(m for m in sink.messages[start:] if m["apps"].get("counted", {}).get(
         "requests"))
@@ -427,7 +433,8 @@ def engine_name(engine: dict) -> str:
     return next(name for name, conf in ENGINES.items() if conf == engine)
 
 
-def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends, engine):
+def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends, engine,
+                                                       sink):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < 10600:
@@ -460,7 +467,13 @@ def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends, engi
                     sel.unregister(key.fileobj)
                     answered += 1
         assert answered == count
-        time.sleep(1.0)
+        # two stats intervals after the last answer, the worker itself still counts
+        # every one of them open (it would have closed them by then)
+        seen = len(sink.messages)
+        wait_for(lambda: len(sink.messages) >= seen + 2, what="two more stats intervals")
+        open_now = [m["totals"]["connections"] for m in sink.messages[seen:]
+                    if m["totals"]["pid"] == worker]
+        assert open_now and min(open_now) >= count, open_now
         still_open = 0
         for s in socks:
             try:
@@ -513,11 +526,12 @@ def test_10000_idle_keepalive_connections_and_slowloris(balancer, backends, engi
             statuses.append(get(balancer.port, "alpha.localhost")[0])
             time.sleep(0.05)
         assert statuses == [200] * 40
-        time.sleep(2.5)        # past header_timeout: the slow ones got 408 and closed
+        # past header_timeout (2 s) each slow one gets its 408 and is closed
+        deadline = time.monotonic() + 10
         refused = 0
         for s in slow:
             s.setblocking(True)
-            s.settimeout(5)
+            s.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 data = s.recv(65536)
             except OSError:
@@ -550,19 +564,25 @@ def test_reload_during_a_client_loop_drops_no_request(tmp, publisher, backends, 
                 except OSError as exc:
                     failures.append(exc)
 
+        def answered_more(n: int) -> None:
+            """Wait until the loop has had `n` more answers (or a failure)."""
+            have = len(statuses)
+            wait_for(lambda: len(statuses) >= have + n or failures,
+                     what=f"{n} more answers")
+
         threads = [threading.Thread(target=loop) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        answered_more(10)                   # the loop is under way...
         bal.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: not set(first) & set(worker_pids(bal.proc.pid)), timeout=20,
                  what="old workers gone")
         second = sorted(worker_pids(bal.proc.pid))
-        time.sleep(0.3)
+        answered_more(10)                   # ...goes on after the first reload...
         bal.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: not set(second) & set(worker_pids(bal.proc.pid)), timeout=20,
                  what="second generation gone")
-        time.sleep(0.3)
+        answered_more(10)                   # ...and after the second
         stop.set()
         for t in threads:
             t.join(10)
@@ -585,10 +605,13 @@ def test_sigterm_with_workers_finishes_in_flight(tmp, publisher, backends, engin
     bal = BalancerProc(tmp, publisher, processes=2, **engine)
     try:
         wait_routed(bal.port, "alpha.localhost")
+        alpha = backends["alpha"]
+        before = len(alpha.requests())
         clients = [Client(bal.port) for _ in range(4)]
         for c in clients:
             c.send(b"GET /sleep?1 HTTP/1.1\r\nHost: alpha.localhost\r\n\r\n")
-        time.sleep(0.3)
+        wait_for(lambda: alpha.requests()[before:] == ["GET /sleep"] * 4,
+                 what="all four requests in flight at the backend")
         bal.proc.send_signal(signal.SIGTERM)
         for c in clients:
             status, _, body = c.response()

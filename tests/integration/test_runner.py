@@ -277,9 +277,14 @@ def test_prepare_streams_build_log_and_reuses_venv(env: Any) -> None:
     assert rep["ok"], rep["error"]
     result = rep["result"]
     assert len(result["venv"]) == 64 and isinstance(result["seconds"], float)
-    ctl.pump(0.3)
-    build_lines = [m for m in ctl.log_lines if m.get("build") == "b1"]
-    assert build_lines, "no build log lines arrived"
+
+    # the lines travel on the logs socket, apart from the reply: wait for them (when
+    # pip ran, until its lines naming flask are in)
+    def b1_lines() -> list[Message]:
+        lines = [m for m in ctl.log_lines if m.get("build") == "b1"]
+        done = result["reused"] or any("flask" in m["line"].lower() for m in lines)
+        return lines if done else []
+    build_lines = ctl.wait_for("build log lines", b1_lines, STEP_TIMEOUT)
     assert all(m["proc"] == "build" and m["app"] == "hello" and m["host"] == "host-2"
                for m in build_lines)
     if not result["reused"]:
@@ -377,15 +382,28 @@ def test_instances_keep_running_while_the_controller_is_away(env: Any) -> None:
     inst = start_hello(ctl, slugs, "web-3")
     endpoint = ctl.control_endpoint
     ctl.control.close(0)                     # the controller goes away...
-    time.sleep(3.0)                          # ...for longer than dead_after intervals
+    # ...for longer than dead_after intervals: until the runner says it takes it as away
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while "controller is away" not in runner.log_text():
+        assert time.monotonic() < deadline, "the runner never noticed the controller left"
+        assert runner.proc.poll() is None, runner.log_text()[-3000:]
+        time.sleep(0.1)
+    away_at = time.time()
     assert http_get(inst["port"])[0] == 200
-    assert "controller is away" in runner.log_text()
+    ups = runner.log_text().count("controller is up")
     ctl.control = bind(ctl.ctx, "control", endpoint)       # ...and comes back
     ctl.heartbeats.clear()
-    back = ctl.wait_for("a heartbeat after the return", lambda: ctl.instance("web-3"),
-                        STEP_TIMEOUT)
+    # a heartbeat made after the runner took the controller as away (not one queued
+    # from before) shows what it kept running through the absence
+    ctl.wait_for("a heartbeat made after the absence",
+                 lambda: ctl.heartbeats and ctl.heartbeats[-1].ts > away_at, STEP_TIMEOUT)
+    back = ctl.instance("web-3")
+    assert back is not None, ctl.inventory()
     assert back["state"] == "RUNNING" and back["pid"] == inst["pid"]
     assert back["restarts"] == 0
+    assert http_get(inst["port"])[0] == 200
+    ctl.wait_for("the runner to see the controller back",
+                 lambda: runner.log_text().count("controller is up") > ups, STEP_TIMEOUT)
 
 
 def alive(pid: int) -> bool:
