@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ from messaging.shapes import InventoryItem, State
 from runner.cgroups import Limits
 from runner.isolation import InstanceJail
 from runner.ports import free_port
+from runner.procfile import shell_argv
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def describe_exit(code: int) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"killed by {name}"
+    if code == 127:     # the shell's answer for a program it could not find
+        return "exited with code 127: command not found"
+    if code == 126:
+        return "exited with code 126: command not executable"
     return f"exited with code {code}"
 
 
@@ -379,15 +383,9 @@ class Instance:
         self.hooks.spawned(self)
 
     def args(self) -> list[str]:
-        """shlex-split command; the first word is looked up in the venv's bin first."""
-        args = shlex.split(self.spec.command)
-        if not args:
-            raise ValueError("empty command")
-        if self.venv_bin is not None and "/" not in args[0]:
-            candidate = self.venv_bin / args[0]
-            if candidate.exists():
-                args[0] = str(candidate)
-        return args
+        """The Procfile command through /bin/sh with exec semantics (runner/procfile.py);
+        the venv's bin leads PATH, so `gunicorn` is the app's own."""
+        return shell_argv(self.spec.command)
 
     def environment(self) -> dict[str, str]:
         assert self.release_dir is not None

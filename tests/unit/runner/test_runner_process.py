@@ -179,8 +179,9 @@ def test_a_command_that_cannot_run_is_a_failed_start(make: Callable[..., Instanc
                                                      tmp_path: Path) -> None:
     inst = make("berth-no-such-program --flag")
     prepared(inst, tmp_path)
-    assert inst.state is State.BACKOFF
-    assert inst.reason.startswith("cannot start `berth-no-such-program --flag`")
+    tick_until(inst, State.BACKOFF)
+    assert inst.restarts == 1
+    assert inst.reason.startswith("exited with code 127: command not found")
 
 
 def test_commanded_stop_is_not_a_crash(make: Callable[..., Instance],
@@ -276,9 +277,9 @@ def test_environment_and_args(make: Callable[..., Instance], tmp_path: Path) -> 
     venv_bin.mkdir(parents=True)
     (venv_bin / "gunicorn").write_text("#!/bin/sh\n")
     inst.release_dir, inst.venv_bin, inst.port = tmp_path, venv_bin, 5000
-    assert inst.args() == [str(venv_bin / "gunicorn"), "app:app", "--workers", "2"]
+    assert inst.args() == ["/bin/sh", "-c", "exec gunicorn app:app --workers 2"]
     env = inst.environment()
-    assert env["PATH"] == f"{venv_bin}:/usr/local/bin:/usr/bin:/bin"
+    assert env["PATH"] == f"{venv_bin}:/usr/local/bin:/usr/bin:/bin"   # the app's gunicorn
     assert env["HOME"] == str(tmp_path) and env["LANG"] == "C.UTF-8"
     assert env["PYTHONUNBUFFERED"] == "1" and env["GREETING"] == "hi"
     assert (env["BERTH_APP"], env["BERTH_RELEASE"], env["BERTH_INSTANCE"]) == \
