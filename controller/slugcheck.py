@@ -72,6 +72,30 @@ def parse_procfile(text: str) -> dict[str, str]:
     return procs
 
 
+_ASSIGNMENTS = re.compile(r"""^(\s*[A-Za-z_][A-Za-z0-9_]*=(?:'[^']*'|"[^"]*"|\S)*)*\s*""")
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def _check_gunicorn(web: str, requirements: bytes) -> None:
+    """A `web: gunicorn ...` line needs gunicorn in requirements.txt: say so at push
+    time, not as a crash after the build. Requirements that include other files
+    (`-r`, `-c`) or point at URLs are not second-guessed."""
+    program = _ASSIGNMENTS.sub("", web, count=1).split(maxsplit=1)
+    if not program or program[0] != "gunicorn":
+        return
+    names = set()
+    for line in requirements.decode("utf-8", errors="replace").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-") or "://" in line:
+            return
+        m = _REQUIREMENT_NAME.match(line)
+        if m:
+            names.add(re.sub(r"[-_.]+", "-", m.group(1)).lower())
+    if "gunicorn" not in names:
+        raise Invalid("the Procfile runs gunicorn but requirements.txt does not list it",
+                      "add a line `gunicorn` to requirements.txt and push again")
+
+
 def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> CheckedSlug:
     """Validate a gzip tarball; raises Invalid/TooLarge naming the offending member."""
     files = unpacked = 0
@@ -111,4 +135,5 @@ def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> Chec
     if "web" not in procfile:
         raise Invalid("the Procfile declares no `web` process",
                       "add a line like `web: gunicorn app:app` to the Procfile")
+    _check_gunicorn(procfile["web"], found["requirements.txt"])
     return CheckedSlug(sha256, path.stat().st_size, files, unpacked, procfile)

@@ -6,7 +6,7 @@ import pytest
 from controller import slugcheck
 from controller.errors import Invalid, TooLarge
 
-GOOD = {"requirements.txt": b"flask\n", "Procfile": b"web: gunicorn app:app\n",
+GOOD = {"requirements.txt": b"flask\ngunicorn\n", "Procfile": b"web: gunicorn app:app\n",
         "app.py": b"app = None\n"}
 
 
@@ -101,3 +101,15 @@ def test_receive_truncated_upload_leaves_nothing(tmp_path):
     with pytest.raises(Invalid, match="ended after 3 of 10 bytes"):
         slugcheck.receive(io.BytesIO(b"abc"), 10, tmp_path / "up", 1 << 20)
     assert list((tmp_path / "up").iterdir()) == []
+
+
+def test_gunicorn_in_the_procfile_but_not_in_requirements_is_refused_with_a_hint(tmp_path):
+    files = {**GOOD, "requirements.txt": b"flask\n# gunicorn later\n",
+             "Procfile": b"web: APP_CONFIG=x gunicorn app:app\n"}
+    with pytest.raises(Invalid) as info:
+        check(make_tar(tmp_path / "g.tgz", files))
+    assert "does not list it" in info.value.message and "gunicorn" in info.value.hint
+    # another server, or requirements that include other files, are not second-guessed
+    for other in ({"Procfile": b"web: python serve.py\n", "requirements.txt": b"flask\n"},
+                  {"requirements.txt": b"-r base.txt\n"}):
+        check(make_tar(tmp_path / "o.tgz", {**GOOD, **other}))
