@@ -215,6 +215,7 @@ class Result:
     caught_up: float | None = None
     cpu_cores: float = 0.0
     probe_timeouts: int = 0
+    worst: list[tuple[float, float]] = field(default_factory=list)   # (rtt, at s)
 
 
 def run_variant(variant: str, args: argparse.Namespace, prefix: Path,
@@ -272,6 +273,7 @@ def run_variant(variant: str, args: argparse.Namespace, prefix: Path,
         end_of_load = time.monotonic()
         answer = probe.hear(PROBE_TIMEOUT + 10)
         result.loaded, result.probe_timeouts = answer["rtts"], answer["timeouts"]
+        result.worst = sorted(zip(answer["rtts"], answer["at"], strict=True), reverse=True)[:3]
         for p in pushers:
             report = p.hear(30)
             result.offered += report["entries"]
@@ -340,7 +342,8 @@ def probe(endpoint: str, interval: float, stdin: IO[str]) -> int:
     """A DEALER on routes_snapshot, one snapshot_request at a time, one every
     `interval` (at once after an answer that took longer). Prints {"ready": s} when
     the controller first answers, then for each {"start_at", "seconds"} line read,
-    sleeps until start_at, samples for `seconds` and prints {"rtts", "timeouts"}."""
+    sleeps until start_at, samples for `seconds` and prints {"rtts", "at" (each
+    request's offset in the window), "timeouts"}."""
     from messaging import channels
     from messaging.envelope import make, recv, send
 
@@ -370,20 +373,23 @@ def probe(endpoint: str, interval: float, stdin: IO[str]) -> int:
     for line in stdin:
         ask = json.loads(line)
         time.sleep(max(0.0, ask["start_at"] - time.time()))
-        timeouts, rtts = 0, []
-        end = time.monotonic() + ask["seconds"]
+        timeouts, rtts, offsets = 0, [], []
+        began = time.monotonic()
+        end = began + ask["seconds"]
         next_at = time.monotonic()
         while time.monotonic() < end:
+            sent_at = time.monotonic() - began
             rtt = once(PROBE_TIMEOUT)
             if rtt is not None:
                 rtts.append(rtt)
+                offsets.append(sent_at)
             next_at += interval
             pause = next_at - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             else:
                 next_at = time.monotonic()
-        print(json.dumps({"rtts": rtts, "timeouts": timeouts}), flush=True)
+        print(json.dumps({"rtts": rtts, "at": offsets, "timeouts": timeouts}), flush=True)
     sock.close(0)
     ctx.term()
     return 0
@@ -509,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_variant(variant, args, prefix, children))
             r = results[-1]
             print(f"       {variant}: loaded p50 {ms(pct(r.loaded, 50))} ms "
-                  f"p99 {ms(pct(r.loaded, 99))} ms", flush=True)
+                  f"p99 {ms(pct(r.loaded, 99))} ms; worst "
+                  + ", ".join(f"{ms(rtt)} ms at {at:.2f} s" for rtt, at in r.worst),
+                  flush=True)
         print()
         print(table(results))
         print()
