@@ -10,33 +10,57 @@ from rich.table import Table
 
 from cli import appname, pack
 from cli.client import Client
-from cli.output import console, step
+from cli.output import console, err_console, step
 from cli.settings import SPEC
 from messaging.errors import BerthError
 from messaging.shapes import InventoryItem, State
 
+TAIL_WAIT = 1.5      # seconds to wait for a crashed instance's last lines to arrive
+
+
+def _web_of(client: Client, app: str) -> tuple[int, list[InventoryItem]]:
+    ps = client.get(f"/v1/apps/{app}/ps")
+    return (ps["formation"].get("web", 0),
+            [i for i in map(InventoryItem.from_wire, ps["instances"]) if i.web])
+
 
 def wait_for_release(client: Client, app: str, version: int, timeout: float) -> None:
-    """Block until the release's web instances run, or explain why they don't."""
+    """Block until the release's web instances run, or explain why they don't: a web
+    process that dies before it is healthy is reported at its first crash, with its
+    last output lines (the traceback), while the platform keeps retrying it."""
     deadline = time.monotonic() + timeout
     with console.status(f"Starting release v{version}..."):
         while time.monotonic() < deadline:
-            ps = client.get(f"/v1/apps/{app}/ps")
-            want = ps["formation"].get("web", 0)
-            mine = [i for i in map(InventoryItem.from_wire, ps["instances"])
-                    if i.release == version and i.web]
-            if want == 0:
+            want, web = _web_of(client, app)
+            mine = [i for i in web if i.release == version]
+            if want == 0 or sum(1 for i in mine if i.state is State.RUNNING) >= want:
                 return
-            if sum(1 for i in mine if i.state is State.RUNNING) >= want:
-                return
-            fatal = [i for i in mine if i.state is State.FATAL]
-            if fatal and len(fatal) >= want:
-                raise BerthError(f"release v{version} crashed on start: {fatal[0].reason}",
-                                 f"see `berth logs -a {app}`; the previous release keeps "
-                                 "serving", code="crashed")
+            crashed = [i for i in mine if i.state in (State.BACKOFF, State.FATAL)]
+            if crashed:
+                _report_crash(client, app, version, crashed[0])
             time.sleep(0.3)
     raise BerthError(f"release v{version} did not start within {timeout:.0f}s",
                      f"see `berth ps -a {app}` and `berth logs -a {app}`", code="timeout")
+
+
+def _report_crash(client: Client, app: str, version: int, inst: InventoryItem) -> None:
+    until = time.monotonic() + TAIL_WAIT
+    while not inst.last_output and time.monotonic() < until:
+        time.sleep(0.3)
+        _, web = _web_of(client, app)
+        inst = next((i for i in web if i.instance == inst.instance), inst)
+    _, web = _web_of(client, app)
+    others = [i for i in web if i.release != version and i.state is State.RUNNING]
+    if inst.last_output:
+        err_console.print(f"-----> Last output of {inst.proc}.{inst.instance}:",
+                          markup=False, soft_wrap=True)
+        for line in inst.last_output:
+            err_console.print(f"       {line}", markup=False, soft_wrap=True)
+    serving = (f"release v{others[0].release} keeps serving" if others
+               else "nothing else is serving the app")
+    raise BerthError(f"release v{version} crashed on start: {inst.reason}",
+                     f"fix it and push again ({serving}; Berth keeps retrying v{version}, "
+                     f"see `berth ps -a {app}` and `berth logs -a {app}`)", code="crashed")
 
 
 @click.command()

@@ -71,6 +71,9 @@ class InventoryItem:
     reason: str = ""
     oom_kills: int = 0
     host: str = ""
+    # the app's last output lines, sent while the instance is BACKOFF or FATAL so a
+    # crash on start is reported with its traceback at once
+    last_output: list[str] = field(default_factory=list)
 
     @property
     def web(self) -> bool:
@@ -90,6 +93,8 @@ class InventoryItem:
             kept["state"] = State.parse(data.get("state"))
             kept["reason"] = str(data.get("reason") or "")
             kept["since"] = float(data.get("since") or 0.0)
+            tail = data.get("last_output") or []
+            kept["last_output"] = [str(x) for x in tail] if isinstance(tail, list) else []
             if host:
                 kept["host"] = host
             return cls(**kept)

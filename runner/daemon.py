@@ -436,6 +436,10 @@ class Runner(Hooks):
             if value is not None:
                 fields[name] = value
         assert self.logs is not None
+        if out.instance is not None and out.proc not in ("build", "platform"):
+            inst = self.instances.get(out.instance)
+            if inst is not None:
+                inst.output_tail.append(out.line)
         if out.build is not None:
             self._build_lines[out.build] = self._build_lines.get(out.build, 0) + 1
         try:

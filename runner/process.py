@@ -24,6 +24,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 class TransitionError(RuntimeError):
     pass
+
+
+OUTPUT_TAIL = 20     # output lines kept per instance, shown when it crashes
 
 
 def backoff_delay(failures: int, maximum: float) -> float:
@@ -185,6 +189,8 @@ class Instance:
     jail: InstanceJail | None = None    # user, jail and cgroup (None: not prepared yet)
     data_dir: Path | None = None    # the app's persistent dir (BERTH_DATA_DIR)
     oom_kills: int = 0              # processes the kernel killed for memory, so far
+    # the app's last output lines (the runner appends them), for reporting a crash
+    output_tail: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_TAIL))
 
     _started_at: float = 0.0
     _running_at: float = 0.0
@@ -362,6 +368,7 @@ class Instance:
     def _spawn(self) -> None:
         assert self.release_dir is not None and self.venv_bin is not None
         self.generation += 1
+        self.output_tail.clear()        # a new run: its own output from here on
         self._fail_reason = None
         self._kill_at = None
         try:
@@ -427,8 +434,10 @@ class Instance:
         return os.path.join(tempfile.gettempdir(), f"berth-{digest}.ctl")
 
     def inventory(self) -> InventoryItem:
+        failing = self.state in (State.BACKOFF, State.FATAL)
         return InventoryItem(
             instance=self.id, app=self.spec.app, release=self.spec.release,
             proc=self.spec.proc, address=self.policy.address, port=self.port,
             state=self.state, restarts=self.restarts, pid=self.pid,
-            since=self.since, reason=self.reason or "", oom_kills=self.oom_kills)
+            since=self.since, reason=self.reason or "", oom_kills=self.oom_kills,
+            last_output=list(self.output_tail) if failing else [])

@@ -1,0 +1,56 @@
+"""A release that cannot start is reported at its first crash, with its traceback,
+and the Procfile runs through a shell as on Heroku."""
+from __future__ import annotations
+
+import json
+import time
+
+from tests.e2e.conftest import copy_example
+
+CRASHING = ("import os\nfrom flask import Flask\n"
+            "raise RuntimeError('berth-crash-marker: ' + os.environ['BERTH_APP'])\n"
+            "app = Flask(__name__)\n")
+
+
+def test_a_crash_on_start_is_reported_at_once_with_its_traceback(berth, tmp_path):
+    berth("apps", "create", "crashy")
+    app = copy_example(tmp_path / "crashy")
+    # a Procfile line that only works through a shell: an assignment and $PORT
+    (app / "Procfile").write_text(
+        "web: GREETING=from-procfile gunicorn app:app --env PORT_SEEN=$PORT\n")
+    (app / "app.py").write_text(
+        "import os\nfrom flask import Flask\napp = Flask(__name__)\n\n\n"
+        "@app.route('/')\ndef index():\n"
+        "    same = os.environ['PORT_SEEN'] == os.environ['PORT']\n"
+        "    return os.environ['GREETING'] + (' port-expanded' if same else ' no-port')\n")
+    berth("push", str(app), "-a", "crashy")
+    r = berth.wait_for(lambda: (lambda r: r.status == 200 and r)(berth.get("crashy")),
+                       what="v1 served through the balancer")
+    assert r.text == "from-procfile port-expanded"
+
+    (app / "app.py").write_text(CRASHING)
+    started = time.monotonic()
+    out = berth("push", str(app), "-a", "crashy", check=False)
+    took = time.monotonic() - started
+    assert out.returncode != 0
+    assert "crashed on start" in out.stderr and "release v2" in out.stderr
+    assert "RuntimeError: berth-crash-marker: crashy" in out.stderr      # the traceback
+    assert "v1 keeps serving" in out.stderr
+    # reported at the first crash, not after every retry: the platform is still
+    # retrying v2 (not FATAL yet) when the CLI has already said why
+    ps = json.loads(berth("ps", "-a", "crashy", "--json").stdout)
+    v2 = [i for i in ps["instances"] if i["release"] == 2]
+    assert v2 and all(i["state"] != "FATAL" for i in v2), v2
+    print(f"push of a crashing release answered in {took:.1f}s")
+    assert berth.get("crashy").text == "from-procfile port-expanded"
+
+
+def test_a_first_release_that_crashes_says_nothing_else_serves(berth, tmp_path):
+    berth("apps", "create", "crashfirst")
+    app = copy_example(tmp_path / "crashfirst")
+    (app / "app.py").write_text(CRASHING)
+    out = berth("push", str(app), "-a", "crashfirst", check=False)
+    assert out.returncode != 0
+    assert "RuntimeError: berth-crash-marker: crashfirst" in out.stderr
+    assert "nothing else is serving the app" in out.stderr
+    assert "keeps serving" not in out.stderr
