@@ -150,6 +150,7 @@ class Controller:
         for sock in (self.control, self.routes_pub, self.snapshots, self.log_pull):
             sock.close(0)
         self.ctx.term()
+        self.logs.close()           # what the writer thread has not written yet
         log.info("controller stopped")
 
     def _drain(self, sock: zmq.Socket) -> None:
