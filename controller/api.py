@@ -309,7 +309,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         if not isinstance(body, dict) or not body:
             raise Invalid("nothing to scale", "give counts like `berth scale web=2`")
-        formation = self.c.store.scale(app, body)
+        formation = self.c.store.scale(app, body, self.c.settings.max_per_process_type)
         self.c.wake()
         self._json(200, {"formation": formation})
 

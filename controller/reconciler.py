@@ -18,6 +18,8 @@ from typing import Any
 
 from messaging.shapes import LIVE, Backend, HostReport, InventoryItem, Route, State
 
+RELEASE_PHASE = "release"   # a Procfile entry that runs once per release, never scaled
+
 
 @dataclass
 class StartSpec:
@@ -93,7 +95,8 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
         mine = [i for i in by_app.get(app, []) if i.instance not in draining]
         wanted = {}
         if release is not None and release.slug:
-            wanted = {p: n for p, n in want["formation"].items() if p in release.procfile}
+            wanted = {p: n for p, n in want["formation"].items()
+                      if p in release.procfile and p != RELEASE_PHASE}
         for proc in sorted(set(wanted) | {i.proc for i in mine}):
             n = wanted.get(proc, 0)
             cur = [i for i in mine if i.proc == proc and release

@@ -29,5 +29,6 @@ SPEC = Spec("controller", [
     Setting("max_upload_mb", int, 200, "Largest compressed push accepted (413 beyond).", min=1),
     Setting("max_unpacked_mb", int, 1000, "Largest unpacked app accepted.", min=1),
     Setting("max_files", int, 20000, "Most files in one push.", min=1),
+    Setting("max_per_process_type", int, 20, "Most instances `berth scale` allows per process type of an app (an app's berth.yaml may lower it).", min=1, max=1000),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ])

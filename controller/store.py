@@ -254,12 +254,23 @@ class Store:
         return {r[0]: r[1] for r in self._q(
             "SELECT proc, count FROM formation WHERE app = ?", app)}
 
-    def scale(self, app: str, counts: dict[str, int]) -> dict[str, int]:
+    def scale(self, app: str, counts: dict[str, int],
+              maximum: int = 100) -> dict[str, int]:
         self.require_app(app)
         cur = self.current_release(app)
         for proc, count in counts.items():
-            if not isinstance(count, int) or count < 0 or count > 100:
-                raise Invalid(f"cannot scale {proc} to {count!r}", "give a count from 0 to 100")
+            if proc == "release":
+                raise Invalid("`release` is not a process type: it runs once per release, "
+                              "before the release goes live",
+                              "scale the types that serve or work, e.g. `berth scale web=2`")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise Invalid(f"cannot scale {proc} to {count!r}",
+                              f"give a count from 0 to {maximum}")
+            if count > maximum:
+                raise Invalid(f"cannot scale {proc} to {count}: the most this app may run "
+                              f"is {maximum} per process type",
+                              f"give a count from 0 to {maximum}, or ask the operator to "
+                              "raise max_per_process_type")
             if cur and cur.slug and proc not in cur.procfile:
                 raise Invalid(f"process type {proc!r} is not in the Procfile of "
                               f"release v{cur.version}",

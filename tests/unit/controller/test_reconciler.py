@@ -99,3 +99,10 @@ def test_routes_carry_maintenance_and_body_limit():
     assert route.maintenance is True and route.max_body == 5 << 20
     d["app"].update(maintenance=False, max_body_mb=None)
     assert run(d, [inst("a", 1)]).routes["app"].max_body == 100 << 20
+
+
+def test_the_release_phase_is_never_started_as_a_process():
+    d = desired(1, procfile={"web": "gunicorn app:app", "release": "python migrate.py"})
+    d["app"]["formation"]["release"] = 1          # even if an old store says so
+    p = run(d, [inst("w", 1)])
+    assert p.starts == []

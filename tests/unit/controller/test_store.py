@@ -115,3 +115,22 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path):
         s.set_process_limit("old", "memory_mb", 4)
     with pytest.raises(Invalid):
         s.set_process_limit("old", "pids_max", True)
+
+
+def test_scale_refuses_release_unknown_types_and_counts_over_the_maximum(store):
+    store.create_app("sc")
+    store.add_release("sc", slug="s" * 64, procfile={"web": "gunicorn a:a",
+                                                     "release": "python migrate.py"},
+                      config={}, description="Deploy")
+    with pytest.raises(Invalid, match="not a process type") as info:
+        store.scale("sc", {"release": 1})
+    assert "web=2" in info.value.hint
+    with pytest.raises(Invalid, match="'worker' is not in the Procfile"):
+        store.scale("sc", {"worker": 1})
+    with pytest.raises(Invalid, match="the most this app may run is 4") as info:
+        store.scale("sc", {"web": 5}, maximum=4)
+    assert "max_per_process_type" in info.value.hint
+    for bad in (-1, True, "2"):
+        with pytest.raises(Invalid, match="cannot scale web"):
+            store.scale("sc", {"web": bad}, maximum=4)
+    assert store.scale("sc", {"web": 4}, maximum=4)["web"] == 4
