@@ -44,7 +44,8 @@ def port_in_use(host: str, port: int) -> bool:
 
 # Ports field -> the channel it serves; each field defaults to its channel's port
 CHANNEL_FIELDS = {"control": "control", "routes": "routes", "snapshot": "routes_snapshot",
-                  "logs": "logs", "stats": "stats", "stats_out": "stats_out"}
+                  "logs": "logs", "stats": "stats", "stats_out": "stats_out",
+                  "attach": "attach"}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Ports:
     balancer: int = BALANCER_PORT
     stats: int = CHANNELS["stats"].default_port
     stats_out: int = CHANNELS["stats_out"].default_port
+    attach: int = CHANNELS["attach"].default_port
 
     @classmethod
     def free(cls) -> Ports:

@@ -91,6 +91,17 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
         "App output, build output and platform events for tenants, one line per "
         "message. Runners and balancers push; the controller stores and streams.",
     ),
+    Channel(
+        "attach", "ROUTER/DEALER", "controller", "ROUTER", "DEALER",
+        "attach_endpoint", 8707,
+        ("run_started", "run_output", "run_exit", "run_input", "run_resize",
+         "run_signal", "run_end", "run_ack"),
+        "The streams of one-off runs (`berth run`): output, input, window size, signals "
+        "and exit codes, apart from control so a chatty run never delays a heartbeat or "
+        "a command. Runners connect with identity = host id. Each direction has a "
+        "credit window: a sender keeps at most RUN_WINDOW bytes unacknowledged "
+        "(run_ack), so a slow reader slows the writer instead of filling memory.",
+    ),
 )}
 
 

@@ -3,6 +3,8 @@ frame ROUTER sockets add). Nothing outside messaging/ builds or parses frames.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import os
@@ -70,6 +72,18 @@ def reply(to: Message, sender: str = "", *, result: dict[str, Any] | None = None
           error: dict[str, Any] | None = None) -> Message:
     return make("reply", sender, re=to.id, ok=error is None, result=result or {},
                 error=error)
+
+
+def pack_bytes(data: bytes) -> str:
+    """Bytes inside a JSON body (a run's streams): base64."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def unpack_bytes(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ProtocolError(f"stream data is not base64: {exc}") from exc
 
 
 def _validate(msg: Message) -> None:

@@ -30,13 +30,16 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                 doc="Runner -> controller answer to a command; error is "
                     "{code, message, hint}."),
     MessageType("heartbeat", {"host": str, "interval": (int, float)},
-                {"address": str, "inventory": list, "seq": int, "apps": list},
+                {"address": str, "inventory": list, "seq": int, "apps": list,
+                 "runs": list},
                 doc="Both ways over control. A runner's carries its full inventory "
                     "(every instance with app, release, proc, port, state, "
                     "restarts, oom_kills) so the controller never depends on a single "
                     "event, and `apps`: every app that has files, a user or cgroups "
                     "on the host, so a destroyed app's leftovers are found and removed "
-                    "even on a host that was away when it was destroyed."),
+                    "even on a host that was away when it was destroyed; `runs`: every "
+                    "one-off run on the host (shapes.RunItem), apart from the "
+                    "inventory so the reconciler never takes one for an instance."),
     MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
                 doc="One app's route; route None means the app is gone. Route: "
                     "{hosts: [..], backends: [{id, address, port}], reason: str, "
@@ -61,7 +64,39 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                  "build": str, "instance": str},
                 doc="One line of tenant-visible output; `proc` is web/worker/..., "
                     "'build' for build output, 'platform' for platform events."),
+    # one-off runs, on the attach channel (bytes travel base64 in `data`)
+    MessageType("run_started", {"run": str}, {"pid": int},
+                doc="Runner -> controller: the run's command is spawned."),
+    MessageType("run_output", {"run": str, "data": str, "stream": str},
+                doc="Runner -> controller: bytes the command wrote; stream is 'tty' "
+                    "(a run with a terminal), 'stdout' or 'stderr'."),
+    MessageType("run_exit", {"run": str, "code": int}, {"reason": str, "error": _OPT_DICT},
+                doc="Runner -> controller, after the run's last output: its exit code "
+                    "(128+N for death by signal N); error {code, message, hint} when it "
+                    "never started (prepare failed)."),
+    MessageType("run_input", {"run": str, "data": str}, {"eof": bool},
+                doc="Controller -> runner: bytes for the command's terminal or stdin; "
+                    "eof closes its stdin (runs without a terminal)."),
+    MessageType("run_resize", {"run": str, "cols": int, "rows": int},
+                doc="Controller -> runner: the client's window size (TIOCSWINSZ; the "
+                    "kernel sends SIGWINCH to the foreground process group)."),
+    MessageType("run_signal", {"run": str, "signal": str},
+                doc="Controller -> runner: deliver a signal (one of RUN_SIGNALS) to the "
+                    "command's foreground process group."),
+    MessageType("run_end", {"run": str}, {"reason": str},
+                doc="Controller -> runner: the client went away: SIGHUP to the command's "
+                    "session, SIGKILL to everything of the run after the runner's "
+                    "stop_grace."),
+    MessageType("run_ack", {"run": str, "bytes": int},
+                doc="Either way: the receiver consumed `bytes` more of the run's stream "
+                    "(output delivered to the client / input written to the command), "
+                    "which the sender may now send again (credit window)."),
 )}
+
+# credit window of a run's stream, each direction: bytes sent and not yet acknowledged
+RUN_WINDOW = 256 * 1024
+RUN_CHUNK = 16 * 1024                   # most bytes in one run_output / run_input
+RUN_SIGNALS = ("INT", "QUIT", "TERM", "HUP", "USR1", "USR2")
 
 @dataclass(frozen=True)
 class Action:
@@ -88,8 +123,19 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
     Action("stop", ("instance",), ("grace",),
            "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`); replies "
            "{stopping, known} at once."),
+    Action("run", ("run", "app", "release", "command", "env", "slug", "slug_url"),
+           ("tty", "cols", "rows", "detach", "timeout", "limits"),
+           "Start a one-off run of `command` (through /bin/sh) in the release's code, "
+           "venv, environment and user, in its own jail and cgroup (`limits` as for "
+           "start); replies {accepted} at once. With `tty` the command gets a "
+           "pseudo-terminal of cols x rows as its controlling terminal; without, "
+           "separate stdin/stdout/stderr. Its streams travel on the attach channel "
+           "(run_started, run_output, run_exit); `detach` sends its output to the app's "
+           "logs as proc run.<id> instead. Ended after `timeout` seconds; never "
+           "restarted."),
     Action("destroy_app", ("app",), (),
-           "Stop the app's instances and remove every file, cgroup and the system user "
+           "Stop the app's instances and runs and remove every file, cgroup and the "
+           "system user "
            "it had on the host; replies {destroyed} when done."),
 )}
 

@@ -194,6 +194,51 @@ class Limits:
 
 
 @dataclass
+class RunItem:
+    """One one-off run as its host reports it in every heartbeat (`runs`, apart from
+    the inventory) and `berth ps` shows it: PREPARING, RUNNING, or STOPPING while it
+    is being ended."""
+
+    run: str
+    app: str
+    release: int
+    command: str
+    state: State
+    detach: bool = False
+    tty: bool = False
+    pid: int | None = None
+    since: float = 0.0
+    host: str = ""
+
+    @property
+    def proc(self) -> str:
+        """Its name in logs and `berth ps`."""
+        return f"run.{self.run}"
+
+    def to_wire(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = self.state.value
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Any, host: str = "") -> RunItem:
+        if not isinstance(data, dict):
+            raise ProtocolError("a run item is not a JSON object")
+        try:
+            kept = {k: v for k, v in data.items() if k in _RUN_FIELDS}
+            kept["state"] = State.parse(data.get("state"))
+            kept["since"] = float(data.get("since") or 0.0)
+            if host:
+                kept["host"] = host
+            return cls(**kept)
+        except TypeError as exc:
+            raise ProtocolError(f"run item lacks fields: {exc}") from exc
+
+
+_RUN_FIELDS = _field_names(RunItem)
+
+
+@dataclass
 class HostView:
     """A host as the controller's API shows it."""
 
@@ -207,18 +252,21 @@ class HostView:
 @dataclass
 class HostReport:
     """What a runner's heartbeat says about its host: where its instances answer,
-    every instance on it, and every app it holds anything of (files, a user,
-    cgroups), so leftovers of a destroyed app are found on a host that was away."""
+    every instance on it, every app it holds anything of (files, a user,
+    cgroups), so leftovers of a destroyed app are found on a host that was away, and
+    every one-off run on it."""
 
     host: str
     address: str | None = None
     inventory: list[InventoryItem] = field(default_factory=list)
     apps: list[str] = field(default_factory=list)
     seq: int = 0
+    runs: list[RunItem] = field(default_factory=list)
 
     @classmethod
     def from_heartbeat(cls, fields_: dict[str, Any]) -> HostReport:
         host = str(fields_["host"])
         return cls(host, fields_.get("address"),
                    [InventoryItem.from_wire(i, host) for i in fields_.get("inventory") or []],
-                   [str(a) for a in fields_.get("apps") or []], int(fields_.get("seq") or 0))
+                   [str(a) for a in fields_.get("apps") or []], int(fields_.get("seq") or 0),
+                   [RunItem.from_wire(r, host) for r in fields_.get("runs") or []])

@@ -29,6 +29,7 @@ from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
 from messaging.shapes import Limits, State
+from messaging.waker import Waker
 from runner import actions, leftovers
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.health import wait_healthy
@@ -36,6 +37,8 @@ from runner.isolation import Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
 from runner.process import Hooks, Instance, InstanceSpec, Policy
 from runner.retention import prune_app
+from runner.runs import Run
+from runner.runtable import Runs, spec_from_args
 from runner.slug import SlugStore
 from runner.venv import BuildContext, Venv, VenvBuilder, has_control_socket, kill_builds
 
@@ -69,8 +72,11 @@ class Runner(Hooks):
                              backoff_max=settings.backoff_max)
         self.ctx = ctx or zmq.Context.instance()
         self.events: queue.Queue[Any] = queue.Queue()
-        self.jobs = Jobs(self.events)
+        self.waker = Waker()            # job threads and run readers end the poll early
+        self.jobs = Jobs(self.events, self.waker.wake)
         self.instances: dict[str, Instance] = {}
+        self.runs = Runs(self.host, self._send_attach, self.jobs, self.waker.wake,
+                         settings.stop_grace)
         self.controller = PeerTracker(settings.heartbeat_interval, settings.dead_after)
         self.controller_alive = False
         self.done = False
@@ -86,6 +92,8 @@ class Runner(Hooks):
         self._apps_at = 0.0
         self.control: zmq.Socket | None = None
         self.logs: zmq.Socket | None = None
+        self.attach: zmq.Socket | None = None
+        self.poller = zmq.Poller()
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -103,6 +111,10 @@ class Runner(Hooks):
         self.control = connect(self.ctx, "control", self.settings.control_endpoint,
                                identity=self.host)
         self.logs = connect(self.ctx, "logs", self.settings.logs_endpoint)
+        self.attach = connect(self.ctx, "attach", self.settings.attach_endpoint,
+                              identity=self.host)
+        for sock in (self.control, self.attach, self.waker):
+            self.poller.register(sock, zmq.POLLIN)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("runner started", extra={"address": self.settings.address,
@@ -127,15 +139,17 @@ class Runner(Hooks):
             self._shutdown_at = time.monotonic() + grace + SHUTDOWN_SLACK
         for inst in list(self.instances.values()):
             inst.stop(grace)
+        self.runs.end(time.monotonic(), "the runner is shutting down", grace=grace)
 
     def close(self) -> None:
         kill_builds()
         for fh in self._log_files.values():
             fh.close()
         self._log_files.clear()
-        for sock in (self.control, self.logs):
+        for sock in (self.control, self.logs, self.attach):
             if sock is not None:
                 sock.close(linger=0)
+        self.waker.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals.append(signum)     # the loop dispatches; nothing else here
@@ -147,8 +161,13 @@ class Runner(Hooks):
             # a second signal while shutting down: no more grace
             self.stop(0.0 if self.shutting_down else None)
             log.info("got %s", signal.Signals(signum).name)
-        assert self.control is not None
-        if self.control.poll(LOOP_POLL_MS, zmq.POLLIN):
+        assert self.control is not None and self.attach is not None
+        ready = dict(self.poller.poll(LOOP_POLL_MS))
+        if self.waker.fileno() in ready:
+            self.waker.clear()
+        if self.attach in ready:
+            self._drain_attach()
+        if self.control in ready:
             for _ in range(MAX_MESSAGES):
                 try:
                     _, msg = recv(self.control, zmq.NOBLOCK)
@@ -173,15 +192,16 @@ class Runner(Hooks):
                     inst.jail.remove()
                 shutil.rmtree(inst.instance_dir, ignore_errors=True)
                 changed = True
-        self._start_destroys()
         now = time.monotonic()
+        changed |= self.runs.step(now)
+        self._start_destroys()
         if changed or now >= self._next_heartbeat:
             self._heartbeat(now)
         self._watch_controller(now)
         for fh in self._log_files.values():
             fh.flush()
         if self.shutting_down:
-            if not self.instances:
+            if not self.instances and not self.runs.table:
                 self.done = True
             elif now >= self._shutdown_at:
                 log.warning("instances still up after the grace; killing them")
@@ -197,7 +217,8 @@ class Runner(Hooks):
         self._send(make("heartbeat", self.host, host=self.host,
                         interval=self.settings.heartbeat_interval,
                         address=self.settings.address, inventory=self.inventory(),
-                        seq=self._seq, apps=self._apps_here(now)))
+                        seq=self._seq, apps=self._apps_here(now),
+                        runs=self.runs.items()))
 
     def _apps_here(self, now: float) -> list[str]:
         """What the host holds of which apps (dirs, users, cgroups): read at most every
@@ -216,7 +237,9 @@ class Runner(Hooks):
             if alive:
                 log.info("controller is up")
             else:
-                log.warning("controller is away; keeping everything running")
+                log.warning("controller is away; keeping everything running but "
+                            "attached runs, whose clients it carried")
+                self.runs.end(now, "the controller went away", attached_only=True)
 
     def _send(self, msg: Message) -> None:
         assert self.control is not None
@@ -286,6 +309,63 @@ class Runner(Hooks):
         inst.stop(float(grace) if isinstance(grace, (int, float)) else None)
         return {"stopping": True, "known": True}
 
+    @actions.action("run")
+    def handle_run(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
+        """run {run, app, release, command, env, slug, slug_url, tty?, cols?, rows?,
+        detach?, timeout?, limits?}: replies {accepted: true} at once; the run then
+        streams on the attach channel (runner/runtable.py) and shows in heartbeats."""
+        if self.shutting_down:
+            raise CommandError("runner is shutting down", "run it elsewhere",
+                               code="shutting_down")
+        run = self.runs.add(spec_from_args(args))
+        if run is None:
+            return {"accepted": True, "existing": True}
+        spec = run.spec
+
+        def sink(line: str) -> None:
+            self.jobs.post(OutputLine(spec.app, line, "build", instance=spec.run,
+                                      release=spec.release))
+        self.jobs.submit(("run_prepare", run), self._prepare, spec.app, spec.slug,
+                         spec.slug_url, sink)
+        self._next_heartbeat = 0.0
+        return {"accepted": True}
+
+    def _done_run_prepare(self, event: JobDone) -> None:
+        run: Run = event.tag[1]
+        if event.error is not None:
+            self.runs.failed(run, _error_dict(event.error))
+            return
+        release_dir, venv = event.result
+        spec = run.spec
+        try:
+            jail = self.isolation.instance(spec.app, spec.instance,
+                                           spec.limits(self.isolation.defaults))
+        except BerthError as exc:
+            self.runs.failed(run, exc.to_dict())
+            return
+        self.runs.prepared(run, release_dir, venv.bin, self.isolation.paths(spec.app).data,
+                           jail)
+
+    def _drain_attach(self) -> None:
+        assert self.attach is not None
+        for _ in range(MAX_MESSAGES):
+            try:
+                _, msg = recv(self.attach, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ProtocolError as exc:
+                log.warning("dropped a bad attach message: %s", exc)
+                continue
+            self.runs.on_message(msg)
+
+    def _send_attach(self, msg: Message) -> bool:
+        assert self.attach is not None
+        try:
+            send(self.attach, msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     @actions.action("destroy_app")
     def handle_destroy_app(self, msg: Message, args: dict[str, Any]) -> None:
         """destroy_app {app}: stops the app's instances, then removes every file, cgroup
@@ -294,12 +374,14 @@ class Runner(Hooks):
         for inst in self.instances.values():
             if inst.spec.app == app:
                 inst.stop(0.0)
+        self.runs.end(time.monotonic(), "the app is being destroyed", app=app, grace=0.0)
         self._destroying[app] = msg
 
     def _start_destroys(self) -> None:
         for app in list(self._destroying):
-            if any(inst.spec.app == app for inst in self.instances.values()):
-                continue            # wait until its instances are gone
+            if any(inst.spec.app == app for inst in self.instances.values()) \
+                    or self.runs.of_app(app):
+                continue            # wait until its instances and runs are gone
             msg = self._destroying.pop(app)
             fh = self._log_files.pop(app, None)
             if fh is not None:
@@ -341,9 +423,12 @@ class Runner(Hooks):
                            self.isolation.fetch_owner())
         venv = self.venvs.ensure(ctx, release_dir / "requirements.txt", sink)
         instances = [i for i in list(self.instances.values()) if i.spec.app == app]
+        runs = [r for r in list(self.runs.table.values()) if r.spec.app == app]
         prune_app(paths, self.settings.keep_releases,
-                  {release_dir} | {i.release_dir for i in instances if i.release_dir},
-                  {venv.path} | {i.venv_bin.parent for i in instances if i.venv_bin})
+                  {release_dir} | {i.release_dir for i in instances if i.release_dir}
+                  | {r.release_dir for r in runs if r.release_dir},
+                  {venv.path} | {i.venv_bin.parent for i in instances if i.venv_bin}
+                  | {r.venv_bin.parent for r in runs if r.venv_bin})
         self._prune_slugs()
         return release_dir, venv
 

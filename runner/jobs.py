@@ -38,8 +38,10 @@ class OutputLine:
 
 
 class Jobs:
-    def __init__(self, events: queue.Queue[Any]) -> None:
+    def __init__(self, events: queue.Queue[Any],
+                 wake: Callable[[], None] | None = None) -> None:
         self.events = events
+        self.wake = wake or (lambda: None)      # ends the loop's poll when it waits
 
     def post(self, event: Any) -> None:
         self.events.put(event)
@@ -55,6 +57,7 @@ class Jobs:
                 self.events.put(JobDone(tag, error=exc))
             else:
                 self.events.put(JobDone(tag, result=result))
+            self.wake()
         threading.Thread(target=work, name=f"job-{tag[0]}", daemon=True).start()
 
     def read_lines(self, pipe: IO[bytes], make: Callable[[str], OutputLine]) -> None:

@@ -35,6 +35,7 @@ SPEC = Spec("runner", [
     Setting("python", str, sys.executable, "Interpreter app virtualenvs are made from.", check=not_empty),
     endpoint("control", "Controller's control ROUTER."),
     endpoint("logs", "Controller's logs PULL."),
+    endpoint("attach", "Controller's attach ROUTER: the streams of one-off runs."),
     Setting("controller_url", str, api_url(), "Controller HTTP API, for fetching slugs.", check=http_url),
     Setting("runner_token", str, "", "Shared secret runners present to fetch slugs."),
     Setting("heartbeat_interval", float, 1.0, "Seconds between heartbeats.", check=positive),
