@@ -1,0 +1,42 @@
+"""Static files served by the app itself: the stopgap until the platform serves a
+release's collected files outside gunicorn (the build records where they are).
+
+A middleware placed first: GET and HEAD requests under STATIC_URL are answered from
+STATIC_ROOT (what collectstatic gathered at build) with Django's own `serve` view
+(safe path joining, content type, Last-Modified and 304s); anything not found there
+goes on to the project as usual.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+CACHE_CONTROL = "public, max-age=3600"
+
+
+class StaticFilesMiddleware:
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        from django.conf import settings
+        from django.core.exceptions import MiddlewareNotUsed
+
+        self.get_response = get_response
+        self.root = settings.STATIC_ROOT
+        url = urlsplit(str(settings.STATIC_URL or ""))
+        # a static URL on another host (a CDN) is not ours to serve
+        self.prefix = url.path if url.path.startswith("/") and not url.netloc else ""
+        if not self.root or self.prefix in ("", "/"):
+            raise MiddlewareNotUsed
+
+    def __call__(self, request: Any) -> Any:
+        if request.method in ("GET", "HEAD") and request.path.startswith(self.prefix):
+            from django.http import Http404
+            from django.views.static import serve
+            try:
+                response = serve(request, request.path[len(self.prefix):],
+                                 document_root=self.root)
+            except Http404:
+                return self.get_response(request)
+            response.setdefault("Cache-Control", CACHE_CONTROL)
+            return response
+        return self.get_response(request)
