@@ -15,7 +15,8 @@ from cli.settings import SPEC
 from messaging.errors import BerthError
 from messaging.shapes import InventoryItem, State
 
-TAIL_WAIT = 1.5      # seconds to wait for a crashed instance's last lines to arrive
+TAIL_WAIT = 4.0      # seconds to wait for a crashed instance's last lines to arrive
+STABLE = 1.2         # ...and how long they must stay unchanged (> a heartbeat)
 
 
 def _web_of(client: Client, app: str) -> tuple[int, list[InventoryItem]]:
@@ -44,17 +45,22 @@ def wait_for_release(client: Client, app: str, version: int, timeout: float) -> 
 
 
 def _report_crash(client: Client, app: str, version: int, inst: InventoryItem) -> None:
-    until = time.monotonic() + TAIL_WAIT
-    while not inst.last_output and time.monotonic() < until:
+    # the crash's last lines travel in heartbeats (every second) after the state
+    # change: keep reading until they have not grown for STABLE seconds, so the
+    # traceback is whole; keep the fullest seen (a restart clears them)
+    tail, changed, until = list(inst.last_output), time.monotonic(), time.monotonic() + TAIL_WAIT
+    while time.monotonic() < until and (not tail or time.monotonic() - changed < STABLE):
         time.sleep(0.3)
         _, web = _web_of(client, app)
-        inst = next((i for i in web if i.instance == inst.instance), inst)
+        now = next((i for i in web if i.instance == inst.instance), None)
+        if now is not None and now.last_output and now.last_output != tail:
+            tail, changed, inst = list(now.last_output), time.monotonic(), now
     _, web = _web_of(client, app)
     others = [i for i in web if i.release != version and i.state is State.RUNNING]
-    if inst.last_output:
+    if tail:
         err_console.print(f"-----> Last output of {inst.proc}.{inst.instance}:",
                           markup=False, soft_wrap=True)
-        for line in inst.last_output:
+        for line in tail:
             err_console.print(f"       {line}", markup=False, soft_wrap=True)
     serving = (f"release v{others[0].release} keeps serving" if others
                else "nothing else is serving the app")

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from messaging.manifest import Manifest
 from messaging.shapes import InventoryItem, State
 from runner.cgroups import Limits
 from runner.isolation import InstanceJail
@@ -65,7 +66,7 @@ class TransitionError(RuntimeError):
     pass
 
 
-OUTPUT_TAIL = 20     # output lines kept per instance, shown when it crashes
+OUTPUT_TAIL = 40     # output lines kept per instance, shown when it crashes
 
 
 def backoff_delay(failures: int, maximum: float) -> float:
@@ -113,6 +114,7 @@ class InstanceSpec:
     host_header: str | None = None
     memory_mb: int | None = None        # the app's own limits; None = the runner's default
     pids_max: int | None = None
+    manifest: Manifest = field(default_factory=Manifest)   # the app's berth.yaml
 
     @property
     def web(self) -> bool:
