@@ -272,7 +272,7 @@ class Handler(BaseHTTPRequestHandler):
             path.replace(dest)
         finally:
             path.unlink(missing_ok=True)
-        build = self.c.store.add_build(app, sha, checked.procfile)
+        build = self.c.store.add_build(app, sha, checked.procfile, checked.manifest)
         self.c.logs.build_line(build, f"-----> Received {checked.size / 1024:.0f} kB, "
                                       f"{checked.files} files (slug {sha[:12]})")
         self.c.logs.build_line(build, "-----> Process types: " + ", ".join(

@@ -3,7 +3,8 @@
 The tarball comes from a user and is hostile until proven otherwise: every member
 goes through messaging.slugfile's rules (the ones the runner unpacks by: absolute
 paths, `..`, links that leave the tree and special files are refused), and sizes are
-bounded so a gzip bomb costs us nothing. Then the app must have what it needs to run.
+bounded so a gzip bomb costs us nothing. Then the app must have what it needs to run,
+and its optional manifest (berth.yaml, controller/manifest.py) must parse.
 """
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import hashlib
 import re
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from controller import manifest
 from controller.errors import Invalid, TooLarge
 from messaging import slugfile
+from messaging.manifest import Manifest
 
 PROC_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,29}$")
+RESERVED_DIR = ".berth"      # the platform's, inside a release (collected static files)
 
 
 class Readable(Protocol):
@@ -32,6 +36,7 @@ class CheckedSlug:
     files: int
     unpacked: int
     procfile: dict[str, str]
+    manifest: Manifest = field(default_factory=Manifest)
 
 
 def receive(stream: Readable, length: int, dest_dir: Path, max_bytes: int) -> tuple[Path, str]:
@@ -112,14 +117,18 @@ def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> Chec
                     raise Invalid(f"unsafe path in push: {member.name!r} {problem}",
                                   "remove links that point outside the app directory and "
                                   "paths with `..`, then push again")
+                name = member.name.removeprefix("./")
+                if name.split("/", 1)[0] == RESERVED_DIR:
+                    raise Invalid(f"the push has {member.name!r}: {RESERVED_DIR}/ at the top "
+                                  "of an app is the platform's",
+                                  f"rename {RESERVED_DIR}/, or add it to .gitignore")
                 if member.issym() or member.islnk():
                     continue
                 unpacked += member.size
                 if unpacked > max_unpacked:
                     raise TooLarge(f"the push unpacks to more than {max_unpacked / 1e6:.0f} MB",
                                    "add large files to .gitignore and push again")
-                name = member.name.removeprefix("./")
-                if name in ("requirements.txt", "Procfile") and member.isfile():
+                if name in ("requirements.txt", "Procfile", manifest.FILE) and member.isfile():
                     fobj = tar.extractfile(member)
                     found[name] = fobj.read(1 << 20) if fobj else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -136,4 +145,6 @@ def check(path: Path, sha256: str, *, max_unpacked: int, max_files: int) -> Chec
         raise Invalid("the Procfile declares no `web` process",
                       "add a line like `web: gunicorn app:app` to the Procfile")
     _check_gunicorn(procfile["web"], found["requirements.txt"])
-    return CheckedSlug(sha256, path.stat().st_size, files, unpacked, procfile)
+    app_manifest = manifest.parse(found[manifest.FILE], procfile) \
+        if manifest.FILE in found else Manifest()
+    return CheckedSlug(sha256, path.stat().st_size, files, unpacked, procfile, app_manifest)

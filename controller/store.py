@@ -14,11 +14,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controller.errors import Conflict, Invalid, NotFound, app_not_found
+from messaging.manifest import Manifest
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -45,12 +46,21 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE apps ADD COLUMN memory_mb INTEGER",
         "ALTER TABLE apps ADD COLUMN pids_max INTEGER",
     ],
+    [
+        # the app manifest (berth.yaml) of a build, carried by its releases; what the
+        # build found (framework, settings module, static files)
+        "ALTER TABLE builds ADD COLUMN manifest TEXT",
+        "ALTER TABLE builds ADD COLUMN detected TEXT",
+        "ALTER TABLE releases ADD COLUMN manifest TEXT",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
 CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
 RESERVED_KEYS = {"PORT", "PATH", "HOME", "GUNICORN_CMD_ARGS", "BERTH_DATA_DIR"}
+# BERTH_* config vars an app may set itself, with the values each takes
+APP_SWITCHES = {"BERTH_SETTINGS_INJECTION": ("on", "off")}
 PROCESS_LIMITS = {"memory_mb": (16, 65536), "pids_max": (8, 100000)}
 
 
@@ -63,11 +73,12 @@ class Release:
     config: dict[str, str]
     description: str
     created_at: float
+    manifest: Manifest = field(default_factory=Manifest)
 
     def public(self) -> dict[str, Any]:
         return {"version": self.version, "slug": self.slug, "description": self.description,
                 "created_at": self.created_at, "procfile": self.procfile,
-                "config_keys": sorted(self.config)}
+                "config_keys": sorted(self.config), "manifest": self.manifest.to_wire()}
 
 
 def check_app_name(name: str) -> None:
@@ -160,9 +171,9 @@ class Store:
     # -- releases -----------------------------------------------------------
     def _release(self, row: tuple[Any, ...]) -> Release:
         return Release(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]),
-                       row[5], row[6])
+                       row[5], row[6], Manifest.from_wire(json.loads(row[7] or "null")))
 
-    _RCOLS = "app, version, slug, procfile, config, description, created_at"
+    _RCOLS = "app, version, slug, procfile, config, description, created_at, manifest"
 
     def releases(self, app: str) -> list[Release]:
         self.require_app(app)
@@ -183,23 +194,38 @@ class Store:
         return self._release(rows[0])
 
     def add_release(self, app: str, *, slug: str | None, procfile: dict[str, str],
-                    config: dict[str, str], description: str) -> Release:
+                    config: dict[str, str], description: str,
+                    manifest: Manifest | None = None) -> Release:
+        manifest = manifest or Manifest()
         with self._tx():
             self.require_app(app)
             rows = self._q("SELECT MAX(version) FROM releases WHERE app = ?", app)
             version = (rows[0][0] or 0) + 1
             now = time.time()
-            self._q(f"INSERT INTO releases ({self._RCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._q(f"INSERT INTO releases ({self._RCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     app, version, slug, json.dumps(procfile), json.dumps(config),
-                    description, now)
-        return Release(app, version, slug, procfile, config, description, now)
+                    description, now, json.dumps(manifest.to_wire()))
+        return Release(app, version, slug, procfile, config, description, now, manifest)
+
+    def _redeploy(self, app: str, description: str) -> Release | None:
+        """A new release of the current code and config (what instances are told at
+        start changed, e.g. the app's host names); None before the first deploy."""
+        cur = self.current_release(app)
+        if cur is None or not cur.slug:
+            return None
+        return self.add_release(app, slug=cur.slug, procfile=cur.procfile, config=cur.config,
+                                description=description, manifest=cur.manifest)
 
     def change_config(self, app: str, changes: dict[str, str | None]) -> Release:
         for key, value in changes.items():
             if not CONFIG_KEY.match(key):
                 raise Invalid(f"invalid config key {key!r}",
                               "use letters, digits and underscores, not starting with a digit")
-            if key in RESERVED_KEYS or key.startswith("BERTH_"):
+            if key in APP_SWITCHES:
+                if value is not None and str(value).lower() not in APP_SWITCHES[key]:
+                    raise Invalid(f"{key} must be {' or '.join(APP_SWITCHES[key])}, "
+                                  f"got {value!r}", f"`berth config set {key}=off`")
+            elif key in RESERVED_KEYS or key.startswith("BERTH_"):
                 raise Invalid(f"config key {key!r} is set by the platform",
                               "choose another name")
             if value is not None and not isinstance(value, str):
@@ -225,7 +251,8 @@ class Store:
                 f"Unset {', '.join(unset)}" if unset else ""]))
             return self.add_release(app, slug=cur.slug if cur else None,
                                     procfile=cur.procfile if cur else {},
-                                    config=config, description=desc)
+                                    config=config, description=desc,
+                                    manifest=cur.manifest if cur else None)
 
     def rollback(self, app: str, version: int | None) -> Release:
         with self._tx():
@@ -247,7 +274,8 @@ class Store:
                                    "roll back to a release that was deployed with a push")
             return self.add_release(app, slug=target.slug, procfile=target.procfile,
                                     config=target.config,
-                                    description=f"Rollback to v{target.version}")
+                                    description=f"Rollback to v{target.version}",
+                                    manifest=target.manifest)
 
     # -- formation ----------------------------------------------------------
     def formation(self, app: str) -> dict[str, int]:
@@ -271,6 +299,12 @@ class Store:
                               f"is {maximum} per process type",
                               f"give a count from 0 to {maximum}, or ask the operator to "
                               "raise max_per_process_type")
+            own = cur.manifest.max_processes.get(proc) if cur else None
+            if own is not None and count > own:
+                raise Invalid(f"cannot scale {proc} to {count}: the app's berth.yaml allows "
+                              f"at most {own}",
+                              f"give a count from 0 to {own}, or raise max_processes.{proc} "
+                              "in berth.yaml and push")
             if cur and cur.slug and proc not in cur.procfile:
                 raise Invalid(f"process type {proc!r} is not in the Procfile of "
                               f"release v{cur.version}",
@@ -283,29 +317,40 @@ class Store:
         return self.formation(app)
 
     # -- builds -------------------------------------------------------------
-    def add_build(self, app: str, slug: str, procfile: dict[str, str]) -> str:
+    def add_build(self, app: str, slug: str, procfile: dict[str, str],
+                  manifest: Manifest | None = None) -> str:
         self.require_app(app)
         build_id = uuid.uuid4().hex[:12]
-        self._q("INSERT INTO builds (id, app, slug, procfile, status, created_at) "
-                "VALUES (?, ?, ?, ?, 'pending', ?)", build_id, app, slug,
-                json.dumps(procfile), time.time())
+        self._q("INSERT INTO builds (id, app, slug, procfile, status, created_at, manifest) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?)", build_id, app, slug,
+                json.dumps(procfile), time.time(), json.dumps((manifest or Manifest()).to_wire()))
         return build_id
 
     def build(self, build_id: str) -> dict[str, Any]:
+        """A build as the API shows it; `manifest` is its app manifest (wire form) and
+        `detected` what the runner found (framework, settings module, static files)."""
         rows = self._q("SELECT id, app, slug, procfile, status, release_version, error, "
-                       "created_at, finished_at FROM builds WHERE id = ?", build_id)
+                       "created_at, finished_at, manifest, detected FROM builds WHERE id = ?",
+                       build_id)
         if not rows:
             raise NotFound(f"build {build_id!r} not found", "push again with `berth push`")
         r = rows[0]
         return {"id": r[0], "app": r[1], "slug": r[2], "procfile": json.loads(r[3]),
                 "status": r[4], "release": r[5], "error": json.loads(r[6]) if r[6] else None,
-                "created_at": r[7], "finished_at": r[8]}
+                "created_at": r[7], "finished_at": r[8],
+                "manifest": Manifest.from_wire(json.loads(r[9] or "null")).to_wire(),
+                "detected": json.loads(r[10]) if r[10] else None}
+
+    def build_manifest(self, build_id: str) -> Manifest:
+        return Manifest.from_wire(self.build(build_id)["manifest"])
 
     def finish_build(self, build_id: str, status: str, release: int | None = None,
-                     error: dict[str, Any] | None = None) -> None:
+                     error: dict[str, Any] | None = None,
+                     detected: dict[str, Any] | None = None) -> None:
         self._q("UPDATE builds SET status = ?, release_version = ?, error = ?, "
-                "finished_at = ? WHERE id = ?", status, release,
-                json.dumps(error) if error else None, time.time(), build_id)
+                "finished_at = ?, detected = ? WHERE id = ?", status, release,
+                json.dumps(error) if error else None, time.time(),
+                json.dumps(detected) if detected else None, build_id)
 
     def unfinished_builds(self) -> list[str]:
         return [r[0] for r in self._q("SELECT id FROM builds WHERE status = 'pending'")]
@@ -372,24 +417,35 @@ class Store:
         if owner:
             raise Conflict(f"{hostname} is already attached to an app",
                            "remove it there first with `berth domains remove`")
-        self._q("INSERT INTO domains (hostname, app) VALUES (?, ?)", hostname, app)
+        with self._tx():
+            self._q("INSERT INTO domains (hostname, app) VALUES (?, ?)", hostname, app)
+            # instances are told their host names when they start (BERTH_HOSTNAMES:
+            # Django's ALLOWED_HOSTS), so a new name rolls the app like a config change
+            self._redeploy(app, f"Add domain {hostname}")
 
     def remove_domain(self, app: str, hostname: str) -> None:
         rows = self._q("SELECT 1 FROM domains WHERE hostname = ? AND app = ?", hostname, app)
         if not rows:
             raise NotFound(f"{hostname} is not attached to '{app}'",
                            f"run `berth domains -a {app}` to list its domains")
-        self._q("DELETE FROM domains WHERE hostname = ?", hostname)
+        with self._tx():
+            self._q("DELETE FROM domains WHERE hostname = ?", hostname)
+            self._redeploy(app, f"Remove domain {hostname}")
 
     # -- desired state for the reconciler -----------------------------------
     def desired(self) -> dict[str, dict[str, Any]]:
-        """Every app with its current release, formation and domains, in one read."""
+        """Every app with its current release, formation and domains, in one read. A
+        formation above what the release's berth.yaml allows (max_processes) counts as
+        that maximum."""
         with self._lock:
             out: dict[str, dict[str, Any]] = {}
             domains = self.domains()
             for name in self.list_apps():
-                out[name] = {"release": self.current_release(name),
-                             "formation": self.formation(name),
+                release = self.current_release(name)
+                maxima = release.manifest.max_processes if release else {}
+                formation = {p: min(n, maxima.get(p, n))
+                             for p, n in self.formation(name).items()}
+                out[name] = {"release": release, "formation": formation,
                              "domains": domains.get(name, []), **self.limits(name)}
             return out
 
