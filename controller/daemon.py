@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from controller import appenv
 from controller.api import ApiServer
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
@@ -235,10 +236,21 @@ class Controller:
             self.commands.send(
                 host, "prepare", {"build": build.id, "app": stored["app"],
                                   "slug": stored["slug"],
-                                  "slug_url": self.slug_url(stored["slug"])},
+                                  "slug_url": self.slug_url(stored["slug"]),
+                                  "manifest": stored["manifest"],
+                                  "env": self._build_env(stored["app"], build.id)},
                 subject=build.id, now=now, timeout=BUILD_TIMEOUT,
                 on_result=functools.partial(self._prepared, build),
                 on_error=functools.partial(self._prepare_failed, build))
+
+    def _build_env(self, app: str, build_id: str) -> dict[str, str]:
+        """What a build's steps that run the app's code (collectstatic) see: the
+        environment its instances will get, but for the secret key made on success."""
+        cur = self.store.current_release(app)
+        names = appenv.hostnames(app, self.settings.base_domain,
+                                 self.store.domains(app).get(app, []))
+        return appenv.instance_env(cur.config if cur else {},
+                                   self.store.build_manifest(build_id), names)
 
     def slug_url(self, sha: str) -> str:
         return f"{self.public_url}/v1/slugs/{sha}"
@@ -268,10 +280,16 @@ class Controller:
             return
         stored = self.store.build(build.id)
         cur = self.store.current_release(stored["app"])
+        detected = (build.result or {}).get("detected")
+        config, made_key = appenv.with_secret_key(cur.config if cur else {}, detected)
+        if made_key:
+            self.logs.build_line(build.id, f"-----> Made a {appenv.SECRET_KEY} for the app "
+                                           "(a config var: `berth config` shows it)")
         release = self.store.add_release(
             stored["app"], slug=stored["slug"], procfile=stored["procfile"],
-            config=cur.config if cur else {}, description=f"Deploy {stored['slug'][:8]}")
-        self.store.finish_build(build.id, "succeeded", release.version)
+            config=config, description=f"Deploy {stored['slug'][:8]}",
+            manifest=self.store.build_manifest(build.id))
+        self.store.finish_build(build.id, "succeeded", release.version, detected=detected)
         took = time.monotonic() - build.started
         venv = "reused" if (build.result or {}).get("reused") else "built"
         self.logs.build_line(build.id, f"-----> Build finished in {took:.1f}s "
@@ -347,14 +365,17 @@ class Controller:
             instance=spec.instance, app=spec.app, release=rel.version, proc=spec.proc,
             state=State.PENDING, address=address, since=time.time(), host=spec.host)
         self.pending_until[spec.instance] = now + START_PENDING
-        limits = Limits(memory_mb=app["memory_mb"], pids_max=app["pids_max"])
+        limits = Limits(memory_mb=app["memory_mb"] or rel.manifest.memory_mb,
+                        pids_max=app["pids_max"])
+        names = appenv.hostnames(spec.app, self.settings.base_domain, app["domains"])
         self.commands.send(
             spec.host, "start",
             {"instance": spec.instance, "app": spec.app, "release": rel.version,
-             "proc": spec.proc, "command": rel.procfile[spec.proc], "env": rel.config,
+             "proc": spec.proc, "command": rel.procfile[spec.proc],
+             "env": appenv.instance_env(rel.config, rel.manifest, names),
              "slug": rel.slug, "slug_url": self.slug_url(rel.slug),
              "host_header": f"{spec.app}.{self.settings.base_domain}",
-             "limits": limits.to_wire()},
+             "limits": limits.to_wire(), "manifest": rel.manifest.to_wire()},
             subject=spec.instance, now=now, on_error=self._start_failed)
         log.info("starting instance", extra={"app": spec.app, "release": rel.version,
                                              "proc": spec.proc, "runner": spec.host,

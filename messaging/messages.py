@@ -111,15 +111,19 @@ class Action:
 
 
 ACTIONS: dict[str, Action] = {a.name: a for a in (
-    Action("prepare", ("build", "app", "slug", "slug_url"), (),
-           "Fetch and unpack a slug, build or reuse its virtualenv; output goes to the "
-           "logs channel with build=<id>. Replies when done with {venv, reused, seconds, "
-           "release_dir, log_lines}, or an error carrying log_lines."),
+    Action("prepare", ("build", "app", "slug", "slug_url"), ("manifest", "env"),
+           "Fetch and unpack a slug, build or reuse its virtualenv (with the interpreter "
+           "`manifest` (messaging.manifest.Manifest) asks for), and for a Django project "
+           "collect its static files with `env`; output goes to the logs channel with "
+           "build=<id>. Replies when done with {venv, reused, seconds, release_dir, "
+           "detected: {framework, settings_module, injected, static: {dir, url}}, "
+           "log_lines}, or an error carrying log_lines."),
     Action("start", ("instance", "app", "release", "proc", "command", "env", "slug",
-                     "slug_url"), ("host_header", "limits"),
+                     "slug_url"), ("host_header", "limits", "manifest"),
            "Start one instance of a process type; replies {accepted} at once, the "
            "instance then appears in heartbeats (PREPARING, STARTING, RUNNING...). "
-           "`limits` (shapes.Limits) overrides the runner's defaults."),
+           "`limits` (shapes.Limits) overrides the runner's defaults; `manifest` "
+           "(messaging.manifest.Manifest) picks the interpreter and health-check path."),
     Action("stop", ("instance",), ("grace",),
            "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`); replies "
            "{stopping, known} at once."),

@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
@@ -28,11 +29,14 @@ from messaging.channels import connect
 from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
+from messaging.manifest import Manifest
 from messaging.shapes import Limits, State
 from messaging.waker import Waker
 from runner import actions, leftovers
 from runner.errors import BuildError, CommandError, RunnerError
+from runner.frameworks import Detected, Frameworks
 from runner.health import wait_healthy
+from runner.interpreters import Interpreters
 from runner.isolation import Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
 from runner.process import Hooks, Instance, InstanceSpec, Policy
@@ -65,6 +69,8 @@ class Runner(Hooks):
         self.slugs = SlugStore(self.data_dir, settings.runner_token,
                                settings.max_unpacked_mb << 20, settings.max_files)
         self.venvs = VenvBuilder(wheel_dir, settings.python, self.data_dir / "locks")
+        self.interpreters = Interpreters(settings.python, list(settings.interpreters))
+        self.frameworks = Frameworks(self.data_dir / "locks", settings.settings_dir)
         self.policy = Policy(address=settings.address,
                              health_timeout=settings.health_timeout,
                              stop_grace=settings.stop_grace,
@@ -266,14 +272,20 @@ class Runner(Hooks):
 
     @actions.action("prepare")
     def handle_prepare(self, msg: Message, args: dict[str, Any]) -> None:
-        """prepare {build, app, slug, slug_url}: replies when the venv is ready with
-        {venv, reused, seconds, release_dir} or error build_failed / slug_failed."""
+        """prepare {build, app, slug, slug_url, manifest?, env?}: replies when the venv
+        is ready (and a Django project's static files collected) with {venv, reused,
+        seconds, release_dir, detected} or error build_failed / slug_failed."""
         app, build = str(args["app"]), str(args["build"])
+        manifest = _manifest_arg(args)
+        env = args.get("env") or {}
+        if not isinstance(env, dict):
+            raise CommandError("prepare arg 'env' must be a mapping of config vars")
 
         def sink(line: str) -> None:
             self.jobs.post(OutputLine(app, line, "build", build=build))
-        self.jobs.submit(("prepare", msg), self._prepare, app, str(args["slug"]),
-                         str(args["slug_url"]), sink)
+        self.jobs.submit(("prepare", msg), self._prepare_app, app, str(args["slug"]),
+                         str(args["slug_url"]), sink, manifest,
+                         {str(k): str(v) for k, v in env.items()})
 
     @actions.action("start")
     def handle_start(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
@@ -410,8 +422,9 @@ class Runner(Hooks):
 
     # ---- jobs --------------------------------------------------------------------
     def _prepare(self, app: str, sha: str, url: str,
-                 sink: Callable[[str], None]) -> tuple[Path, Venv]:
-        """Job thread: slug fetched and unpacked as the app's user, venv built or reused."""
+                 sink: Callable[[str], None], python: str | None = None) -> tuple[Path, Venv]:
+        """Job thread: slug fetched and unpacked as the app's user, venv built or reused
+        (from interpreter `python`, else the runner's default)."""
         paths, user = self.isolation.ensure_app(app)
         wrap = functools.partial(self.isolation.wrap, app)
         sink(f"-----> Fetching slug {sha[:12]}")
@@ -421,7 +434,7 @@ class Runner(Hooks):
             sink(f"-----> Slug {sha[:12]} already unpacked")
         ctx = BuildContext(paths.venvs, paths.cache, wrap, self.isolation.wrap_fetch,
                            self.isolation.fetch_owner())
-        venv = self.venvs.ensure(ctx, release_dir / "requirements.txt", sink)
+        venv = self.venvs.ensure(ctx, release_dir / "requirements.txt", sink, python)
         instances = [i for i in list(self.instances.values()) if i.spec.app == app]
         runs = [r for r in list(self.runs.table.values()) if r.spec.app == app]
         prune_app(paths, self.settings.keep_releases,
@@ -431,6 +444,20 @@ class Runner(Hooks):
                   | {r.venv_bin.parent for r in runs if r.venv_bin})
         self._prune_slugs()
         return release_dir, venv
+
+    def _prepare_app(self, app: str, sha: str, url: str, sink: Callable[[str], None],
+                     manifest: Manifest, env: dict[str, str]) -> Prepared:
+        """Job thread: `_prepare` with the interpreter the manifest asks for, then what
+        the app's framework needs (runner/frameworks.py: settings layers, static)."""
+        python = self.interpreters.pick(manifest.python)
+        if manifest.python:
+            sink(f"-----> Python {manifest.python} (berth.yaml): {python}")
+        release_dir, venv = self._prepare(app, sha, url, sink, python)
+        user = self.isolation.user(app)
+        detected, extra = self.frameworks.prepare(
+            release_dir, venv, env, manifest, functools.partial(self.isolation.wrap, app),
+            (user.uid, user.gid) if user else None, self.isolation.paths(app).data, sink)
+        return Prepared(release_dir, venv, detected, extra)
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, OutputLine):
@@ -447,10 +474,12 @@ class Runner(Hooks):
             error = {**_error_dict(event.error), "log_lines": lines}
             self._send(reply(msg, self.host, error=error))
             return
-        release_dir, venv = event.result
+        prepared: Prepared = event.result
+        venv = prepared.venv
         self._send(reply(msg, self.host, result={
             "venv": venv.key, "reused": venv.reused, "seconds": round(venv.seconds, 3),
-            "release_dir": str(release_dir), "log_lines": lines}))
+            "release_dir": str(prepared.release_dir), "log_lines": lines,
+            "detected": prepared.detected.to_wire()}))
 
     def _done_instance_prepare(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]
@@ -462,8 +491,10 @@ class Runner(Hooks):
             self.platform(inst, f"prepare failed: {message}")
             inst.prepare_failed(message, retry=not isinstance(err, BuildError))
             return
-        release_dir, venv = event.result
-        spec = inst.spec
+        prepared: Prepared = event.result
+        release_dir, venv = prepared.release_dir, prepared.venv
+        # the settings layers' variables (runner/frameworks.py) join its config
+        inst.spec = spec = replace(inst.spec, env={**inst.spec.env, **prepared.env})
         try:
             jail = self.isolation.instance(spec.app, inst.id,
                                            spec.limits(self.isolation.defaults))
@@ -486,8 +517,8 @@ class Runner(Hooks):
         def sink(line: str) -> None:
             self.jobs.post(OutputLine(spec.app, line, "build", instance=spec.instance,
                                       release=spec.release))
-        self.jobs.submit(("instance_prepare", inst), self._prepare, spec.app, spec.slug,
-                         spec.slug_url, sink)
+        self.jobs.submit(("instance_prepare", inst), self._prepare_app, spec.app, spec.slug,
+                         spec.slug_url, sink, spec.manifest, spec.env)
 
     def spawned(self, inst: Instance) -> None:
         assert inst.proc is not None and inst.proc.stdout and inst.proc.stderr
@@ -502,7 +533,8 @@ class Runner(Hooks):
             self.jobs.submit(
                 ("health", inst, generation), wait_healthy, self.settings.address, port,
                 host_header, self.settings.health_timeout,
-                lambda: inst.generation == generation and inst.state is State.STARTING)
+                lambda: inst.generation == generation and inst.state is State.STARTING,
+                spec.manifest.healthcheck)
 
     def event(self, inst: Instance, text: str) -> None:
         self.platform(inst, text)
@@ -547,6 +579,22 @@ def _app_line(line: str, *, spec: InstanceSpec, stream: str) -> OutputLine:
     return OutputLine(spec.app, line, spec.proc, stream, spec.instance, spec.release)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A release ready to run here: its files, venv, framework and the env for it."""
+    release_dir: Path
+    venv: Venv
+    detected: Detected
+    env: dict[str, str]
+
+
+def _manifest_arg(args: dict[str, Any]) -> Manifest:
+    try:
+        return Manifest.from_wire(args.get("manifest"))
+    except ProtocolError as exc:
+        raise CommandError(f"arg 'manifest' is wrong: {exc.message}") from exc
+
+
 def _start_spec(args: dict[str, Any]) -> InstanceSpec:
     def text(name: str) -> str:
         value = args[name]
@@ -569,7 +617,7 @@ def _start_spec(args: dict[str, Any]) -> InstanceSpec:
         command=text("command"), env={str(k): str(v) for k, v in env.items()},
         slug=text("slug"), slug_url=text("slug_url"),
         host_header=str(host_header) if host_header else None,
-        memory_mb=limits.memory_mb, pids_max=limits.pids_max)
+        memory_mb=limits.memory_mb, pids_max=limits.pids_max, manifest=_manifest_arg(args))
 
 
 def _error_dict(exc: BaseException) -> dict[str, Any]:

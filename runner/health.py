@@ -8,10 +8,11 @@ from collections.abc import Callable
 POLL_SECONDS = 0.2
 
 
-def answers(address: str, port: int, host_header: str, timeout: float = 2.0) -> bool:
+def answers(address: str, port: int, host_header: str, timeout: float = 2.0,
+            path: str = "/") -> bool:
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
-        conn.request("GET", "/", headers={"Host": host_header, "User-Agent": "berth-runner"})
+        conn.request("GET", path, headers={"Host": host_header, "User-Agent": "berth-runner"})
         return conn.getresponse().status < 500
     except (OSError, http.client.HTTPException):
         return False
@@ -20,12 +21,12 @@ def answers(address: str, port: int, host_header: str, timeout: float = 2.0) -> 
 
 
 def wait_healthy(address: str, port: int, host_header: str, timeout: float,
-                 wanted: Callable[[], bool]) -> bool:
-    """Poll every 0.2 s until an answer below 500 (True), or until `timeout` passes or
-    `wanted()` turns False (False)."""
+                 wanted: Callable[[], bool], path: str = "/") -> bool:
+    """Poll `path` (the app manifest's healthcheck) every 0.2 s until an answer below
+    500 (True), or until `timeout` passes or `wanted()` turns False (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and wanted():
-        if answers(address, port, host_header):
+        if answers(address, port, host_header, path=path):
             return True
         time.sleep(POLL_SECONDS)
     return False

@@ -120,11 +120,14 @@ class VenvBuilder:
         self.app_data = wheel_dir / "virtualenv-app-data"
         self._seed_lock = threading.Lock()
 
-    def ensure(self, ctx: BuildContext, requirements: Path, sink: LineSink) -> Venv:
-        """Build or reuse the app's venv for a requirements file (missing file = none)."""
+    def ensure(self, ctx: BuildContext, requirements: Path, sink: LineSink,
+               python: str | None = None) -> Venv:
+        """Build or reuse the app's venv for a requirements file (missing file = none),
+        from `python` (an interpreter path; None = the runner's default)."""
         started = time.monotonic()
+        python = python or self.python
         reqs = requirements.read_bytes() if requirements.is_file() else b""
-        version = python_version(self.python)
+        version = python_version(python)
         key = venv_key(reqs, version)
         path = ctx.venvs / key
         self.locks_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,7 @@ class VenvBuilder:
                     shutil.rmtree(path)
                 sink(f"-----> Making virtualenv {key[:12]} ({version})")
                 try:
-                    self._build(ctx, path, requirements if reqs else None, sink)
+                    self._build(ctx, path, requirements if reqs else None, sink, python)
                     # written by the app's user: the venv is its, links in it included
                     run_streaming(ctx.wrap(["sh", "-c", 'echo "$1" > "$2"', "sh", version,
                                             str(path / MARKER)], (ctx.venvs,)),
@@ -155,11 +158,11 @@ class VenvBuilder:
         return Venv(key, path, False, seconds)
 
     def _build(self, ctx: BuildContext, path: Path, requirements: Path | None,
-               sink: LineSink) -> None:
-        self._seed_app_data()
+               sink: LineSink, python: str) -> None:
+        self._seed_app_data(python)
         run_streaming(ctx.wrap([sys.executable, "-m", "virtualenv", "--quiet",
                                 "--app-data", str(self.app_data), "--read-only-app-data",
-                                "-p", self.python, str(path)], (ctx.venvs,)),
+                                "-p", python, str(path)], (ctx.venvs,)),
                       sink, "virtualenv")
         if requirements is None:
             sink("-----> No requirements.txt; nothing to install")
@@ -215,16 +218,18 @@ class VenvBuilder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _seed_app_data(self) -> None:
-        """virtualenv's app data (its seed wheels), made once by the platform and then
-        used read-only by every app's user."""
+    def _seed_app_data(self, python: str) -> None:
+        """virtualenv's app data (its seed wheels and, per interpreter, what it learnt
+        of it), made once per interpreter by the platform and then used read-only by
+        every app's user."""
+        seeded = self.app_data / f".berth-seeded-{hashlib.sha256(python.encode()).hexdigest()[:12]}"
         with self._seed_lock:
-            if (self.app_data / ".berth-seeded").exists():
+            if seeded.exists():
                 return
             self.app_data.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
                 run_streaming([sys.executable, "-m", "virtualenv", "--quiet", "--app-data",
-                               str(self.app_data), "-p", self.python, f"{tmp}/v"],
+                               str(self.app_data), "-p", python, f"{tmp}/v"],
                               lambda _line: None, "seeding virtualenv's app data")
             for root, dirs, files in os.walk(self.app_data):
                 for name in dirs:
@@ -233,7 +238,7 @@ class VenvBuilder:
                     os.chmod(os.path.join(root, name), 0o644 | (
                         os.stat(os.path.join(root, name)).st_mode & 0o111))
             self.wheel_dir.chmod(0o755)
-            (self.app_data / ".berth-seeded").write_text("")
+            seeded.write_text("")
 
 
 def plain_requirements(text: str) -> list[str]:
