@@ -34,7 +34,7 @@ MAX_BYTES = 64 << 10
 PYTHON = re.compile(r"^(?:python)?(3\.\d{1,2})$")
 URL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,199}$")
 MAX_COUNT = 100
-HINT = "see the app manifest keys in docs/architecture.md (App manifest)"
+HINT = "the keys berth.yaml takes are in docs/architecture.md (\"Django and Flask apps\")"
 
 
 def _fail(node: Node, problem: str, hint: str = HINT) -> Invalid:
