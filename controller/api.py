@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from controller import slugcheck
+from controller import attach, slugcheck
 from controller.errors import Invalid, NotFound, Unauthorized, internal
 from controller.logstore import format_line
+from controller.runs import Attachment
+from messaging import runframes
 from messaging.errors import BerthError
 
 if TYPE_CHECKING:
@@ -302,7 +304,52 @@ class Handler(BaseHTTPRequestHandler):
     def ps(self, app: str) -> None:
         self.c.store.require_app(app)
         self._json(200, {"instances": self.c.instances(app),
-                         "formation": self.c.store.formation(app)})
+                         "formation": self.c.store.formation(app),
+                         "runs": self.c.runs_of(app)})
+
+    @route("POST", r"/v1/apps/([^/]+)/runs")
+    def create_run(self, app: str) -> None:
+        """{command, tty?, cols?, rows?, detach?, term?} -> {run}: attach to it with
+        GET /v1/runs/<run>/attach (an Upgrade) unless detached."""
+        body = self._body()
+        command = body.get("command") if isinstance(body, dict) else None
+        if not isinstance(command, str):
+            raise Invalid("give the command to run as a string",
+                          f"use `berth run -a {app} -- COMMAND`")
+        opts: dict[str, Any] = {}
+        for name in ("tty", "detach"):
+            if not isinstance(body.get(name, False), bool):
+                raise Invalid(f"{name} must be true or false")
+            opts[name] = bool(body.get(name, False))
+        for name, default in (("cols", 80), ("rows", 24)):
+            value = body.get(name, default)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise Invalid(f"{name} must be a whole number")
+            opts[name] = value
+        term = body.get("term")
+        if opts["tty"] and isinstance(term, str) and term and len(term) < 64:
+            opts["env"] = {"TERM": term}
+        if not opts["detach"]:
+            opts["sink"] = Attachment()         # the client attaches next
+        run = self.c.start_run(app, command, **opts)
+        self._json(201, {"run": run.id, "app": app, "release": run.release,
+                         "detach": run.detach, "proc": run.proc})
+
+    @route("GET", r"/v1/runs/([0-9a-f]+)/attach")
+    def attach_run(self, run_id: str) -> None:
+        """Upgrade to the run's frames (messaging/runframes.py) until it is over."""
+        if self.headers.get("Upgrade", "").lower() != runframes.UPGRADE:
+            raise BerthError(f"attach needs Upgrade: {runframes.UPGRADE}",
+                             "attach with `berth run`", code="upgrade_required",
+                             status=426)
+        att = self.c.attach_run(run_id)
+        self.send_response(101)
+        self.send_header("Upgrade", runframes.UPGRADE)
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        attach.serve(self.connection, att, self.server.stopping)
 
     @route("POST", r"/v1/apps/([^/]+)/formation")
     def scale(self, app: str) -> None:

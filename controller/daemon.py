@@ -28,6 +28,8 @@ from controller.commands import Command, Commands
 from controller.errors import build_interrupted, no_runner
 from controller.logstore import LogStore
 from controller.reconciler import Plan, StartSpec, draining_view, flatten, plan
+from controller.runloop import RunLoop
+from controller.runs import Attachment, Run
 from controller.stats import StatsHub
 from controller.store import Store
 from messaging import channels, envelope
@@ -35,7 +37,16 @@ from messaging.clone import ClonePublisher
 from messaging.envelope import Message, make
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
-from messaging.shapes import HostReport, HostView, InventoryItem, Limits, Route, State
+from messaging.shapes import (
+    HostReport,
+    HostView,
+    InventoryItem,
+    Limits,
+    Route,
+    RunItem,
+    State,
+)
+from messaging.waker import Waker
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,7 @@ class View:
     hosts: dict[str, HostView] = field(default_factory=dict)
     instances: list[InventoryItem] = field(default_factory=list)
     routes: tuple[int, dict[str, Any]] = (0, {})
+    runs: list[RunItem] = field(default_factory=list)
 
 
 class Controller:
@@ -81,6 +93,8 @@ class Controller:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.api: ApiServer | None = None
+        self.poke = Waker()             # API threads end the loop's poll (runs' input)
+        self.run_loop = RunLoop(self, self._send_attach, self.poke.wake)
 
     # -- set-up -------------------------------------------------------------
     def _secret(self, name: str) -> str:
@@ -109,9 +123,12 @@ class Controller:
         self.routes_pub = channels.bind(self.ctx, "routes", s.routes_endpoint)
         self.snapshots = channels.bind(self.ctx, "routes_snapshot", s.routes_snapshot_endpoint)
         self.log_pull = channels.bind(self.ctx, "logs", s.logs_endpoint)
+        self.attach = channels.bind(self.ctx, "attach", s.attach_endpoint)
         self.poller = zmq.Poller()
         for sock in (self.control, self.snapshots, self.log_pull):
             self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.attach, zmq.POLLIN)
+        self.poller.register(self.poke, zmq.POLLIN)
         self.stats = StatsHub(self.ctx, s.stats_endpoint, s.stats_out_endpoint)
         self.stats.start()
         self.api = ApiServer(self, s.api_host, s.api_port)
@@ -129,13 +146,17 @@ class Controller:
         try:
             while not self._stop.is_set():
                 for sock, _ in self.poller.poll(100):
-                    self._drain(sock)
+                    if sock is self.poke or sock == self.poke.fileno():
+                        self.poke.clear()
+                    else:
+                        self._drain(sock)
                 now = time.monotonic()
                 if now >= next_beat:
                     self._beat(now)
                     next_beat = now + interval
                 self._dispatch_builds(now)
                 self._finish_builds(now)
+                self.run_loop.step(now)
                 self.commands.expire(now)
                 if now >= next_reconcile or self._wake.is_set():
                     self._wake.clear()
@@ -148,7 +169,8 @@ class Controller:
         if self.api:
             self.api.stop()
         self.stats.stop()
-        for sock in (self.control, self.routes_pub, self.snapshots, self.log_pull):
+        for sock in (self.control, self.routes_pub, self.snapshots, self.log_pull,
+                     self.attach):
             sock.close(0)
         self.ctx.term()
         self.logs.close()           # what the writer thread has not written yet
@@ -165,6 +187,8 @@ class Controller:
                 continue
             if sock is self.control:
                 self._on_control(identity or b"", msg)
+            elif sock is self.attach:
+                self.run_loop.on_message(msg, time.monotonic())
             elif sock is self.snapshots:
                 envelope.send(sock, self.publisher.snapshot(), identity)
             else:
@@ -215,6 +239,19 @@ class Controller:
             envelope.send(self.control, msg, identity)
 
     # -- builds -------------------------------------------------------------
+    # -- one-off runs (controller/runloop.py) ---------------------------------
+    def start_run(self, app: str, command: str, **options: Any) -> Run:
+        """Thread-safe: run `command` once in the app's current release (see
+        RunLoop.start for the options: release, tty, cols, rows, detach, env, timeout,
+        sink or on_output/on_exit)."""
+        return self.run_loop.start(app, command, **options)
+
+    def attach_run(self, run_id: str) -> Attachment:
+        return self.run_loop.attachment(run_id)
+
+    def _send_attach(self, host: str, msg: Message) -> None:
+        envelope.send(self.attach, msg, host.encode())
+
     def submit_build(self, build_id: str) -> None:
         self.builds.submit(build_id)
 
@@ -399,9 +436,14 @@ class Controller:
         insts = draining_view(flatten(observed, self.pending), self.draining)
         hosts = {h: HostView(r.address, len(r.inventory)) for h, r in observed.items()}
         with self._view_lock:
-            self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)))
+            self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)),
+                              self.run_loop.items(observed))
 
     # -- read-only views for the API threads (JSON-ready) --------------------
+    def runs_of(self, app: str) -> list[dict[str, Any]]:
+        with self._view_lock:
+            return [r.to_wire() for r in self._view.runs if r.app == app]
+
     def instances(self, app: str) -> list[dict[str, Any]]:
         with self._view_lock:
             return [i.to_wire() for i in self._view.instances if i.app == app]

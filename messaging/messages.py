@@ -128,10 +128,10 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
            "Stop one instance gracefully (SIGTERM, then SIGKILL after `grace`); replies "
            "{stopping, known} at once."),
     Action("run", ("run", "app", "release", "command", "env", "slug", "slug_url"),
-           ("tty", "cols", "rows", "detach", "timeout", "limits"),
+           ("tty", "cols", "rows", "detach", "timeout", "limits", "manifest"),
            "Start a one-off run of `command` (through /bin/sh) in the release's code, "
-           "venv, environment and user, in its own jail and cgroup (`limits` as for "
-           "start); replies {accepted} at once. With `tty` the command gets a "
+           "venv, environment and user, in its own jail and cgroup (`limits` and "
+           "`manifest` as for start); replies {accepted} at once. With `tty` the command gets a "
            "pseudo-terminal of cols x rows as its controlling terminal; without, "
            "separate stdin/stdout/stderr. Its streams travel on the attach channel "
            "(run_started, run_output, run_exit); `detach` sends its output to the app's "

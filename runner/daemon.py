@@ -324,7 +324,7 @@ class Runner(Hooks):
     @actions.action("run")
     def handle_run(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
         """run {run, app, release, command, env, slug, slug_url, tty?, cols?, rows?,
-        detach?, timeout?, limits?}: replies {accepted: true} at once; the run then
+        detach?, timeout?, limits?, manifest?}: replies {accepted: true} at once; the run then
         streams on the attach channel (runner/runtable.py) and shows in heartbeats."""
         if self.shutting_down:
             raise CommandError("runner is shutting down", "run it elsewhere",
@@ -337,8 +337,9 @@ class Runner(Hooks):
         def sink(line: str) -> None:
             self.jobs.post(OutputLine(spec.app, line, "build", instance=spec.run,
                                       release=spec.release))
-        self.jobs.submit(("run_prepare", run), self._prepare, spec.app, spec.slug,
-                         spec.slug_url, sink)
+        # as an instance of the release is prepared: its interpreter, its framework
+        self.jobs.submit(("run_prepare", run), self._prepare_app, spec.app, spec.slug,
+                         spec.slug_url, sink, _manifest_arg(args), spec.env)
         self._next_heartbeat = 0.0
         return {"accepted": True}
 
@@ -347,7 +348,7 @@ class Runner(Hooks):
         if event.error is not None:
             self.runs.failed(run, _error_dict(event.error))
             return
-        release_dir, venv = event.result
+        prepared: Prepared = event.result
         spec = run.spec
         try:
             jail = self.isolation.instance(spec.app, spec.instance,
@@ -355,8 +356,9 @@ class Runner(Hooks):
         except BerthError as exc:
             self.runs.failed(run, exc.to_dict())
             return
-        self.runs.prepared(run, release_dir, venv.bin, self.isolation.paths(spec.app).data,
-                           jail)
+        # the settings layers' variables (runner/frameworks.py) join its config
+        self.runs.prepared(run, prepared.release_dir, prepared.venv.bin,
+                           self.isolation.paths(spec.app).data, jail, prepared.env)
 
     def _drain_attach(self) -> None:
         assert self.attach is not None

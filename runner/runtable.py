@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,13 @@ class Runs:
         return run
 
     def prepared(self, run: Run, release_dir: Path, venv_bin: Path | None,
-                 data_dir: Path | None, jail: InstanceJail) -> None:
+                 data_dir: Path | None, jail: InstanceJail,
+                 env: dict[str, str] | None = None) -> None:
         if self.table.get(run.id) is not run or run.state is not State.PREPARING:
             jail.remove()               # ended while preparing
             return
+        if env:
+            run.spec = replace(run.spec, env={**run.spec.env, **env})
         try:
             run.spawn(release_dir, venv_bin, data_dir, jail, self.wake)
         except (OSError, ValueError) as exc:
