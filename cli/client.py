@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,47 @@ class Client:
             conn.close()
         self._raise_for(resp, data)
         return json.loads(data)
+
+    def upgrade(self, path: str, protocol: str) -> tuple[socket.socket, bytes]:
+        """GET `path` asking to switch to `protocol`; after the 101, the connected socket
+        and whatever bytes of the new protocol came with the answer."""
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                          f"Authorization: Bearer {self.creds.token}\r\n"
+                          f"Connection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n").encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk or len(data) > 1 << 16:
+                    raise ConnectionError("the API closed the connection")
+                data += chunk
+        except OSError as exc:
+            raise self._unreachable(exc) from exc
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status_line, _, header_block = head.partition(b"\r\n")
+        parts = status_line.split(b" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        if status == 101:
+            sock.settimeout(None)
+            return sock, rest
+        headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
+        length = int(headers.get("Content-Length") or 0)
+        try:
+            while len(rest) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        try:
+            err = json.loads(rest)["error"]
+        except (ValueError, KeyError, TypeError):
+            err = {"message": f"the API answered {status} to an upgrade: {rest[:200]!r}"}
+        raise BerthError.from_dict(err, status=status or 502)
 
     def stream(self, path: str) -> Iterator[str]:
         """Yield lines of a streamed (chunked) text response as they come."""

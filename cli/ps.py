@@ -10,7 +10,7 @@ from cli import appname
 from cli.client import Client
 from cli.output import console, step
 from messaging.errors import BerthError
-from messaging.shapes import InventoryItem
+from messaging.shapes import InventoryItem, RunItem
 
 
 def _age(since: float | None) -> str:
@@ -31,7 +31,7 @@ def _note(inst: InventoryItem) -> str:
 @appname.app_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ps(app: str | None, as_json: bool) -> None:
-    """Show the app's instances: state, host, release and restarts."""
+    """Show the app's instances (state, host, release, restarts) and one-off runs."""
     name = appname.resolve(app)
     data = Client().get(f"/v1/apps/{name}/ps")
     if as_json:
@@ -47,6 +47,9 @@ def ps(app: str | None, as_json: bool) -> None:
         addr = f"{i.address or '?'}:{i.port}" if i.port else i.host
         table.add_row(i.instance, i.proc, f"v{i.release}", i.state.value.lower(), addr,
                       str(i.restarts), _age(i.since), _note(i))
+    for r in sorted(map(RunItem.from_wire, data.get("runs", [])), key=lambda r: r.since):
+        table.add_row(r.run, r.proc, f"v{r.release}", r.state.value.lower(), r.host or "-",
+                      "-", _age(r.since), r.command + (" (detached)" if r.detach else ""))
     console.print(table)
 
 

@@ -22,6 +22,12 @@ _OPERATOR_CHARS = set("();<>|&")
 _ASSIGNMENT = re.compile(
     r"""\s*[A-Za-z_][A-Za-z0-9_]*=(?:'[^']*'|"(?:[^"\\]|\\.)*"|\\.|[^\s'"\\])*""")
 _TRAPS = "trap 'exit 143' TERM; trap 'exit 130' INT; trap 'exit 129' HUP; "
+# words `exec` cannot run (the shell's own builtins and keywords): left to the shell
+_SHELL_WORDS = frozenset({
+    ".", ":", "alias", "break", "cd", "continue", "eval", "exec", "exit", "export",
+    "getopts", "hash", "if", "for", "while", "until", "case", "local", "read",
+    "readonly", "return", "set", "shift", "source", "times", "trap", "type", "ulimit",
+    "umask", "unalias", "unset", "wait", "!", "{", "}"})
 
 
 def is_simple(command: str) -> bool:
@@ -45,8 +51,8 @@ def with_exec(command: str) -> str:
             break
         pos = m.end()
     rest = command[pos:].lstrip()
-    if not rest:
-        return command          # only assignments: nothing to exec
+    if not rest or rest.split(None, 1)[0] in _SHELL_WORDS:
+        return command          # only assignments, or a builtin: nothing to exec
     return f"{command[:pos].strip()} exec {rest}".lstrip()
 
 

@@ -46,11 +46,11 @@ class Berth:
         self.env.pop("BERTH_APP", None)
 
     def __call__(self, *args: str, cwd: Path | None = None, check: bool = True,
-                 timeout: float = 300, env: dict[str, str] | None = None
-                 ) -> subprocess.CompletedProcess[str]:
+                 timeout: float = 300, env: dict[str, str] | None = None,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd or ROOT,
                               env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise AssertionError(f"berth {' '.join(args)} exited {proc.returncode}\n"
                                  f"stdout: {proc.stdout}\nstderr: {proc.stderr}")

@@ -31,6 +31,8 @@ def test_exec_goes_after_the_leading_assignments():
     assert with_exec("A=1 B='x y' C=\"q r\" cmd --x=1") == "A=1 B='x y' C=\"q r\" exec cmd --x=1"
     assert with_exec("cmd A=1") == "exec cmd A=1"
     assert with_exec("X=1") == "X=1"
+    assert with_exec("exit 5") == "exit 5"              # builtins stay the shell's
+    assert with_exec("cd sub") == "cd sub"
     with pytest.raises(ValueError):
         shell_argv("   ")
 
