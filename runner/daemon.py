@@ -94,6 +94,9 @@ class Runner(Hooks):
         self._log_files: dict[str, IO[str]] = {}
         self._build_lines: dict[str, int] = {}      # build id -> lines sent
         self._destroying: dict[str, Message] = {}   # app -> destroy_app command
+        # apps destroyed here: late output of their last processes must not bring
+        # back the log file the destroy removed (until the app is deployed again)
+        self._gone: set[str] = set()
         self._apps: list[str] = []                  # apps with anything here (cached)
         self._apps_at = 0.0
         self.control: zmq.Socket | None = None
@@ -276,6 +279,7 @@ class Runner(Hooks):
         is ready (and a Django project's static files collected) with {venv, reused,
         seconds, release_dir, detected} or error build_failed / slug_failed."""
         app, build = str(args["app"]), str(args["build"])
+        self._gone.discard(app)
         manifest = _manifest_arg(args)
         env = args.get("env") or {}
         if not isinstance(env, dict):
@@ -296,6 +300,7 @@ class Runner(Hooks):
             raise CommandError("runner is shutting down", "place the instance elsewhere",
                                code="shutting_down")
         spec = _start_spec(args)
+        self._gone.discard(spec.app)
         existing = self.instances.get(spec.instance)
         if existing is not None and existing.state is not State.STOPPING:
             return {"accepted": True, "existing": True, "state": existing.state.value}
@@ -397,6 +402,7 @@ class Runner(Hooks):
                     or self.runs.of_app(app):
                 continue            # wait until its instances and runs are gone
             msg = self._destroying.pop(app)
+            self._gone.add(app)
             fh = self._log_files.pop(app, None)
             if fh is not None:
                 fh.close()
@@ -567,7 +573,8 @@ class Runner(Hooks):
             pass        # controller away and the queue is full: the local file has it
         who = out.build and f"build.{out.build}" or f"{out.proc}.{out.instance or '-'}"
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        self._log_file(out.app).write(f"{ts} {who} {out.stream}: {out.line}\n")
+        if out.app not in self._gone:
+            self._log_file(out.app).write(f"{ts} {who} {out.stream}: {out.line}\n")
 
     def _log_file(self, app: str) -> IO[str]:
         fh = self._log_files.get(app)
