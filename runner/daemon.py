@@ -82,7 +82,7 @@ class Runner(Hooks):
         self.jobs = Jobs(self.events, self.waker.wake)
         self.instances: dict[str, Instance] = {}
         self.runs = Runs(self.host, self._send_attach, self.jobs, self.waker.wake,
-                         settings.stop_grace)
+                         settings.stop_grace, marks=self.data_dir / "instances")
         self.controller = PeerTracker(settings.heartbeat_interval, settings.dead_after)
         self.controller_alive = False
         self.done = False

@@ -4,8 +4,10 @@ A runner killed with SIGKILL cannot stop its instances: they run in their own
 sessions and keep their ports. The controller has already placed replacements once
 the runner went silent, so on start the runner ends every process group that still
 carries one of its own instance ids (BERTH_INSTANCE, set in every instance's
-environment) before it takes new work. Instance ids are unique per platform, so
-several runners on one machine never touch each other's processes.
+environment) before it takes new work. One-off runs are found the same way: each has a
+dir `run-<id>` beside the instances' while it runs, and BERTH_RUN=<id> in its
+environment. Instance and run ids are unique per platform, so several runners on one
+machine never touch each other's processes.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ def _instance_of(pid: int) -> str | None:
     for item in environ.split(b"\0"):
         if item.startswith(b"BERTH_INSTANCE="):
             return item[len(b"BERTH_INSTANCE="):].decode(errors="replace")
+        if item.startswith(b"BERTH_RUN="):
+            return "run-" + item[len(b"BERTH_RUN="):].decode(errors="replace")
     return None
 
 

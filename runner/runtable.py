@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -76,8 +77,12 @@ def spec_from_args(args: dict[str, Any]) -> RunSpec:
 class Runs:
     def __init__(self, host: str, send: Callable[[Message], bool], jobs: Jobs,
                  wake: Callable[[], None], grace: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 marks: Path | None = None) -> None:
         self.host = host
+        # a dir per spawned run (the runner's instances dir): a restarted runner ends
+        # the processes of the runs a killed one left (runner/leftovers.py)
+        self.marks = marks
         self._send = send
         self.jobs = jobs
         self.wake = wake
@@ -105,6 +110,8 @@ class Runs:
         if env:
             run.spec = replace(run.spec, env={**run.spec.env, **env})
         try:
+            if self.marks is not None:
+                (self.marks / run.spec.instance).mkdir(exist_ok=True)
             run.spawn(release_dir, venv_bin, data_dir, jail, self.wake)
         except (OSError, ValueError) as exc:
             jail.remove()
@@ -193,6 +200,8 @@ class Runs:
     def _finish(self, run: Run) -> None:
         run.finish()
         del self.table[run.id]
+        if self.marks is not None:
+            shutil.rmtree(self.marks / run.spec.instance, ignore_errors=True)
         code = run.code if run.code is not None else 1
         fields: dict[str, Any] = {"run": run.id, "code": code, "reason": run.reason}
         if run.error is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +214,8 @@ def test_a_signal_to_a_run_without_a_terminal(rig: Any) -> None:
 def test_a_run_is_the_apps_user_in_its_jail(rig: Any) -> None:
     ctl, runner = rig
     ctl.start("who", "id -u; id -g; cat /proc/1/cmdline | tr '\\0' ' '; echo; "
-                     "touch $BERTH_DATA_DIR/ok && echo wrote; touch /etc/x || echo ro")
+                     "touch $BERTH_DATA_DIR/ok && echo wrote; touch /etc/x || echo ro; "
+                     "grep -q run-who /proc/self/cgroup && echo own-cgroup")
     assert ctl.wait_exit("who")["code"] == 0
     lines = ctl.output("who", "stdout").splitlines()
     uid = int(lines[0])
@@ -221,7 +223,7 @@ def test_a_run_is_the_apps_user_in_its_jail(rig: Any) -> None:
         assert uid >= 200000
         assert pwd.getpwuid(uid).pw_dir.endswith(f"{APP}/data")
         assert lines[2].startswith("bwrap")     # its own pid namespace
-        assert lines[3:] == ["wrote", "ro"]
+        assert lines[3:] == ["wrote", "ro", "own-cgroup"]    # limits as instances
 
 
 def test_end_hangs_up_then_kills(rig: Any) -> None:
@@ -279,3 +281,58 @@ def test_a_detached_run_writes_to_the_logs_and_shows_in_heartbeats(rig: Any) -> 
     platform = [line for proc, _, line in lines if proc == "platform"]
     assert platform[-1] == "run.bg1 exited with code 0", platform
     assert "run.bg1" not in str([r["run"] for r in ctl.heartbeats[-1].get("runs", [])])
+
+
+def test_a_restarted_runner_ends_the_runs_a_killed_one_left(
+        tmp_path: Path, venv_cache: Path, berth_root: Path) -> None:
+    """kill -9 of the runner leaves a run's processes running (own session, own pid
+    namespace); the next start of the runner on the same data dir ends them."""
+    from tests.conftest import forget_apps, new_apps_dir
+    from tests.integration.test_runner import alive
+    apps = new_apps_dir(berth_root)
+    ctl = RunController()
+    ctl.slugs = SlugServer({SHA: SLUG})
+    runner = RunnerProcess(tmp_path, ctl, ctl.slugs, venv_cache, apps_dir=apps,
+                           attach_endpoint=ctl.attach_endpoint)
+    again: RunnerProcess | None = None
+    try:
+        ctl.start("left", "echo $$; sleep 300", tty=True)
+        pid_line = ctl.wait_for("the run's shell pid", lambda: re.search(
+            r"^(\d+)\r$", ctl.output("left"), re.M), BUILD_TIMEOUT)
+        ctl.wait_for("the run in a heartbeat", lambda: any(
+            r["run"] == "left" for r in ctl.heartbeats[-1].get("runs", [])), STEP_TIMEOUT)
+        outer = ctl.started["left"]["pid"]
+        ctl.pids.add(outer)
+        runner.proc.kill()
+        runner.proc.wait(10)
+        assert alive(outer), pid_line.group(1)         # orphaned, still running
+        again = RunnerProcess(tmp_path, ctl, ctl.slugs, venv_cache, apps_dir=apps,
+                              attach_endpoint=ctl.attach_endpoint)
+        ctl.heartbeats.clear()
+        ctl.wait_for("a heartbeat from the new runner", lambda: ctl.heartbeats, STEP_TIMEOUT)
+        assert not alive(outer)
+        assert ctl.heartbeats[-1].get("runs") == []
+        assert "ended a leftover instance" in again.log_text() and "run-left" in \
+            again.log_text()
+    finally:
+        for proc in (again, runner):
+            if proc is not None:
+                proc.terminate()
+                proc.stderr.close()
+        kill_leftovers(ctl.pids)
+        ctl.slugs.close()
+        ctl.close()
+        forget_apps(apps)
+
+
+def test_a_run_has_the_apps_memory_limit(rig: Any) -> None:
+    ctl, _ = rig
+    if os.geteuid() != 0:
+        pytest.skip("cgroup limits need root")
+    ctl.start("hog", "python -c 'b = bytearray(300 << 20); print(len(b))'",
+              limits={"memory_mb": 64, "pids_max": None})
+    msg = ctl.wait_exit("hog")
+    assert msg["code"] == 128 + 9, (msg.fields, ctl.output("hog", "stderr"))
+    ctl.start("fits", "python -c 'b = bytearray(16 << 20); print(len(b))'",
+              limits={"memory_mb": 64, "pids_max": None})
+    assert ctl.wait_exit("fits")["code"] == 0
