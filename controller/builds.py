@@ -1,13 +1,19 @@
 """The builds the controller is carrying, each an explicit state machine.
 
     QUEUED --prepare sent--> PREPARING --reply--> CATCHING_UP --lines in--> SUCCEEDED
-      |                          |                    |     (or deadline)
-      +-- no runner in time -----+-- lost / timeout --+-----------------> FAILED
+      |                          |                    |     (or deadline)    ^
+      |                          |                    +--Procfile has a      | exit 0
+      |                          |                    |  release: line --> RELEASING
+      +-- no runner in time -----+-- lost / timeout --+-------------------+--+--> FAILED
+                                                        (exit != 0, lost, refused)
 
 A build's output travels on the logs channel and its end on the control channel, so
 the reply can overtake the last lines: CATCHING_UP waits (at most LOG_CATCH_UP s)
 until as many lines arrived as the reply says were sent, and only then the build
-ends and the streamed log closes. The API threads only `submit`; everything else is
+ends and the streamed log closes. RELEASING is Heroku's release phase: the Procfile's
+`release:` command runs once, as a one-off run of the new code with the new config,
+before the release exists; only its exit 0 makes the release, so a failing one
+leaves the previous release serving. The API threads only `submit`; everything else is
 the loop thread's.
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ class BuildState(str, enum.Enum):
     QUEUED = "queued"
     PREPARING = "preparing"
     CATCHING_UP = "catching_up"
+    RELEASING = "releasing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
@@ -35,7 +42,9 @@ class BuildState(str, enum.Enum):
 TRANSITIONS: dict[BuildState, frozenset[BuildState]] = {
     BuildState.QUEUED: frozenset({BuildState.PREPARING, BuildState.FAILED}),
     BuildState.PREPARING: frozenset({BuildState.CATCHING_UP, BuildState.FAILED}),
-    BuildState.CATCHING_UP: frozenset({BuildState.SUCCEEDED, BuildState.FAILED}),
+    BuildState.CATCHING_UP: frozenset({BuildState.SUCCEEDED, BuildState.RELEASING,
+                                       BuildState.FAILED}),
+    BuildState.RELEASING: frozenset({BuildState.SUCCEEDED, BuildState.FAILED}),
     BuildState.SUCCEEDED: frozenset(),
     BuildState.FAILED: frozenset(),
 }
@@ -57,6 +66,7 @@ class Build:
     catch_up_until: float = 0.0
     result: dict[str, Any] | None = None
     error: BerthError | None = None
+    release_run: str | None = None    # the release phase's run id, while RELEASING
 
     def _to(self, new: BuildState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -80,6 +90,14 @@ class Build:
 
     def finish(self) -> None:
         self._to(BuildState.FAILED if self.error is not None else BuildState.SUCCEEDED)
+
+    def releasing(self, run_id: str) -> None:
+        """The build is good; its release phase runs before the release is made."""
+        self._to(BuildState.RELEASING)
+        self.release_run = run_id
+
+    def released(self) -> None:
+        self._to(BuildState.SUCCEEDED)
 
     def fail(self, error: BerthError) -> None:
         self.error = error

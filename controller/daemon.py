@@ -25,13 +25,13 @@ from controller import appenv
 from controller.api import ApiServer
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
-from controller.errors import build_interrupted, no_runner
+from controller.errors import ReleasePhaseFailed, build_interrupted, no_runner
 from controller.logstore import LogStore
-from controller.reconciler import Plan, StartSpec, draining_view, flatten, plan
+from controller.reconciler import RELEASE_PHASE, Plan, StartSpec, draining_view, flatten, plan
 from controller.runloop import RunLoop
-from controller.runs import Attachment, Run
+from controller.runs import Attachment, LineSplitter, Run, RunState
 from controller.stats import StatsHub
-from controller.store import Store
+from controller.store import Release, Store
 from messaging import channels, envelope
 from messaging.clone import ClonePublisher
 from messaging.envelope import Message, make
@@ -303,8 +303,63 @@ class Controller:
     def _finish_builds(self, now: float) -> None:
         for build in self.builds.in_state(BuildState.CATCHING_UP):
             if build.caught_up(now):
+                if build.error is None and self._release_phase(build):
+                    continue
                 build.finish()
                 self._build_over(build)
+        self.builds.forget_done()
+
+    def _release_config(self, build: Build, stored: dict[str, Any]) -> dict[str, str]:
+        cur = self.store.current_release(stored["app"])
+        detected = (build.result or {}).get("detected")
+        config, made_key = appenv.with_secret_key(cur.config if cur else {}, detected)
+        if made_key:
+            self.logs.build_line(build.id, f"-----> Made a {appenv.SECRET_KEY} for the app "
+                                           "(a config var: `berth config` shows it)")
+        return config
+
+    def _release_phase(self, build: Build) -> bool:
+        """Start the Procfile's `release:` command for a good build, as a one-off run
+        of the new code and config; the release is made only when it exits 0."""
+        stored = self.store.build(build.id)
+        command = stored["procfile"].get(RELEASE_PHASE)
+        if not command:
+            return False
+        app = stored["app"]
+        config = self._release_config(build, stored)
+        cur = self.store.current_release(app)
+        candidate = Release(app, (cur.version if cur else 0) + 1, stored["slug"],
+                            stored["procfile"], config, "release phase", time.time(),
+                            self.store.build_manifest(build.id))
+        lines = LineSplitter(lambda line: self.logs.build_line(build.id, f"       {line}"))
+        self.logs.build_line(build.id, f"-----> Running release command: {command}")
+        try:
+            run = self.run_loop.start(
+                app, command, candidate=candidate,
+                on_output=lambda stream, data: lines.feed(data),
+                on_exit=lambda run: self._released(build, stored, config, lines, run))
+        except BerthError as exc:
+            self._build_over(build, error=exc)
+            return True
+        build.releasing(run.id)
+        return True
+
+    def _released(self, build: Build, stored: dict[str, Any], config: dict[str, str],
+                  lines: LineSplitter, run: Run) -> None:
+        lines.close()
+        if run.state is RunState.EXITED and run.code == 0:
+            build.released()
+            self._make_release(build, stored, config)
+            return
+        cur = self.store.current_release(stored["app"])
+        what = (f"exited with code {run.code}" if run.state is RunState.EXITED
+                else (run.error.message if run.error else run.reason or "did not finish"))
+        serving = (f"release v{cur.version} keeps serving" if cur and cur.slug
+                   else "nothing was deployed")
+        build.fail(ReleasePhaseFailed(
+            f"the release command `{run.command}` {what}",
+            f"its output is above; {serving}. Fix it and push again"))
+        self._build_over(build)
         self.builds.forget_done()
 
     def _build_over(self, build: Build, error: BerthError | None = None) -> None:
@@ -316,12 +371,11 @@ class Controller:
             self._build_failed_log(build.id, build.error)
             return
         stored = self.store.build(build.id)
-        cur = self.store.current_release(stored["app"])
+        self._make_release(build, stored, self._release_config(build, stored))
+
+    def _make_release(self, build: Build, stored: dict[str, Any],
+                      config: dict[str, str]) -> None:
         detected = (build.result or {}).get("detected")
-        config, made_key = appenv.with_secret_key(cur.config if cur else {}, detected)
-        if made_key:
-            self.logs.build_line(build.id, f"-----> Made a {appenv.SECRET_KEY} for the app "
-                                           "(a config var: `berth config` shows it)")
         release = self.store.add_release(
             stored["app"], slug=stored["slug"], procfile=stored["procfile"],
             config=config, description=f"Deploy {stored['slug'][:8]}",

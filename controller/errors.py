@@ -72,3 +72,10 @@ def build_interrupted() -> Unavailable:
 def internal(exc: BaseException) -> BerthError:
     return BerthError(f"internal error: {exc}", "see the controller's log",
                       code="internal", status=500)
+
+
+class ReleasePhaseFailed(BerthError):
+    """The Procfile's `release:` command did not exit 0: the release was not made."""
+
+    code = "release_failed"
+    status = 422

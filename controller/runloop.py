@@ -31,6 +31,7 @@ from controller.runs import (
     Sink,
     new_run_id,
 )
+from controller.store import Release
 from messaging import runframes
 from messaging.envelope import Message, make, pack_bytes, unpack_bytes
 from messaging.errors import BerthError
@@ -60,15 +61,20 @@ class RunLoop:
               env: dict[str, str] | None = None, timeout: float | None = None,
               sink: Sink | None = None,
               on_output: Callable[[str, bytes], None] | None = None,
-              on_exit: Callable[[Run], None] | None = None) -> Run:
+              on_exit: Callable[[Run], None] | None = None,
+              candidate: Release | None = None) -> Run:
         """Start `command` once in the app's release (default: the current one), on a
         runner, as the app's instances run. Output goes to `sink`, or to `on_output`
         (stream, bytes) and the end to `on_exit(run)`, both on the loop thread; a
-        detached run's output goes to the app's logs."""
+        detached run's output goes to the app's logs. `candidate` is a release not
+        made yet (the release phase runs the new code before it exists)."""
         store = self.c.store
         store.require_app(app)
-        rel = store.release(app, release) if release is not None \
-            else store.current_release(app)
+        if candidate is not None:
+            rel: Release | None = candidate
+        else:
+            rel = store.release(app, release) if release is not None \
+                else store.current_release(app)
         if rel is None or not rel.slug:
             raise Conflict(f"app '{app}' has no code to run yet",
                            f"push it first with `berth push -a {app}`")

@@ -342,3 +342,27 @@ class Attachment:
         with self._cond:
             self._cond.notify_all()
         self.wake()
+
+
+class LineSplitter:
+    """Turns a run's output bytes into whole lines (for a build log, say); a partial
+    last line is kept until more comes or `close`."""
+
+    def __init__(self, emit: Callable[[str], None], max_line: int = 64 * 1024) -> None:
+        self.emit = emit
+        self.max_line = max_line
+        self._buf = b""
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            self.emit(line.rstrip(b"\r").decode("utf-8", "replace"))
+        if len(self._buf) > self.max_line:
+            self.emit(self._buf.decode("utf-8", "replace"))
+            self._buf = b""
+
+    def close(self) -> None:
+        if self._buf:
+            self.emit(self._buf.rstrip(b"\r").decode("utf-8", "replace"))
+            self._buf = b""

@@ -120,3 +120,33 @@ def test_commands_are_checked_against_the_declared_actions():
         cmds.send("r1", "start", {"instance": "i"}, subject="i", now=0.0)
     assert not wire.sent and not cmds.in_flight
     assert make("heartbeat", "c", host="c", interval=1.0).type == "heartbeat"
+
+
+def test_release_phase_sits_between_a_good_build_and_its_release():
+    b = Build("b1", queued_at=0.0)
+    b.dispatched("r1", 1.0)
+    b.answered(2.0, log_lines=0, result={})
+    b.releasing("run1")
+    assert b.state is BuildState.RELEASING and not b.done and b.release_run == "run1"
+    b.released()
+    assert b.state is BuildState.SUCCEEDED
+    failed = Build("b2", queued_at=0.0)
+    failed.dispatched("r1", 1.0)
+    failed.answered(2.0, log_lines=0, result={})
+    failed.releasing("run2")
+    failed.fail(BerthError("the release command exited with code 1"))
+    assert failed.state is BuildState.FAILED
+    with pytest.raises(BuildTransitionError):
+        Build("b3", queued_at=0.0).releasing("run3")     # only a good build releases
+
+
+def test_line_splitter_keeps_partial_lines_until_they_end():
+    from controller.runs import LineSplitter
+    got: list[str] = []
+    s = LineSplitter(got.append, max_line=10)
+    s.feed(b"one\r\ntw")
+    s.feed(b"o\nthree")
+    assert got == ["one", "two"]
+    s.feed(b"-and-a-very-long-tail")
+    s.close()
+    assert got[2:] == ["three-and-a-very-long-tail"]
