@@ -322,3 +322,20 @@ def test_errors_say_what_to_do(berth: Berth, app: str) -> None:
     resp = conn.getresponse()
     assert resp.status == 426 and "Upgrade" in json.loads(resp.read())["error"]["message"]
     conn.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_data_dir_survives_a_redeploy_and_a_restart(berth: Berth, app: str,
+                                                        tmp_path: Path) -> None:
+    """BERTH_DATA_DIR is the app's own persistent volume: what one release (or run)
+    writes there, the next one reads; code dirs are per release."""
+    marker = f"kept-{time.time_ns()}"
+    out = berth("run", "--no-tty", "-a", app, "--", "sh", "-c",
+                f'echo {marker} > "$BERTH_DATA_DIR/kept.txt" && stat -c %U "$BERTH_DATA_DIR"',
+                input="", timeout=120)
+    owner = out.stdout.strip()
+    assert owner != "root" and app in owner, owner       # the app's own user
+    berth("config", "set", f"DATA_PROBE={marker}", "-a", app)     # a new release: restart
+    out = berth("run", "--no-tty", "-a", app, "--", "sh", "-c",
+                'cat "$BERTH_DATA_DIR/kept.txt"; echo "$DATA_PROBE"', input="", timeout=120)
+    assert out.stdout.split() == [marker, marker], out.stdout
