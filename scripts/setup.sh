@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # bubblewrap, nftables (and util-linux's setpriv, passwd's useradd, both in every
 # Debian) wall one app off from another when the runner runs as root
 APT_PACKAGES=(curl ca-certificates git bubblewrap nftables)
+# addons (dbprovision/): PostgreSQL 15 server and client programs (initdb, pg_ctl,
+# pg_dump, psql in /usr/lib/postgresql/15/bin), redis-server and redis-cli, PgBouncer
+APT_PACKAGES+=(postgresql-15 postgresql-client-15 redis-server redis-tools pgbouncer)
 # Debian's own interpreter is built with optimizations (about 25% faster than a plain
 # source build on the balancer's hot paths); use it when present.
 if [ -z "${PYTHON:-}" ]; then

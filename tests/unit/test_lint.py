@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["messaging", "config", "controller", "runner", "balancer", "cli", "settings_templates"]
-TYPED = ["messaging", "config", "controller", "cli", "settings_templates"]
+PACKAGES = ["messaging", "config", "controller", "runner", "balancer", "cli", "settings_templates",
+            "dbprovision"]
+TYPED = ["messaging", "config", "controller", "cli", "settings_templates", "dbprovision"]
 
 
 def test_ruff_is_clean():
