@@ -14,10 +14,13 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller import addons as addon_rules
+from controller.addons import Addon, AddonState, Attachment
 from controller.errors import Conflict, Invalid, NotFound, app_not_found
 from messaging.manifest import Manifest
 
@@ -53,6 +56,20 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE builds ADD COLUMN detected TEXT",
         "ALTER TABLE releases ADD COLUMN manifest TEXT",
     ],
+    [
+        # addons (controller/addons.py): a tenant's databases, their state, the op a
+        # job worker is doing, credentials and the names they are attached under;
+        # and which config keys of a release came from addons
+        "CREATE TABLE addons (id VARCHAR(64) PRIMARY KEY, app VARCHAR(64) NOT NULL, "
+        "engine VARCHAR(16) NOT NULL, plan VARCHAR(16) NOT NULL, "
+        "state VARCHAR(16) NOT NULL, op VARCHAR(16), step TEXT, credentials TEXT, "
+        "attachments TEXT NOT NULL, quota_mb INTEGER, quota_state VARCHAR(16), "
+        "usage_mb DOUBLE PRECISION, final_dump TEXT, error TEXT, "
+        "created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL, "
+        "attempts INTEGER NOT NULL DEFAULT 0)",
+        "CREATE INDEX addons_app ON addons (app)",
+        "ALTER TABLE releases ADD COLUMN addon_keys TEXT",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
@@ -74,11 +91,13 @@ class Release:
     description: str
     created_at: float
     manifest: Manifest = field(default_factory=Manifest)
+    addon_keys: tuple[str, ...] = ()        # config keys that addons set
 
     def public(self) -> dict[str, Any]:
         return {"version": self.version, "slug": self.slug, "description": self.description,
                 "created_at": self.created_at, "procfile": self.procfile,
-                "config_keys": sorted(self.config), "manifest": self.manifest.to_wire()}
+                "config_keys": sorted(self.config), "manifest": self.manifest.to_wire(),
+                "addon_keys": list(self.addon_keys)}
 
 
 def check_app_name(name: str) -> None:
@@ -171,9 +190,11 @@ class Store:
     # -- releases -----------------------------------------------------------
     def _release(self, row: tuple[Any, ...]) -> Release:
         return Release(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]),
-                       row[5], row[6], Manifest.from_wire(json.loads(row[7] or "null")))
+                       row[5], row[6], Manifest.from_wire(json.loads(row[7] or "null")),
+                       tuple(json.loads(row[8] or "[]")))
 
-    _RCOLS = "app, version, slug, procfile, config, description, created_at, manifest"
+    _RCOLS = ("app, version, slug, procfile, config, description, created_at, manifest, "
+              "addon_keys")
 
     def releases(self, app: str) -> list[Release]:
         self.require_app(app)
@@ -195,17 +216,27 @@ class Store:
 
     def add_release(self, app: str, *, slug: str | None, procfile: dict[str, str],
                     config: dict[str, str], description: str,
-                    manifest: Manifest | None = None) -> Release:
+                    manifest: Manifest | None = None, strip: tuple[str, ...] = ()
+                    ) -> Release:
+        """A new release. Its config is `config` less what addons set before (the
+        current release's addon keys, and `strip`: a rolled-back release's) plus
+        what the app's addons set now: credentials always come from the store."""
         manifest = manifest or Manifest()
         with self._tx():
             self.require_app(app)
+            cur = self.current_release(app)
+            addon_env = self.addon_env(app)
+            drop = set(cur.addon_keys if cur else ()) | set(strip)
+            config = {k: v for k, v in config.items() if k not in drop} | addon_env
+            keys = tuple(sorted(addon_env))
             rows = self._q("SELECT MAX(version) FROM releases WHERE app = ?", app)
             version = (rows[0][0] or 0) + 1
             now = time.time()
-            self._q(f"INSERT INTO releases ({self._RCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self._q(f"INSERT INTO releases ({self._RCOLS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     app, version, slug, json.dumps(procfile), json.dumps(config),
-                    description, now, json.dumps(manifest.to_wire()))
-        return Release(app, version, slug, procfile, config, description, now, manifest)
+                    description, now, json.dumps(manifest.to_wire()), json.dumps(keys))
+        return Release(app, version, slug, procfile, config, description, now, manifest, keys)
 
     def _redeploy(self, app: str, description: str) -> Release | None:
         """A new release of the current code and config (what instances are told at
@@ -235,6 +266,12 @@ class Store:
             cur = self.current_release(app)
             self.require_app(app)
             config = dict(cur.config) if cur else {}
+            owned = sorted(set(changes) & set(cur.addon_keys if cur else ()))
+            if owned:
+                raise Invalid(f"{owned[0]} is set by an addon of '{app}'",
+                              f"`berth addons -a {app}` lists them; `berth addons attach "
+                              "NAME --as ALIAS` adds other names, `berth addons credentials "
+                              "rotate NAME` changes the password")
             unknown = [k for k, v in changes.items() if v is None and k not in config]
             if unknown:
                 raise NotFound(f"config var {unknown[0]} is not set on '{app}'",
@@ -272,10 +309,11 @@ class Store:
                 if not target.slug:
                     raise Conflict(f"release v{version} of '{app}' has no code",
                                    "roll back to a release that was deployed with a push")
+            # the addons' variables are today's, not the old release's
             return self.add_release(app, slug=target.slug, procfile=target.procfile,
                                     config=target.config,
                                     description=f"Rollback to v{target.version}",
-                                    manifest=target.manifest)
+                                    manifest=target.manifest, strip=target.addon_keys)
 
     # -- formation ----------------------------------------------------------
     def formation(self, app: str) -> dict[str, int]:
@@ -432,7 +470,154 @@ class Store:
             self._q("DELETE FROM domains WHERE hostname = ?", hostname)
             self._redeploy(app, f"Remove domain {hostname}")
 
-    # -- desired state for the reconciler -----------------------------------
+    # -- addons (controller/addons.py) -----------------------------------------
+    def _addon_rows(self, where: str = "", *args: Any) -> list[Addon]:
+        return [addon_rules.from_row(r) for r in self._q(
+            f"SELECT {addon_rules.COLUMNS} FROM addons {where} ORDER BY created_at, id",
+            *args)]
+
+    def addon(self, addon_id: str) -> Addon:
+        found = self._addon_rows("WHERE id = ?", addon_id)
+        if not found:
+            raise NotFound(f"addon {addon_id!r} not found",
+                           "`berth addons` lists the addons of an app, `berth addons "
+                           "--all` every one")
+        return found[0]
+
+    def addons(self, app: str | None = None, *, with_destroyed: bool = False
+               ) -> list[Addon]:
+        found = self._addon_rows("WHERE app = ?", app) if app else self._addon_rows()
+        return [a for a in found if with_destroyed or a.live]
+
+    def addons_in_flight(self) -> list[Addon]:
+        """Addons with an op a job worker has not finished (controller/jobqueue.py)."""
+        return self._addon_rows("WHERE op IS NOT NULL")
+
+    def addon_env(self, app: str) -> dict[str, str]:
+        """The config vars the app's READY addons set, through all their attachments."""
+        env: dict[str, str] = {}
+        for addon in self._addon_rows("WHERE app = ? AND state = ?", app,
+                                      AddonState.READY.value):
+            env.update(addon.env())
+        return env
+
+    def addon_ports(self) -> list[int]:
+        """Every TCP port a READY addon's server listens on: runners let apps reach
+        these on loopback (runner/firewall.py)."""
+        return sorted({int(a.credentials["port"]) for a in self._addon_rows(
+            "WHERE state = ?", AddonState.READY.value)
+            if a.credentials and a.credentials.get("port")})
+
+    def _save_addon(self, addon: Addon, *, new: bool = False) -> None:
+        addon.updated_at = time.time()
+        row = addon_rules.to_row(addon)
+        if new:
+            marks = ", ".join("?" for _ in row)
+            self._q(f"INSERT INTO addons ({addon_rules.COLUMNS}) VALUES ({marks})", *row)
+        else:
+            sets = ", ".join(f"{c.strip()} = ?" for c in addon_rules.COLUMNS.split(",")[1:])
+            self._q(f"UPDATE addons SET {sets} WHERE id = ?", *row[1:], row[0])
+
+    def _attachment_names(self, app: str, but: str = "") -> set[str]:
+        return {att.name for a in self.addons(app) if a.id != but for att in a.attachments}
+
+    def create_addon(self, app: str, engine: str, plan: str, *,
+                     quota_mb: int | None = None, name: str | None = None) -> Addon:
+        """A new addon of `app`, PROVISIONING until a job worker reports it made;
+        attached as DATABASE/REDIS (or `name`), or under its own id when the app
+        already has an addon of that name."""
+        addon_rules.check_new(engine, plan)
+        if quota_mb is not None and (not isinstance(quota_mb, int) or
+                                     isinstance(quota_mb, bool) or quota_mb < 1):
+            raise Invalid(f"quota must be a whole number of MB, got {quota_mb!r}")
+        with self._tx():
+            self.require_app(app)
+            taken = self._attachment_names(app)
+            addon_id = addon_rules.new_id(engine)
+            while self._q("SELECT 1 FROM addons WHERE id = ?", addon_id):
+                addon_id = addon_rules.new_id(engine)
+            if name:
+                primary = addon_rules.check_alias(name, RESERVED_KEYS)
+                if primary in taken:
+                    raise Conflict(f"'{app}' already has an addon attached as {primary}",
+                                   "pick another name with --as")
+            else:
+                primary = addon_rules.PREFIX[engine]
+                if primary in taken:
+                    primary = addon_id.upper().replace("-", "_")
+            now = time.time()
+            addon = Addon(addon_id, app, engine, plan, AddonState.PROVISIONING,
+                          op=addon_rules.Op.PROVISION,
+                          step="waiting for a job worker to provision it",
+                          attachments=[Attachment(primary)], quota_mb=quota_mb,
+                          created_at=now)
+            self._save_addon(addon, new=True)
+        return addon
+
+    def change_addon(self, addon_id: str, change: Callable[[Addon], Any],
+                     description: str = "") -> tuple[Addon, Release | None]:
+        """Apply `change` to the addon in one transaction; when that changes what the
+        app's environment gets from it, make a release (instances roll)."""
+        with self._tx():
+            addon = self.addon(addon_id)
+            before = addon.env()
+            change(addon)
+            self._save_addon(addon)
+            if addon.env() == before or not self._q(
+                    "SELECT 1 FROM apps WHERE name = ?", addon.app):
+                return addon, None
+            cur = self.current_release(addon.app)
+            release = self.add_release(
+                addon.app, slug=cur.slug if cur else None,
+                procfile=cur.procfile if cur else {}, config=cur.config if cur else {},
+                description=description or f"Update {addon.id}",
+                manifest=cur.manifest if cur else None)
+        return addon, release
+
+    def attach_addon(self, addon_id: str, name: str, style: str = "url"
+                     ) -> tuple[Addon, Release | None]:
+        if style not in addon_rules.STYLES:
+            raise Invalid(f"unknown attachment style {style!r}",
+                          f"use one of: {', '.join(addon_rules.STYLES)}")
+        with self._tx():
+            addon = self.addon(addon_id)
+            alias = addon_rules.check_alias(name, RESERVED_KEYS)
+            if alias in self._attachment_names(addon.app, but=addon.id) or any(
+                    a.name == alias for a in addon.attachments):
+                raise Conflict(f"'{addon.app}' already has an addon attached as {alias}",
+                               f"`berth addons info {addon.id}` shows its names")
+            if not addon.live:
+                raise Conflict(f"addon {addon.id} is destroyed", "create a new one")
+
+            def add(a: Addon) -> None:
+                a.attachments.append(Attachment(alias, style))
+            return self.change_addon(addon_id, add, f"Attach {addon.id} as {alias}")
+
+    def detach_addon(self, addon_id: str, name: str) -> tuple[Addon, Release | None]:
+        with self._tx():
+            addon = self.addon(addon_id)
+            alias = name.upper().removesuffix("_URL")
+            if not any(a.name == alias for a in addon.attachments):
+                raise NotFound(f"addon {addon.id} is not attached as {alias}",
+                               f"`berth addons info {addon.id}` shows its names")
+
+            def drop(a: Addon) -> None:
+                a.attachments = [x for x in a.attachments if x.name != alias]
+            return self.change_addon(addon_id, drop, f"Detach {addon.id} as {alias}")
+
+    def set_addon_quota(self, addon_id: str, state: str, usage_mb: float | None) -> bool:
+        """A quota check's result; returns whether the quota state changed."""
+        if state not in addon_rules.QUOTA_STATES:
+            raise Invalid(f"unknown quota state {state!r}",
+                          f"use one of: {', '.join(addon_rules.QUOTA_STATES)}")
+        with self._tx():
+            addon = self.addon(addon_id)
+            before = addon.quota_state
+            addon.quota_state, addon.usage_mb = state, usage_mb
+            self._save_addon(addon)
+        return before != state
+
+        # -- desired state for the reconciler -----------------------------------
     def desired(self) -> dict[str, dict[str, Any]]:
         """Every app with its current release, formation and domains, in one read. A
         formation above what the release's berth.yaml allows (max_processes) counts as
