@@ -66,6 +66,30 @@ def _reason(app: str, release: Any, formation: dict[str, int], insts: list[Inven
     return f"the app is starting (release v{release.version}); try again in a few seconds"
 
 
+def static_part(app: str, serving: list[InventoryItem],
+                observed: dict[str, HostReport]) -> dict[str, Any]:
+    """The static fields of an app's route (shapes.Route): the static file servers of
+    the hosts that hold the collected files of the newest release with a serving
+    instance, that release's URL prefix (what its build's collectstatic found, as the
+    runners report it), and every serving release, newest first, for files that only
+    an older page still asks for while a deploy rolls. None when no host holds them:
+    the instances then answer those requests themselves (Django's stopgap)."""
+    versions = sorted({i.release for i in serving}, reverse=True)
+    if not versions:
+        return {}
+    newest = versions[0]
+    holders = sorted(h for h, r in observed.items() if r.static_port and r.address
+                     and newest in r.static_roots.get(app, {}))
+    if not holders:
+        return {}
+    prefix = observed[holders[0]].static_roots[app][newest]
+    static = tuple(Backend(f"static@{h}", observed[h].address or "",
+                           observed[h].static_port or 0) for h in holders
+                   if observed[h].static_roots[app][newest] == prefix)
+    return {"static_prefix": prefix, "static_backends": static,
+            "static_releases": tuple(versions)}
+
+
 def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
          pending: dict[str, InventoryItem], draining: dict[str, float],
          stopping: set[str], now: float, drain_seconds: float,
@@ -117,10 +141,10 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
             if ready >= n:
                 for inst in old:
                     retire(inst)
-        backends = sorted(
-            (Backend(i.instance, i.address or "", i.port) for i in mine
-             if i.web and i.state is State.RUNNING and i.port and i.address
-             and i.instance not in result.drains), key=lambda b: b.id)
+        serving = [i for i in mine if i.web and i.state is State.RUNNING and i.port
+                   and i.address and i.instance not in result.drains]
+        backends = sorted((Backend(i.instance, i.address or "", i.port or 0) for i in serving),
+                          key=lambda b: b.id)
         reason = ""
         if not backends:
             current = [i for i in mine if release and i.release == release.version]
@@ -131,7 +155,8 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
             reason=reason,
             maintenance=bool(want.get("maintenance")),
             max_body=(want["max_body_mb"] << 20 if want.get("max_body_mb")
-                      else default_max_body))
+                      else default_max_body),
+            **static_part(app, serving, observed))
 
     for app, gone in by_app.items():
         if app not in desired:

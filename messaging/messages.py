@@ -31,7 +31,7 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "{code, message, hint}."),
     MessageType("heartbeat", {"host": str, "interval": (int, float)},
                 {"address": str, "inventory": list, "seq": int, "apps": list,
-                 "runs": list},
+                 "runs": list, "static_port": int, "static_roots": dict},
                 doc="Both ways over control. A runner's carries its full inventory "
                     "(every instance with app, release, proc, port, state, "
                     "restarts, oom_kills) so the controller never depends on a single "
@@ -39,12 +39,18 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "on the host, so a destroyed app's leftovers are found and removed "
                     "even on a host that was away when it was destroyed; `runs`: every "
                     "one-off run on the host (shapes.RunItem), apart from the "
-                    "inventory so the reconciler never takes one for an instance."),
+                    "inventory so the reconciler never takes one for an instance; "
+                    "`static_port`: where the host's static file server listens (on "
+                    "`address`) while it is up, absent otherwise, and `static_roots` "
+                    "{app: {release version: URL prefix}}: the releases whose collected "
+                    "static files it serves (shapes.HostReport)."),
     MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
                 doc="One app's route; route None means the app is gone. Route: "
                     "{hosts: [..], backends: [{id, address, port}], reason: str, "
                     "maintenance: bool (answer 503 + Retry-After), max_body: int "
-                    "(request body limit in bytes, 413 beyond)}."),
+                    "(request body limit in bytes, 413 beyond), static?: {prefix, "
+                    "backends, releases} (GET/HEAD under prefix go to those static "
+                    "file servers, for those release versions)}; see shapes.Route."),
     MessageType("route_tick", {"seq": int},
                 doc="The publisher's latest sequence number, every second."),
     MessageType("snapshot_request", {}, doc="Replica -> publisher: send the table."),

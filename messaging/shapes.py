@@ -11,6 +11,7 @@ This module imports no pyzmq: the CLI and the balancer's pure modules use it.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -130,17 +131,43 @@ class Backend:
             raise ProtocolError(f"backend {data!r} lacks a valid address or port") from exc
 
 
+# a static URL prefix the platform serves (Django's STATIC_URL as a path): "/" first
+# and last, and only characters a request target carries as they are
+_STATIC_PREFIX = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*/$")
+
+
+def static_prefix_ok(prefix: str) -> bool:
+    """Whether `prefix` may be a route's static prefix: a path of its own ("/x/"),
+    never the whole site ("/") nor an absolute URL (a CDN's is not ours to serve)."""
+    return len(prefix) > 1 and "//" not in prefix and bool(_STATIC_PREFIX.match(prefix))
+
+
 @dataclass(frozen=True)
 class Route:
     """One app's route: the Host names it answers, its backends, and how to answer
     when there are none (reason), in maintenance (503 + Retry-After) or beyond the
-    body limit (max_body bytes, 413; 0 means no limit)."""
+    body limit (max_body bytes, 413; 0 means no limit).
+
+    Static files: GET and HEAD requests under `static_prefix` go to one of
+    `static_backends` (the runners' static file servers on the hosts holding the
+    app's serving release) instead of an instance, naming the app's release versions
+    `static_releases`, newest first, whose collected files they look in. On the wire
+    an optional `static` object {prefix, backends, releases}; a route without one (an
+    older controller), or with a malformed one, has no static serving: its instances
+    answer those requests as before."""
 
     hosts: tuple[str, ...] = ()
     backends: tuple[Backend, ...] = ()
     reason: str = ""
     maintenance: bool = False
     max_body: int = 0
+    static_prefix: str = ""
+    static_backends: tuple[Backend, ...] = ()
+    static_releases: tuple[int, ...] = ()
+
+    @property
+    def serves_static(self) -> bool:
+        return bool(self.static_prefix and self.static_backends and self.static_releases)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hosts": list(self.hosts),
@@ -149,6 +176,10 @@ class Route:
                                "max_body": self.max_body}
         if self.reason:
             out["reason"] = self.reason
+        if self.serves_static:
+            out["static"] = {"prefix": self.static_prefix,
+                             "backends": [b.to_wire() for b in self.static_backends],
+                             "releases": list(self.static_releases)}
         return out
 
     @classmethod
@@ -163,9 +194,32 @@ class Route:
             max_body = max(0, int(data.get("max_body") or 0))
         except (TypeError, ValueError):
             max_body = 0
+        prefix, static_backends, releases = _static_from_wire(data.get("static"))
         return cls(tuple(str(h) for h in hosts),
                    tuple(Backend.from_wire(b) for b in backends),
-                   str(data.get("reason") or ""), bool(data.get("maintenance")), max_body)
+                   str(data.get("reason") or ""), bool(data.get("maintenance")), max_body,
+                   prefix, static_backends, releases)
+
+
+def _static_from_wire(data: Any) -> tuple[str, tuple[Backend, ...], tuple[int, ...]]:
+    """A route's optional static part; anything malformed means none (the app's
+    instances keep answering), never a lost route."""
+    none: tuple[str, tuple[Backend, ...], tuple[int, ...]] = ("", (), ())
+    if not isinstance(data, dict):
+        return none
+    prefix, backends, releases = data.get("prefix"), data.get("backends"), data.get("releases")
+    if not isinstance(prefix, str) or not static_prefix_ok(prefix) \
+            or not isinstance(backends, list) or not isinstance(releases, list) \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                       for v in releases):
+        return none
+    try:
+        parsed = tuple(Backend.from_wire(b) for b in backends)
+    except ProtocolError:
+        return none
+    if not parsed or not releases:
+        return none
+    return prefix, parsed, tuple(releases)
 
 
 @dataclass(frozen=True)
@@ -253,8 +307,10 @@ class HostView:
 class HostReport:
     """What a runner's heartbeat says about its host: where its instances answer,
     every instance on it, every app it holds anything of (files, a user,
-    cgroups), so leftovers of a destroyed app are found on a host that was away, and
-    every one-off run on it."""
+    cgroups), so leftovers of a destroyed app are found on a host that was away,
+    every one-off run on it, and its static file server: the port it listens on (on
+    `address`) while it is up, and the releases whose collected static files it
+    holds with their URL prefix ({app: {release version: prefix}})."""
 
     host: str
     address: str | None = None
@@ -262,11 +318,42 @@ class HostReport:
     apps: list[str] = field(default_factory=list)
     seq: int = 0
     runs: list[RunItem] = field(default_factory=list)
+    static_port: int | None = None
+    static_roots: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @classmethod
     def from_heartbeat(cls, fields_: dict[str, Any]) -> HostReport:
         host = str(fields_["host"])
+        port = fields_.get("static_port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            port = None         # absent (an older runner), off, or nonsense: none
         return cls(host, fields_.get("address"),
                    [InventoryItem.from_wire(i, host) for i in fields_.get("inventory") or []],
                    [str(a) for a in fields_.get("apps") or []], int(fields_.get("seq") or 0),
-                   [RunItem.from_wire(r, host) for r in fields_.get("runs") or []])
+                   [RunItem.from_wire(r, host) for r in fields_.get("runs") or []], port,
+                   static_roots_from_wire(fields_.get("static_roots")) if port else {})
+
+
+def static_roots_to_wire(roots: dict[str, dict[int, str]]) -> dict[str, dict[str, str]]:
+    """{app: {version: prefix}} as JSON has it (object keys are strings)."""
+    return {app: {str(v): prefix for v, prefix in sorted(versions.items())}
+            for app, versions in sorted(roots.items())}
+
+
+def static_roots_from_wire(data: Any) -> dict[str, dict[int, str]]:
+    """The heartbeat's static roots; an entry that makes no sense is left out (that
+    release's static files are then answered by its instances)."""
+    out: dict[str, dict[int, str]] = {}
+    if not isinstance(data, dict):
+        return out
+    for app, versions in data.items():
+        if not isinstance(versions, dict):
+            continue
+        for version, prefix in versions.items():
+            try:
+                number = int(version)
+            except (TypeError, ValueError):
+                continue
+            if number > 0 and isinstance(prefix, str) and static_prefix_ok(prefix):
+                out.setdefault(str(app), {})[number] = prefix
+    return out

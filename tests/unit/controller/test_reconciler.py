@@ -106,3 +106,46 @@ def test_the_release_phase_is_never_started_as_a_process():
     d["app"]["formation"]["release"] = 1          # even if an old store says so
     p = run(d, [inst("w", 1)])
     assert p.starts == []
+
+
+def static_host(host, inventory, roots, port=7001, address="127.0.0.2"):
+    return HostReport(host, address, inventory, static_port=port, static_roots=roots)
+
+
+def static_of(route):
+    return route.static_prefix, [(b.address, b.port) for b in route.static_backends], \
+        route.static_releases
+
+
+def test_static_goes_to_the_hosts_holding_the_serving_release():
+    observed = {"r1": static_host("r1", [inst("a", 3)], {"app": {3: "/static/"}}),
+                "r2": static_host("r2", [], {"app": {2: "/static/"}}, address="127.0.0.3"),
+                "r3": static_host("r3", [], {"app": {3: "/static/"}}, address="127.0.0.4")}
+    route = plan(desired(3), observed, {}, {}, set(), 0, 2.0, "localhost").routes["app"]
+    assert static_of(route) == ("/static/", [("127.0.0.2", 7001), ("127.0.0.4", 7001)], (3,))
+
+
+def test_no_static_without_a_holder_a_port_or_a_serving_instance():
+    def route_for(r1, version=3, inventory=None):
+        inv = [inst("a", 3)] if inventory is None else inventory
+        observed = {"r1": static_host("r1", inv, **r1)}
+        return plan(desired(version), observed, {}, {}, set(), 0, 2.0,
+                    "localhost").routes["app"]
+    assert not route_for({"roots": {}}).serves_static               # not a Django app
+    assert not route_for({"roots": {"app": {3: "/s/"}}, "port": None}).serves_static
+    assert not route_for({"roots": {"app": {2: "/s/"}}}).serves_static   # another release
+    starting = [inst("a", 3, state="STARTING", port=None)]
+    assert not route_for({"roots": {"app": {3: "/s/"}}}, inventory=starting).serves_static
+    assert route_for({"roots": {"app": {3: "/s/"}}}).serves_static
+
+
+def test_static_during_a_deploy_serves_the_newest_release_and_falls_back_to_older():
+    # v2 already running beside v1 (not all of the formation yet): both serve pages
+    roots = {"app": {1: "/static/", 2: "/static/"}}
+    observed = {"r1": static_host("r1", [inst("old", 1), inst("new", 2, port=6000)], roots)}
+    route = plan(desired(2, web=2), observed, {}, {}, set(), 0, 2.0,
+                 "localhost").routes["app"]
+    assert static_of(route) == ("/static/", [("127.0.0.2", 7001)], (2, 1))
+    # once v2 alone serves, v1 is drained and its files are no longer asked for
+    route = plan(desired(2), observed, {}, {}, set(), 0, 2.0, "localhost").routes["app"]
+    assert route.static_releases == (2,)

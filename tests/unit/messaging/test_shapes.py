@@ -7,8 +7,17 @@ import json
 import pytest
 
 from messaging.errors import ProtocolError
-from messaging.shapes import (LIVE, Backend, HostReport, InventoryItem, Limits, Route,
-                              State)
+from messaging.shapes import (
+    LIVE,
+    Backend,
+    HostReport,
+    InventoryItem,
+    Limits,
+    Route,
+    State,
+    static_prefix_ok,
+    static_roots_to_wire,
+)
 
 
 def test_route_round_trips_through_json():
@@ -61,3 +70,58 @@ def test_limits_and_host_report():
                                         "inventory": [InventoryItem(
                                             "i", "a", 1, "web", State.STARTING).to_wire()]})
     assert report.inventory[0].host == "r1" and report.apps == ["a"]
+
+
+def test_route_static_part_round_trips_and_is_optional():
+    static = Backend("static@r1", "127.0.0.2", 7001)
+    route = Route(("a.localhost",), (Backend("i1", "127.0.0.2", 5000),), "", False, 0,
+                  "/static/", (static,), (4, 3))
+    wire = json.loads(json.dumps(route.to_wire()))
+    assert wire["static"] == {"prefix": "/static/", "backends": [static.to_wire()],
+                              "releases": [4, 3]}
+    assert Route.from_wire(wire) == route and route.serves_static
+    # an older controller sends none; a route without static backends sends none
+    assert "static" not in Route(("a",)).to_wire()
+    assert "static" not in Route(("a",), static_prefix="/static/").to_wire()
+    assert not Route.from_wire({"hosts": ["a"], "backends": []}).serves_static
+
+
+@pytest.mark.parametrize("static", [
+    "nonsense", {"prefix": "/", "backends": [{"address": "h", "port": 1}], "releases": [1]},
+    {"prefix": "https://cdn.example/s/", "backends": [{"address": "h", "port": 1}],
+     "releases": [1]},
+    {"prefix": "/static", "backends": [{"address": "h", "port": 1}], "releases": [1]},
+    {"prefix": "/s t/", "backends": [{"address": "h", "port": 1}], "releases": [1]},
+    {"prefix": "/static/", "backends": [{"address": "h"}], "releases": [1]},
+    {"prefix": "/static/", "backends": [{"address": "h", "port": 1}], "releases": ["1"]},
+    {"prefix": "/static/", "backends": [], "releases": [1]},
+])
+def test_a_malformed_static_part_means_no_static_never_a_lost_route(static):
+    route = Route.from_wire({"hosts": ["a"], "backends": [], "static": static})
+    assert route.hosts == ("a",) and not route.serves_static
+
+
+def test_static_prefixes():
+    for good in ("/static/", "/assets/v1/", "/s%20x/"):
+        assert static_prefix_ok(good), good
+    for bad in ("", "/", "static/", "/static", "//cdn/", "/a b/", "/a\n/", "http://x/s/"):
+        assert not static_prefix_ok(bad), bad
+
+
+def test_host_report_static_server():
+    wire = {"host": "r1", "interval": 1, "static_port": 7001,
+            "static_roots": static_roots_to_wire({"shop": {4: "/static/", 12: "/s/"}})}
+    assert json.loads(json.dumps(wire))["static_roots"] == {
+        "shop": {"4": "/static/", "12": "/s/"}}
+    report = HostReport.from_heartbeat(json.loads(json.dumps(wire)))
+    assert report.static_port == 7001
+    assert report.static_roots == {"shop": {4: "/static/", 12: "/s/"}}
+    # older runners send neither; nonsense is left out entry by entry
+    assert HostReport.from_heartbeat({"host": "r1"}).static_port is None
+    odd = HostReport.from_heartbeat({"host": "r1", "static_port": 7001, "static_roots": {
+        "a": {"x": "/static/", "2": "/", "3": "/ok/"}, "b": [1]}})
+    assert odd.static_roots == {"a": {3: "/ok/"}}
+    for port in (0, True, "7001", 70000):
+        down = HostReport.from_heartbeat({"host": "r1", "static_port": port,
+                                          "static_roots": {"a": {"1": "/static/"}}})
+        assert down.static_port is None and down.static_roots == {}
