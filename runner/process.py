@@ -66,6 +66,18 @@ class TransitionError(RuntimeError):
     pass
 
 
+def exited_unreaped(proc: subprocess.Popen[bytes]) -> bool:
+    """True once the process has exited, without reaping it: the zombie keeps its
+    pid (and so its process group id) from being reused until it is reaped."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.poll() is not None
+    return info is not None
+
+
 OUTPUT_TAIL = 40     # output lines kept per instance, shown when it crashes
 
 
@@ -134,15 +146,7 @@ class ProcessOps:
                                 start_new_session=True)
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
-        """True once the process has exited, without reaping it: the zombie keeps its
-        pid (and so its process group id) from being reused until `reap`."""
-        if proc.returncode is not None:
-            return True
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return proc.poll() is not None
-        return info is not None
+        return exited_unreaped(proc)
 
     def reap(self, proc: subprocess.Popen[bytes]) -> int:
         return proc.wait()

@@ -50,6 +50,7 @@ from messaging.messages import RUN_CHUNK, RUN_SIGNALS, RUN_WINDOW
 from messaging.shapes import RunItem, State
 from runner.cgroups import Limits
 from runner.isolation import InstanceJail
+from runner.process import exited_unreaped
 from runner.procfile import shell_argv
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ class Run:
         if self.proc is None or self.state is State.STOPPED:
             return
         if self.exited_at is None:
-            if _exited(self.proc):
+            if exited_unreaped(self.proc):
                 self._reap(now)
             elif self.kill_at is not None and now >= self.kill_at:
                 self.kill_at = None
@@ -437,17 +438,6 @@ def _reader(fd: int, stream: str, chunks: queue.Queue[tuple[str, bytes]],
                 continue        # the window is closed: the command waits with us
         wake()
     wake()
-
-
-def _exited(proc: subprocess.Popen[bytes]) -> bool:
-    """Exited, not yet reaped (the zombie keeps the process group id taken)."""
-    if proc.returncode is not None:
-        return True
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return proc.poll() is not None
-    return info is not None
 
 
 def _ioctl_pid(fd: int, request: int) -> int | None:
