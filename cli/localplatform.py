@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,7 +22,16 @@ import yaml
 from balancer import settings as balancer_settings
 from config import Spec
 from controller import settings as controller_settings
-from messaging.channels import API_PORT, BALANCER_PORT, CHANNELS, LOOPBACK, api_url
+from messaging.channels import (
+    ADDON_PG_PORT,
+    ADDON_REDIS_PORT,
+    API_PORT,
+    BALANCER_PORT,
+    BROKER_PORT,
+    CHANNELS,
+    LOOPBACK,
+    api_url,
+)
 from messaging.errors import BerthError
 from runner import settings as runner_settings
 
@@ -62,6 +72,9 @@ class Ports:
     stats: int = CHANNELS["stats"].default_port
     stats_out: int = CHANNELS["stats_out"].default_port
     attach: int = CHANNELS["attach"].default_port
+    broker: int = BROKER_PORT               # the platform's Redis (Celery broker)
+    addon_pg: int = ADDON_PG_PORT           # the shared addon servers
+    addon_redis: int = ADDON_REDIS_PORT
 
     @classmethod
     def free(cls) -> Ports:
@@ -71,9 +84,11 @@ class Ports:
     def after_api(cls, api: int, balancer: int = BALANCER_PORT) -> Ports:
         """The API on `api` and each channel as far after it as its default port is
         after the default API port (8700 gives the defaults)."""
-        return cls(api=api, balancer=balancer, **{
-            name: api + CHANNELS[ch].default_port - API_PORT
-            for name, ch in CHANNEL_FIELDS.items()})
+        return cls(api=api, balancer=balancer, broker=api + BROKER_PORT - API_PORT,
+                   addon_pg=api + ADDON_PG_PORT - API_PORT,
+                   addon_redis=api + ADDON_REDIS_PORT - API_PORT, **{
+                       name: api + CHANNELS[ch].default_port - API_PORT
+                       for name, ch in CHANNEL_FIELDS.items()})
 
     def for_channel(self, channel: str) -> int:
         name = next(f for f, ch in CHANNEL_FIELDS.items() if ch == channel)
@@ -93,6 +108,8 @@ class LocalPlatform:
     wheel_cache_dir: str = ""
     apps_dir: str = ""          # each runner's app files go in <apps_dir>/<runner name>
     drain_seconds: float = 2.0
+    jobs: bool = True           # broker + job workers + beat: addons (controller/jobs.py)
+    job_retry_seconds: float = 30.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -106,12 +123,29 @@ class LocalPlatform:
     def config_path(self) -> Path:
         return self.data_dir / "berth.yaml"
 
+    @property
+    def broker_url(self) -> str:
+        return f"redis://:{self._broker_password()}@{LOOPBACK}:{self.ports.broker}/0"
+
+    def _broker_password(self) -> str:
+        path = self.data_dir / "broker" / "password"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            path.write_text(secrets.token_hex(24))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def write_config(self) -> Path:
         p = self.ports
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        jobs = {"broker_url": self.broker_url, "addons_dir": str(self.data_dir / "addons"),
+                "addon_pg_port": p.addon_pg, "addon_redis_port": p.addon_redis,
+                "job_retry_seconds": self.job_retry_seconds} if self.jobs else {}
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
                            "balancer_port": p.balancer, "drain_seconds": self.drain_seconds,
-                           **p.endpoints(controller_settings.SPEC)},
+                           **p.endpoints(controller_settings.SPEC), **jobs},
             "runner": {"controller_url": self.api_url, "wheel_cache_dir": self.wheel_cache_dir,
                        **p.endpoints(runner_settings.SPEC)},
             "balancer": {"listen_port": p.balancer, **p.endpoints(balancer_settings.SPEC)},
@@ -124,13 +158,14 @@ class LocalPlatform:
         self.config_path().chmod(0o600)
         return self.config_path()
 
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, module: str, env: dict[str, str],
+               argv: list[str] | None = None) -> subprocess.Popen[bytes]:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         logs.chmod(0o700)
         out = open(logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--config", str(self.config_path())],
+            argv or [sys.executable, "-m", module, "--config", str(self.config_path())],
             env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
         out.close()
@@ -138,8 +173,11 @@ class LocalPlatform:
         return proc
 
     def check_ports(self) -> None:
+        # the addon servers' ports belong to the servers the job workers started
+        # (a previous run's may still be up): the provisioner finds them itself
+        own = (self.ports.addon_pg, self.ports.addon_redis)
         for port in astuple(self.ports):
-            if port_in_use(LOOPBACK, port):
+            if port not in own and port_in_use(LOOPBACK, port):
                 raise BerthError(f"port {port} on 127.0.0.1 is already in use",
                                  "stop what uses it (another `berth up`? try `berth down`) "
                                  "or pick other ports")
@@ -148,6 +186,8 @@ class LocalPlatform:
         self.check_ports()
         self.write_config()
         runner_token = self.data_dir / "controller" / "runner.token"
+        if self.jobs:
+            self.start_broker(timeout)
         self.start_controller()
         self._wait(lambda: self._health() is not None, timeout, "controller")
         for name, address in self.runners:
@@ -155,6 +195,30 @@ class LocalPlatform:
         self._wait(lambda: (self._health() or {}).get("runners", 0) >= len(self.runners),
                    timeout, "runners")
         self.start_balancer("balancer-1", self.ports.balancer)
+        if self.jobs:
+            self.start_jobs(timeout)
+
+    def start_broker(self, timeout: float = 30.0) -> None:
+        """The platform's own redis-server: loopback, a password, its own data dir,
+        AOF; the job workers' Celery broker (never an app's: apps cannot reach it)."""
+        broker_dir = self.data_dir / "broker"
+        self._broker_password()
+        conf = broker_dir / "redis.conf"
+        conf.write_text(f"bind {LOOPBACK}\nport {self.ports.broker}\n"
+                        f"requirepass {self._broker_password()}\n"
+                        f"dir {broker_dir}\nappendonly yes\nsave \"\"\n"
+                        "daemonize no\nprotected-mode yes\n")
+        conf.chmod(0o600)
+        self._spawn("broker", "", {}, argv=["redis-server", str(conf)])
+        self._wait(lambda: port_in_use(LOOPBACK, self.ports.broker), timeout, "broker")
+
+    def start_jobs(self, timeout: float = 60.0) -> None:
+        """A Celery worker and celery beat (controller/jobs.py), supervised here."""
+        base = [sys.executable, "-m", "controller.jobs", "--config", str(self.config_path())]
+        self._spawn("jobs-worker", "", {}, argv=[*base, "worker"])
+        self._spawn("jobs-beat", "", {}, argv=[*base, "beat"])
+        self._wait(lambda: " ready." in self.log_tail("jobs-worker", 40), timeout,
+                   "job worker")
 
     def start_controller(self) -> None:
         self._spawn("controller", "controller", {})
@@ -216,7 +280,22 @@ class LocalPlatform:
             proc.wait(5)
 
     def stop(self) -> None:
-        """Balancers first, then runners (which stop their apps), then the controller."""
-        order = sorted(self.procs, key=lambda n: (n == "controller", n.startswith("runner")))
+        """Balancers first, then runners (which stop their apps), then the job workers,
+        the controller, the broker, and the addon servers the workers started."""
+        rank = {"controller": 3, "broker": 4}
+        order = sorted(self.procs, key=lambda n: rank.get(
+            n, 2 if n.startswith("jobs-") else 1 if n.startswith("runner") else 0))
+        had_jobs = "jobs-worker" in self.procs
         for name in order:
             self.stop_one(name)
+        if had_jobs:
+            self.stop_addon_servers()
+
+    def stop_addon_servers(self, timeout: float = 60.0) -> None:
+        with open(self.data_dir / "logs" / "jobs-stop.log", "ab") as out:
+            try:
+                subprocess.run([sys.executable, "-m", "controller.jobs", "--config",
+                                str(self.config_path()), "stop-servers"], stdout=out,
+                               stderr=subprocess.STDOUT, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass

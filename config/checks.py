@@ -54,6 +54,13 @@ def http_url(value: str) -> None:
         raise Invalid("is not an http:// URL", hint)
 
 
+@describe_check("redis://[:PASSWORD@]HOST:PORT[/DB] or empty")
+def redis_url_or_empty(value: str) -> None:
+    if value and not re.match(r"^rediss?://([^@/\s]*@)?[^/\s:@]+(:\d+)?(/\d*)?$", value):
+        raise Invalid("is not a redis:// URL",
+                      "write a URL such as redis://:PASSWORD@127.0.0.1:8720/0")
+
+
 @describe_check("a loopback address")
 def loopback(value: str) -> None:
     try:

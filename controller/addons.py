@@ -42,6 +42,9 @@ SPLIT_PARTS = ("HOST", "PORT", "NAME", "USER", "PASSWORD")
 ALIAS = re.compile(r"^[A-Z][A-Z0-9_]{0,39}$")
 ADDON_ID = re.compile(r"^(postgres|redis)-[0-9a-f]{6}$")
 QUOTA_STATES = ("ok", "warn", "blocked", "restored")
+# storage a plan allows when the request names none (shared PostgreSQL is measured by
+# the job workers' periodic quota check; the others are bounded by their own servers)
+DEFAULT_QUOTA_MB = {("postgres", "shared"): 256, ("redis", "shared"): 32}
 
 
 class AddonState(str, enum.Enum):
@@ -221,6 +224,20 @@ class Addon:
         return {"id": self.id, "app": self.app, "engine": self.engine, "plan": self.plan,
                 "state": self.state.value, "op": self.op.value if self.op else None,
                 "quota_mb": self.quota_mb}
+
+
+def quota_line(addon: Addon) -> str:
+    """The app's log line for a quota state it just entered."""
+    used = f"{addon.usage_mb:.1f} MB of {addon.quota_mb} MB" if addon.usage_mb is not None \
+        else f"quota {addon.quota_mb} MB"
+    return {
+        "warn": f"addon {addon.id}: storage almost full ({used}); writes will be refused "
+                "over the quota",
+        "blocked": f"addon {addon.id}: over its storage quota ({used}): writes are "
+                   "refused until data is deleted (reads and deletes still work)",
+        "restored": f"addon {addon.id}: back under its storage quota ({used}): writes "
+                    "work again",
+    }.get(addon.quota_state or "", f"addon {addon.id}: quota {addon.quota_state} ({used})")
 
 
 def new_id(engine: str) -> str:

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from controller import addons as addon_rules
 from controller import attach, slugcheck
+from controller.addons import Addon, AddonState
 from controller.errors import Invalid, NotFound, Unauthorized, internal
 from controller.logstore import format_line
 from controller.runs import Attachment
+from controller.store import Release
 from messaging import runframes
 from messaging.errors import BerthError
 
@@ -60,7 +63,9 @@ class Handler(BaseHTTPRequestHandler):
             for method, pattern, name in ROUTES:
                 m = pattern.match(self.url.path)
                 if m and method == self.command:
-                    if name != "health":
+                    if name.startswith("platform_"):
+                        self._platform_auth()
+                    elif name != "health":
                         self._auth(slug=name == "get_slug")
                     getattr(self, name)(*m.groups())
                     return
@@ -92,6 +97,14 @@ class Handler(BaseHTTPRequestHandler):
         if slug or self.server.controller.store.token_name(token) is None:
             raise Unauthorized("the token is not recognized",
                                "log in again with `berth login --token TOKEN`")
+
+    def _platform_auth(self) -> None:
+        """The job workers' endpoints: the platform token, and only it."""
+        header = self.headers.get("Authorization", "")
+        token = header[7:].strip() if header.startswith("Bearer ") else ""
+        if not token or not hmac.compare_digest(token, self.server.controller.platform_token):
+            raise Unauthorized("this endpoint is for the platform's job workers",
+                               "give them the controller's platform_token")
 
     def _json(self, status: int, body: Any, close: bool = False) -> None:
         data = json.dumps(body, indent=None).encode()
@@ -249,6 +262,10 @@ class Handler(BaseHTTPRequestHandler):
     @route("DELETE", r"/v1/apps/([^/]+)")
     def destroy_app(self, app: str) -> None:
         slugs = self.c.store.slugs_of(app)
+        for addon in self.c.store.addons(app):   # their job: a final dump, then drop
+            if addon.state is not AddonState.DESTROYING:
+                self.c.store.change_addon(addon.id, lambda a: a.destroy())
+        self.c.jobqueue_poke()
         self.c.store.destroy_app(app)
         self.c.logs.forget(app)
         # its slugs, unless another app pushed the same bytes; runners remove the app's
@@ -425,6 +442,143 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
         self._stream_end()
+
+    # -- addons (controller/addons.py; the work is done by controller/jobs.py) ----
+    @route("GET", r"/v1/addons")
+    def list_addons(self) -> None:
+        everything = self.query.get("all") in ("1", "true")
+        self._json(200, {"addons": [a.public() for a in self.c.store.addons(
+            with_destroyed=everything)]})
+
+    @route("GET", r"/v1/apps/([^/]+)/addons")
+    def app_addons(self, app: str) -> None:
+        self.c.store.require_app(app)
+        everything = self.query.get("all") in ("1", "true")
+        self._json(200, {"addons": [a.public() for a in self.c.store.addons(
+            app, with_destroyed=everything)]})
+
+    @route("POST", r"/v1/apps/([^/]+)/addons")
+    def create_addon(self, app: str) -> None:
+        """{engine, plan, quota_mb?, as?} -> 202 the addon, PROVISIONING; a job worker
+        makes it (GET /v1/addons/<id> shows its state and last step)."""
+        body = self._body()
+        if not isinstance(body, dict):
+            raise Invalid("give engine and plan", "`berth addons create postgres --plan shared`")
+        self.c.require_jobs()
+        engine, plan = str(body.get("engine", "")), str(body.get("plan", "shared"))
+        quota = body.get("quota_mb", addon_rules.DEFAULT_QUOTA_MB.get((engine, plan)))
+        alias = body.get("as")
+        addon = self.c.store.create_addon(app, engine, plan, quota_mb=quota,
+                                          name=str(alias) if alias else None)
+        self.c.addon_log(addon.app, f"addon {addon.id} ({engine} {plan}) is being "
+                                    "provisioned")
+        self.c.jobqueue_poke()
+        self._json(202, {"addon": addon.public()})
+
+    @route("GET", r"/v1/addons/([a-z0-9-]+)")
+    def get_addon(self, addon_id: str) -> None:
+        self._json(200, {"addon": self.c.store.addon(addon_id).public()})
+
+    def _addon_changed(self, addon: Addon, release: Release | None, what: str) -> None:
+        if release is not None:
+            self.c.addon_log(addon.app, f"{what}: release v{release.version}")
+            self.c.wake()
+        self.c.jobqueue_poke()
+        self._json(200, {"addon": addon.public(),
+                         "release": release.version if release else None})
+
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/destroy")
+    def destroy_addon(self, addon_id: str) -> None:
+        """{confirm: <the app's name>}: its variables leave the app at once (a new
+        release), then a job worker drops it after a final dump."""
+        body = self._body()
+        addon = self.c.store.addon(addon_id)
+        if not isinstance(body, dict) or body.get("confirm") != addon.app:
+            raise Invalid(f"destroying {addon.id} needs the name of its app to confirm",
+                          f"`berth addons destroy {addon.id} --confirm {addon.app}`")
+        self.c.require_jobs()
+        addon, release = self.c.store.change_addon(addon_id, lambda a: a.destroy(),
+                                                   f"Destroy {addon_id}")
+        self._addon_changed(addon, release, f"addon {addon_id} is being destroyed")
+
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/rotate")
+    def rotate_addon(self, addon_id: str) -> None:
+        self.c.require_jobs()
+        addon, release = self.c.store.change_addon(addon_id, lambda a: a.rotate())
+        self._addon_changed(addon, release, f"addon {addon_id} gets new credentials")
+
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/retry")
+    def retry_addon(self, addon_id: str) -> None:
+        self.c.require_jobs()
+        addon, release = self.c.store.change_addon(addon_id, lambda a: a.retry())
+        self._addon_changed(addon, release, f"addon {addon_id} is provisioned again")
+
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/attachments")
+    def attach_addon(self, addon_id: str) -> None:
+        """{as, style: url|split}: more names for the addon in its app's env."""
+        body = self._body()
+        if not isinstance(body, dict) or not isinstance(body.get("as"), str):
+            raise Invalid("give the name to attach as", "`berth addons attach NAME --as "
+                          "STORAGE`")
+        addon, release = self.c.store.attach_addon(addon_id, body["as"],
+                                                   str(body.get("style") or "url"))
+        self._addon_changed(addon, release, f"attached {addon_id} as {body['as']}")
+
+    @route("DELETE", r"/v1/addons/([a-z0-9-]+)/attachments/([A-Za-z0-9_]+)")
+    def detach_addon(self, addon_id: str, name: str) -> None:
+        addon, release = self.c.store.detach_addon(addon_id, name)
+        self._addon_changed(addon, release, f"detached {addon_id} as {name}")
+
+    # -- the job workers' side (platform token) ----------------------------------
+    @route("GET", r"/v1/platform/addons")
+    def platform_addons(self) -> None:
+        """?quota=1: the ready addons whose storage the quota check measures."""
+        found = [a for a in self.c.store.addons() if a.state is AddonState.READY]
+        if self.query.get("quota") in ("1", "true"):
+            found = [a for a in found if a.quota_mb and a.plan == "shared"
+                     and a.engine == "postgres"]
+        self._json(200, {"addons": [a.for_worker() for a in found]})
+
+    @route("GET", r"/v1/platform/addons/([a-z0-9-]+)")
+    def platform_addon(self, addon_id: str) -> None:
+        self._json(200, self.c.store.addon(addon_id).for_worker())
+
+    @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/report")
+    def platform_report(self, addon_id: str) -> None:
+        """{op, outcome: step|done|failed, step?, credentials?, error?, final_dump?}"""
+        body = self._body()
+        if not isinstance(body, dict):
+            raise Invalid("a report is a JSON object")
+        fields = {k: body.get(k) for k in ("credentials", "error", "final_dump")}
+        outcome = str(body.get("outcome", ""))
+        addon, release = self.c.store.change_addon(
+            addon_id, lambda a: a.report(str(body.get("op", "")), outcome,
+                                         step=str(body.get("step") or ""), **fields),
+            f"Attach {addon_id}" if body.get("op") == "provision" else
+            f"Rotate {addon_id} credentials")
+        if outcome != "step":
+            what = {"done": addon.state.value, "failed": "failed"}[outcome]
+            error = (addon.error or {}).get("message") if outcome == "failed" else None
+            self.c.addon_log(addon.app, f"addon {addon_id} {body.get('op')}: {what}"
+                             + (f" ({error})" if error else "")
+                             + (f"; release v{release.version}" if release else ""))
+        if release is not None:
+            self.c.wake()
+        self._json(200, {"addon": addon.public(),
+                         "release": release.version if release else None})
+
+    @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/quota")
+    def platform_quota(self, addon_id: str) -> None:
+        """{state: ok|warn|blocked|restored, usage_mb}: a change goes to the app's log."""
+        body = self._body()
+        state = str(body.get("state", "")) if isinstance(body, dict) else ""
+        usage = body.get("usage_mb") if isinstance(body, dict) else None
+        usage = float(usage) if isinstance(usage, (int, float)) else None
+        changed = self.c.store.set_addon_quota(addon_id, state, usage)
+        addon = self.c.store.addon(addon_id)
+        if changed and state != "ok":
+            self.c.addon_log(addon.app, addon_rules.quota_line(addon))
+        self._json(200, {"addon": addon.public(), "changed": changed})
 
     @route("GET", r"/v1/slugs/([^/]+)")
     def get_slug(self, sha: str) -> None:

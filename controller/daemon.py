@@ -25,7 +25,8 @@ from controller import appenv
 from controller.api import ApiServer
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
-from controller.errors import ReleasePhaseFailed, build_interrupted, no_runner
+from controller.errors import ReleasePhaseFailed, Unavailable, build_interrupted, no_runner
+from controller.jobqueue import JobQueue
 from controller.logstore import LogStore
 from controller.reconciler import RELEASE_PHASE, Plan, StartSpec, draining_view, flatten, plan
 from controller.runloop import RunLoop
@@ -75,6 +76,9 @@ class Controller:
         self.store = Store(self.data_dir / "state.db")
         self.logs = LogStore(self.data_dir / "logs")
         self.runner_token = settings.runner_token or self._secret("runner.token")
+        self.platform_token = settings.platform_token or self._secret("platform.token")
+        self.jobqueue: JobQueue | None = None     # addon jobs, when there is a broker
+        self.addon_ports: list[int] = []          # runners let apps reach these
         self.public_url = settings.public_url or f"http://{settings.api_host}:{settings.api_port}"
         self.publisher = ClonePublisher(settings.host_id)
         self.tracker = PeerTracker(settings.heartbeat_interval, settings.dead_after)
@@ -131,6 +135,10 @@ class Controller:
         self.poller.register(self.poke, zmq.POLLIN)
         self.stats = StatsHub(self.ctx, s.stats_endpoint, s.stats_out_endpoint)
         self.stats.start()
+        if s.broker_url:
+            from controller import jobs
+            self.jobqueue = JobQueue(self.store, jobs.configure(s), s.job_retry_seconds)
+            self.jobqueue.start()
         self.api = ApiServer(self, s.api_host, s.api_port)
         self.api.start()
         log.info("controller started", extra={"api": self.public_url})
@@ -168,6 +176,8 @@ class Controller:
     def _shutdown(self) -> None:
         if self.api:
             self.api.stop()
+        if self.jobqueue:
+            self.jobqueue.stop()
         self.stats.stop()
         for sock in (self.control, self.routes_pub, self.snapshots, self.log_pull,
                      self.attach):
@@ -228,7 +238,8 @@ class Controller:
             self.commands.host_lost(peer.name)
             self._wake.set()
         beat = make("heartbeat", self.settings.host_id, host=self.settings.host_id,
-                    interval=self.settings.heartbeat_interval)
+                    interval=self.settings.heartbeat_interval,
+                    addon_ports=self.addon_ports)
         for peer in self.tracker.alive(now):
             self._send(peer.name, beat)
         envelope.send(self.routes_pub, self.publisher.tick())
@@ -398,6 +409,23 @@ class Controller:
             self.logs.build_line(build_id, f"       {error.hint}")
         self.logs.build_done(build_id)
 
+    # -- addons (controller/addons.py, controller/jobqueue.py) ----------------
+    def require_jobs(self) -> None:
+        if self.jobqueue is None:
+            raise Unavailable("addons need the platform's job workers, and this "
+                              "controller has no broker_url",
+                              "`berth up` starts a broker, workers and beat; elsewhere set "
+                              "the controller's broker_url", code="no_jobs")
+
+    def jobqueue_poke(self) -> None:
+        if self.jobqueue is not None:
+            self.jobqueue.poke()
+
+    def addon_log(self, app: str, line: str) -> None:
+        """A platform line in the app's log (`berth logs`) about its addons."""
+        self.logs.append(app, {"app": app, "line": line, "proc": "platform",
+                               "ts": time.time()})
+
     # -- reconcile ----------------------------------------------------------
     def wake(self) -> None:
         self._wake.set()
@@ -417,6 +445,7 @@ class Controller:
                 if iid not in reported:
                     del table[iid]
         desired = self.store.desired()
+        self.addon_ports = self.store.addon_ports()
         p = plan(desired, observed, self.pending, self.draining, set(self.stopping), now,
                  self.settings.drain_seconds, self.settings.base_domain,
                  self.settings.default_max_body_mb << 20)

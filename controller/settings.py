@@ -3,7 +3,14 @@ messaging/channels.py; `python -m controller --help-settings` lists them."""
 from __future__ import annotations
 
 from config import Setting, Spec
-from config.checks import LOG_LEVELS, endpoint, http_url_or_empty, positive
+from config.checks import (
+    LOG_LEVELS,
+    endpoint,
+    http_url_or_empty,
+    loopback,
+    positive,
+    redis_url_or_empty,
+)
 from messaging.channels import API_PORT, BALANCER_PORT, LOOPBACK
 
 SPEC = Spec("controller", [
@@ -33,5 +40,13 @@ SPEC = Spec("controller", [
     Setting("max_unpacked_mb", int, 1000, "Largest unpacked app accepted.", min=1),
     Setting("max_files", int, 20000, "Most files in one push.", min=1),
     Setting("max_per_process_type", int, 20, "Most instances `berth scale` allows per process type of an app (an app's berth.yaml may lower it).", min=1, max=1000),
+    Setting("broker_url", str, "", "Redis URL of the platform's own job queue (the Celery broker the job workers take addon work from); empty: addons are unavailable. `berth up` starts one.", check=redis_url_or_empty),
+    Setting("platform_token", str, "", "Shared secret job workers present to report on addons; empty makes one (<data_dir>/platform.token)."),
+    Setting("job_retry_seconds", float, 30.0, "An addon job with no word from a worker for this long is sent again (its tasks are idempotent).", check=positive),
+    Setting("quota_check_seconds", float, 60.0, "How often celery beat has the shared databases' storage measured against their quotas.", check=positive),
+    Setting("addons_dir", str, "./.berth-data/addons", "Job workers: where the addon servers' data and final dumps live (dbprovision's data dir)."),
+    Setting("addon_address", str, LOOPBACK, "Job workers: the address addon servers listen on (loopback only here).", check=loopback),
+    Setting("addon_pg_port", int, 0, "Job workers: the shared PostgreSQL server's port; 0 lets the provisioner pick and keep one.", min=0, max=65535),
+    Setting("addon_redis_port", int, 0, "Job workers: the shared Redis server's port; 0 lets the provisioner pick and keep one.", min=0, max=65535),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ])

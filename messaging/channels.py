@@ -24,6 +24,11 @@ PROTOCOL_VERSION = 1
 LOOPBACK = "127.0.0.1"       # every default address: one machine, loopback only
 API_PORT = 8700              # the controller's HTTP API (CLI, runners' slug downloads)
 BALANCER_PORT = 8000         # where balancers accept client connections
+# `berth up`'s platform Redis (the job workers' Celery broker) and the shared addon
+# servers the job workers start (PostgreSQL, Redis), on loopback
+BROKER_PORT = 8720
+ADDON_PG_PORT = 8721
+ADDON_REDIS_PORT = 8722
 
 
 def api_url(host: str = LOOPBACK, port: int = API_PORT) -> str:

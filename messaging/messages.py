@@ -31,7 +31,8 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "{code, message, hint}."),
     MessageType("heartbeat", {"host": str, "interval": (int, float)},
                 {"address": str, "inventory": list, "seq": int, "apps": list,
-                 "runs": list, "static_port": int, "static_roots": dict},
+                 "runs": list, "static_port": int, "static_roots": dict,
+                 "addon_ports": list},
                 doc="Both ways over control. A runner's carries its full inventory "
                     "(every instance with app, release, proc, port, state, "
                     "restarts, oom_kills) so the controller never depends on a single "
@@ -43,7 +44,10 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "`static_port`: where the host's static file server listens (on "
                     "`address`) while it is up, absent otherwise, and `static_roots` "
                     "{app: {release version: URL prefix}}: the releases whose collected "
-                    "static files it serves (shapes.HostReport)."),
+                    "static files it serves (shapes.HostReport). The controller's "
+                    "carries `addon_ports`: the TCP ports of the addon servers (the "
+                    "store's ready addons), which runners let apps reach on loopback "
+                    "(runner/firewall.py)."),
     MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
                 doc="One app's route; route None means the app is gone. Route: "
                     "{hosts: [..], backends: [{id, address, port}], reason: str, "

@@ -33,6 +33,7 @@ from messaging.manifest import Manifest
 from messaging.shapes import Limits, State
 from messaging.waker import Waker
 from runner import actions, leftovers
+from runner.addonports import AddonPorts
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.frameworks import Detected, Frameworks
 from runner.health import wait_healthy
@@ -81,6 +82,9 @@ class Runner(Hooks):
         self.waker = Waker()            # job threads and run readers end the poll early
         self.jobs = Jobs(self.events, self.waker.wake)
         self.instances: dict[str, Instance] = {}
+        self.addon_ports = AddonPorts(
+            self.isolation.firewall if self.isolation.enabled else None, self.jobs,
+            self.data_dir / "addon_ports.json")
         self.runs = Runs(self.host, self._send_attach, self.jobs, self.waker.wake,
                          settings.stop_grace, marks=self.data_dir / "instances")
         self.controller = PeerTracker(settings.heartbeat_interval, settings.dead_after)
@@ -261,6 +265,7 @@ class Runner(Hooks):
     def _on_message(self, msg: Message) -> None:
         if msg.type == "heartbeat":
             self.controller.seen(CONTROLLER, dict(msg.fields))
+            self.addon_ports.want(msg.get("addon_ports"))
             return
         if msg.type != "command":
             return
@@ -415,6 +420,9 @@ class Runner(Hooks):
         self._prune_slugs()
         log.info("destroyed app", extra={"app": app})
         return app
+
+    def _done_addon_ports(self, event: JobDone) -> None:
+        self.addon_ports.done(event)
 
     def _done_destroy(self, event: JobDone) -> None:
         msg: Message = event.tag[1]

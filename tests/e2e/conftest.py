@@ -91,12 +91,14 @@ def request(port: int, host: str, path: str = "/", method: str = "GET",
 
 
 def start_platform(data_dir: Path, venv_cache: Path, apps_dir: Path,
-                   runners: list[tuple[str, str]] | None = None) -> LocalPlatform:
-    """`apps_dir` must be reachable by app users (see tests/conftest.berth_root)."""
+                   runners: list[tuple[str, str]] | None = None,
+                   jobs: bool = False) -> LocalPlatform:
+    """`apps_dir` must be reachable by app users (see tests/conftest.berth_root).
+    `jobs`: also the broker, job workers and beat (addons)."""
     platform = LocalPlatform(data_dir, Ports.free(),
                              runners=runners or [("runner-1", "127.0.0.2")],
                              wheel_cache_dir=str(venv_cache), apps_dir=str(apps_dir),
-                             drain_seconds=1.0)
+                             drain_seconds=1.0, jobs=jobs)
     try:
         platform.start()
     except BaseException:
