@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from balancer import http1, pages
 from balancer.errors import BadRequest
 from balancer.routes import Match
+from messaging.shapes import Backend
 
 
 @dataclass
@@ -66,3 +67,25 @@ def admit(req: http1.Request, match: Match | None, *, routes_loaded: bool,
                     match.reason or "Start a web process for the app and retry.",
                     can_keep, "no_backends")
     return None
+
+
+@dataclass(frozen=True)
+class StaticTarget:
+    """Where an admitted request for the app's static files goes instead of an
+    instance: one of the hosts' static file servers, told by `header` (sent as
+    X-Berth-Static, which the balancer removes from every client request) which app,
+    URL prefix and release versions it is for."""
+    backends: tuple[Backend, ...]
+    header: str
+
+
+def static_target(req: http1.Request, match: Match) -> StaticTarget | None:
+    """Whether the platform serves this request from the app's collected static
+    files: a GET or HEAD, with no body and no protocol upgrade, whose path is under
+    the route's static prefix. Decided once here for both engines; when every static
+    server fails, the engine sends the request to the app's instances instead."""
+    if not match.static_backends or req.method not in ("GET", "HEAD") \
+            or req.framing.has_body or req.upgrade \
+            or not req.target.startswith(match.static_prefix):
+        return None
+    return StaticTarget(match.static_backends, match.static_header)

@@ -69,10 +69,11 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-connection",
 })
-# headers the balancer owns on the way to the backend
+# headers the balancer owns on the way to the backend (X-Berth-Static: which app and
+# release a static file server serves; never a client's word)
 FORWARDED = frozenset({
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
-    "x-request-id", "content-length", "host",
+    "x-request-id", "content-length", "host", "x-berth-static",
 })
 _DROP_TO_BACKEND = HOP_BY_HOP | FORWARDED
 _DROP_TO_CLIENT_REFRAMED = HOP_BY_HOP | {"content-length"}
@@ -573,10 +574,12 @@ def check_buffered_chunks(buf: bytes, max_body: int | None) -> None:
 
 
 def backend_request_head(req: Request, *, client_addr: str, port: int,
-                         req_id: str, trusted: bool = False) -> bytes:
+                         req_id: str, trusted: bool = False,
+                         static: str | None = None) -> bytes:
     """The head sent to the backend: HTTP/1.1, hop-by-hop removed (except the
     Upgrade pair of an upgrade request), X-Forwarded-* set, the body re-framed as
-    Content-Length or chunked."""
+    Content-Length or chunked; `X-Berth-Static: <static>` for a static file server
+    (admission.static_target)."""
     drop = _drop(_DROP_TO_BACKEND, req.headers.connection)
     parts = [f"{req.method} {req.target} HTTP/1.1\r\nHost: {req.host}\r\n"]
     parts += [f"{k}: {v}\r\n" for k, v in req.headers.items if k.lower() not in drop]
@@ -587,6 +590,8 @@ def backend_request_head(req: Request, *, client_addr: str, port: int,
         parts.append(f"X-Forwarded-For: {client_addr}\r\nX-Forwarded-Proto: http\r\n"
                      f"X-Forwarded-Host: {req.host}\r\nX-Forwarded-Port: {port}\r\n")
     parts.append(f"X-Request-ID: {req_id}\r\n")
+    if static is not None:
+        parts.append(f"X-Berth-Static: {static}\r\n")
     if req.upgrade:
         parts.append(f"Connection: Upgrade\r\nUpgrade: {req.upgrade}\r\n")
     kind = req.framing.kind

@@ -54,7 +54,7 @@ class Pool:
         new ones, forget gone ones. Returns idle connections the caller closes."""
         wanted: dict[str, shapes.Backend] = {}
         for route in routes.values():
-            for entry in route.backends:
+            for entry in (*route.backends, *route.static_backends):
                 wanted[entry.key] = entry
         to_close: list[Any] = []
         for key in list(self.backends):
@@ -73,16 +73,17 @@ class Pool:
         return backend
 
     def choose(self, entries: Iterable[shapes.Backend], exclude: set[str],
-               now: float) -> Backend | None:
+               now: float, up_only: bool = False) -> Backend | None:
         """Pick a backend for one attempt, skipping keys in `exclude` (already
         tried for this request). Up backends first; when every one left is down,
-        the one whose backoff ends soonest (it may have recovered)."""
+        the one whose backoff ends soonest (it may have recovered), or none with
+        `up_only` (the caller has somewhere else to go)."""
         candidates = [self._get(e) for e in entries if e.key not in exclude]
         if not candidates:
             return None
         up = [b for b in candidates if b.is_up(now)]
         if not up:
-            return min(candidates, key=lambda b: b.down_until)
+            return None if up_only else min(candidates, key=lambda b: b.down_until)
         if len(up) == 1:
             return up[0]
         a, b = self.rng.sample(up, 2)

@@ -239,15 +239,28 @@ class Proxy:
     def _forward(self, conn: ClientConn, req: http1.Request, match: Any,
                  req_id: str, out: Outcome) -> None:
         app, entries = match.app, match.backends
+        static = admission.static_target(req, match)
+        if static is not None:
+            entries = static.backends
         head = http1.backend_request_head(req, client_addr=conn.addr[0],
                                           port=self.s.listen_port, req_id=req_id,
-                                          trusted=conn.addr[0] in self.trusted)
+                                          trusted=conn.addr[0] in self.trusted,
+                                          static=static.header if static else None)
         can_keep = req.keep_alive and not req.framing.has_body and not self.draining
         tried: set[str] = set()
         retries = 0
         fresh_only = False
         while True:
-            backend = self.pool.choose(entries, tried, time.monotonic())
+            backend = self.pool.choose(entries, tried, time.monotonic(),
+                                       up_only=static is not None)
+            if backend is None and static is not None:
+                # no static file server answers: the app's own instances do (Django's
+                # stopgap middleware serves the same files)
+                static, entries = None, match.backends
+                head = http1.backend_request_head(req, client_addr=conn.addr[0],
+                                                  port=self.s.listen_port, req_id=req_id,
+                                                  trusted=conn.addr[0] in self.trusted)
+                continue
             if backend is None:
                 out.status, out.keep_alive = 502, can_keep
                 out.bytes = self._send_page(

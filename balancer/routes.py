@@ -32,6 +32,22 @@ class Match:
     reason: str
     maintenance: bool = False
     max_body: int = 0
+    # the platform serves the app's static files (admission.static_target): GET/HEAD
+    # under static_prefix go to static_backends with `X-Berth-Static: static_header`
+    static_prefix: str = ""
+    static_backends: tuple[Backend, ...] = ()
+    static_header: str = ""
+
+
+def match_for(app: str, route: Route) -> Match:
+    static = route.serves_static
+    return Match(app, route.backends, route.reason, maintenance=route.maintenance,
+                 max_body=route.max_body,
+                 static_prefix=route.static_prefix if static else "",
+                 static_backends=route.static_backends if static else (),
+                 static_header=(f"{app} {route.static_prefix} "
+                                f"{','.join(map(str, route.static_releases))}"
+                                if static else ""))
 
 
 class RouteIndex:
@@ -40,6 +56,7 @@ class RouteIndex:
     def __init__(self, table: dict[str, Any] | None = None) -> None:
         self.hosts: dict[str, str] = {}
         self.routes: dict[str, Route] = {}
+        self.matches: dict[str, Match] = {}
         self.update(table or {})
         self.loaded = table is not None   # a table has arrived (else every host is unknown)
 
@@ -63,12 +80,9 @@ class RouteIndex:
                     continue
                 hosts[key] = app
         self.hosts, self.routes = hosts, routes
+        self.matches = {app: match_for(app, route) for app, route in routes.items()}
         self.loaded = True
 
     def lookup(self, host: str) -> Match | None:
         app = self.hosts.get(normalize_host(host))
-        if app is None:
-            return None
-        route = self.routes[app]
-        return Match(app, route.backends, route.reason, maintenance=route.maintenance,
-                     max_body=route.max_body)
+        return None if app is None else self.matches[app]

@@ -82,6 +82,7 @@ class Server:
                 data, fds = b"", []
             if not data:
                 log.info("the runner closed the control socket; stopping")
+                asyncio.get_running_loop().remove_reader(self.control.fileno())
                 self.done.set()
                 return
             try:

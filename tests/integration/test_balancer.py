@@ -56,7 +56,8 @@ APP = textwrap.dedent('''
         seen = " ".join(f"{k}={environ.get(k, '-')}" for k in (
             "HTTP_HOST", "HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO",
             "HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PORT", "HTTP_X_REQUEST_ID",
-            "HTTP_CONNECTION", "HTTP_KEEP_ALIVE", "HTTP_X_SECRET", "HTTP_TE"))
+            "HTTP_CONNECTION", "HTTP_KEEP_ALIVE", "HTTP_X_SECRET", "HTTP_TE",
+            "HTTP_X_BERTH_STATIC"))
         body = f"app={NAME} pid={os.getpid()} {seen}\\n".encode()
         start_response("200 OK", [("Content-Type", "text/plain"),
                                   ("Content-Length", str(len(body)))])
@@ -871,3 +872,81 @@ def test_backend_dying_mid_response_is_retried_for_get(tmp, balancer, publisher)
         good.stop()
         bad.close()
         publisher.set("delta", None)
+
+
+# -- static files: the platform's static file server, not the app -----------------------
+
+@pytest.fixture(scope="module")
+def static_server(tmp_path_factory):
+    """The runner's static file server (runner/staticsup.py) on BACKEND_HOST, holding
+    release 3 of the app `shop` (a stand-in app user's files)."""
+    if os.geteuid() != 0:
+        pytest.skip("the static file server drops from root to nobody")
+    from runner.staticsup import StaticSupervisor
+    apps = tmp_path_factory.mktemp("static-apps")
+    root = apps / "shop" / "releases" / ("f" * 64) / ".berth" / "static"
+    (root / "css").mkdir(parents=True)
+    (root / "css" / "site.0123456789ab.css").write_text("body{color:teal}\n")
+    for path in [apps / "shop", *(apps / "shop").rglob("*")]:
+        os.chown(path, 54321, 54321)
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    sup = StaticSupervisor(BACKEND_HOST, 0, apps, (65534, 65534))
+    sup.start(time.monotonic())
+    sup.want({("shop", 3): (root, "/static/")})
+    wait_for(lambda: sup.step(time.monotonic()) or (sup.up_port and not sup.outbox),
+             what="static server up")
+    yield sup
+    sup.close()
+
+
+def shop_route(backends, static_port: int) -> dict:
+    return {"hosts": ["shop.localhost"], "backends": [backends["alpha"].entry],
+            "reason": "", "static": {
+                "prefix": "/static/", "releases": [3],
+                "backends": [{"id": "static@r1", "address": BACKEND_HOST,
+                              "port": static_port}]}}
+
+
+def test_static_files_come_from_the_static_server_not_the_app(balancer, publisher,
+                                                               backends, static_server):
+    publisher.set("shop", shop_route(backends, static_server.port))
+    wait_routed(balancer.port, "shop.localhost")
+    path = "/static/css/site.0123456789ab.css"
+    # a client's own X-Berth-Static never reaches anyone
+    status, headers, body = get(balancer.port, "shop.localhost", path,
+                                "X-Berth-Static: shop /static/ 99\r\n")
+    assert (status, body) == (200, b"body{color:teal}\n")
+    assert headers["server"] == "berth-static"
+    assert headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert headers["content-type"] == "text/css; charset=utf-8"
+    status, again, body = get(balancer.port, "shop.localhost", path,
+                              f"If-None-Match: {headers['etag']}\r\n")
+    assert (status, body) == (304, b"") and again["etag"] == headers["etag"]
+    assert get(balancer.port, "shop.localhost", "/static/css/none.css")[0] == 404
+    assert not [r for r in backends["alpha"].requests() if r.startswith(f"GET {path}")]
+    # pages, and what is not a GET or HEAD, still go to the app; it never sees the header
+    _, _, page = get(balancer.port, "shop.localhost", "/page",
+                     "X-Berth-Static: shop /static/ 3\r\n")
+    assert b"app=alpha" in page and b"HTTP_X_BERTH_STATIC=-" in page
+    c = Client(balancer.port)
+    try:
+        c.send(f"POST {path} HTTP/1.1\r\nHost: shop.localhost\r\nContent-Length: 2\r\n"
+               "Connection: close\r\n\r\nhi".encode())
+        assert b"app=alpha" in c.response()[2]
+    finally:
+        c.close()
+    assert f"POST {path}" in backends["alpha"].requests()
+
+
+def test_static_requests_fall_back_to_the_app_when_no_static_server_answers(
+        balancer, publisher, backends):
+    publisher.set("shop", shop_route(backends, free_port(BACKEND_HOST)))   # nothing there
+    wait_for(lambda: b"app=alpha" in get(balancer.port, "shop.localhost",
+                                         "/static/probe.css")[2], what="the new route")
+    for n in range(3):      # the static server is down-marked: straight to the app
+        started = time.monotonic()
+        status, headers, body = get(balancer.port, "shop.localhost", f"/static/fb{n}.css")
+        assert status == 200 and b"app=alpha" in body
+        assert headers.get("server") != "berth-static"
+        assert time.monotonic() - started < 1
+    assert "GET /static/fb2.css" in backends["alpha"].requests()
