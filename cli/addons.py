@@ -17,6 +17,7 @@ from cli import appname
 from cli.client import Client
 from cli.output import console, step
 from cli.run import run as run_command
+from controller.addons import AddonState
 from messaging.errors import BerthError
 
 ENGINES = ("postgres", "redis")
@@ -33,6 +34,11 @@ def _ago(ts: float) -> str:
     return f"{secs}s ago"
 
 
+def state_of(addon: dict[str, Any]) -> AddonState:
+    """The addon's state as the enum (the API sends its value)."""
+    return AddonState(addon.get("state"))
+
+
 def _names(addon: dict[str, Any]) -> str:
     return ", ".join(addon["env_keys"]) or "-"
 
@@ -41,7 +47,7 @@ def _table(addons: list[dict[str, Any]]) -> Table:
     table = Table("addon", "app", "engine", "plan", "state", "env", "last step", "created",
                   box=None)
     for a in addons:
-        table.add_row(a["id"], a["app"], a["engine"], a["plan"], a["state"], _names(a),
+        table.add_row(a["id"], a["app"], a["engine"], a["plan"], state_of(a).value, _names(a),
                       a["step"] or "-", _ago(a["created_at"]))
     return table
 
@@ -77,14 +83,14 @@ def wait(client: Client, addon: dict[str, Any], until: str, timeout: float
     with console.status(f"{addon['id']}: {addon['step']}") as status:
         while addon["op"] is not None:
             if time.monotonic() > deadline:
-                raise BerthError(f"{addon['id']} is still {addon['state']} after "
+                raise BerthError(f"{addon['id']} is still {state_of(addon).value} after "
                                  f"{timeout:.0f}s ({addon['step']})",
                                  f"it goes on in the background: `berth addons info "
                                  f"{addon['id']}`", code="timeout", status=504)
             time.sleep(POLL)
             addon = client.get(f"/v1/addons/{addon['id']}")["addon"]
             status.update(f"{addon['id']}: {addon['step']}")
-    if addon["error"] and (addon["state"] == "failed" or until == "rotated"):
+    if addon["error"] and (state_of(addon) is AddonState.FAILED or until == "rotated"):
         err = addon["error"]
         raise BerthError(f"{addon['id']}: {err.get('message')}",
                          err.get("hint") or f"see `berth addons info {addon['id']}`",
@@ -142,7 +148,7 @@ def info(addon: str, as_json: bool) -> None:
         return
     table = Table(box=None, show_header=False)
     rows = [("addon", a["id"]), ("app", a["app"]), ("engine", f"{a['engine']} ({a['plan']})"),
-            ("state", a["state"] + (f" ({a['op']} in flight)" if a["op"] else "")),
+            ("state", state_of(a).value + (f" ({a['op']} in flight)" if a["op"] else "")),
             ("last step", a["step"] or "-"), ("url", a["url"] or "-"),
             ("env", _names(a)),
             ("attached as", ", ".join(f"{x['name']} ({x['style']})"
@@ -249,8 +255,8 @@ def _url_var(client: Client, app: str, engine: str, addon: str | None) -> str:
         raise BerthError(f"{addon} is not a {engine} addon of '{app}'",
                          f"`berth addons -a {app}` lists its addons", code="usage")
     urls = [f"{x['name']}_URL" for x in a["attachments"] if x["style"] == "url"]
-    if not urls or a["state"] != "ready":
-        raise BerthError(f"{addon} is {a['state']} and gives the app no URL",
+    if not urls or state_of(a) is not AddonState.READY:
+        raise BerthError(f"{addon} is {state_of(a).value} and gives the app no URL",
                          f"`berth addons info {addon}`", code="usage")
     return urls[0]
 
