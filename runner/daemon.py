@@ -30,7 +30,7 @@ from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
 from messaging.manifest import Manifest
-from messaging.shapes import Limits, State
+from messaging.shapes import Limits, State, static_prefix_ok, static_roots_to_wire
 from messaging.waker import Waker
 from runner import actions, leftovers
 from runner.addonports import AddonPorts
@@ -38,13 +38,14 @@ from runner.errors import BuildError, CommandError, RunnerError
 from runner.frameworks import Detected, Frameworks
 from runner.health import wait_healthy
 from runner.interpreters import Interpreters
-from runner.isolation import Isolation
+from runner.isolation import NOBODY, Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
 from runner.process import Hooks, Instance, InstanceSpec, Policy
 from runner.retention import prune_app
 from runner.runs import Run
 from runner.runtable import Runs, spec_from_args
 from runner.slug import SlugStore
+from runner.staticsup import StaticSupervisor
 from runner.venv import BuildContext, Venv, VenvBuilder, has_control_socket, kill_builds
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,13 @@ class Runner(Hooks):
         self.waker = Waker()            # job threads and run readers end the poll early
         self.jobs = Jobs(self.events, self.waker.wake)
         self.instances: dict[str, Instance] = {}
+        # the host's static file server (runner/staticsup.py), and per instance the
+        # static files its release collected: (static dir, URL prefix)
+        self.static = StaticSupervisor(
+            settings.address, settings.static_port, self.apps_dir,
+            (NOBODY, NOBODY) if self.isolation.enabled else None) \
+            if settings.serve_static else None
+        self._static_of: dict[str, tuple[Path, str]] = {}
         self.addon_ports = AddonPorts(
             self.isolation.firewall if self.isolation.enabled else None, self.jobs,
             self.data_dir / "addon_ports.json")
@@ -121,6 +129,8 @@ class Runner(Hooks):
         for stale in self.apps_dir.glob("*/releases/.unpack-*"):
             shutil.rmtree(stale, ignore_errors=True)      # left by a killed unpack
         leftovers.end(self.data_dir / "instances", self.settings.stop_grace)
+        if self.static is not None:
+            self.static.start(time.monotonic())
         self.control = connect(self.ctx, "control", self.settings.control_endpoint,
                                identity=self.host)
         self.logs = connect(self.ctx, "logs", self.settings.logs_endpoint)
@@ -156,6 +166,8 @@ class Runner(Hooks):
 
     def close(self) -> None:
         kill_builds()
+        if self.static is not None:
+            self.static.close()
         for fh in self._log_files.values():
             fh.close()
         self._log_files.clear()
@@ -201,12 +213,16 @@ class Runner(Hooks):
             changed |= inst.tick()
             if inst.state is State.STOPPED:
                 del self.instances[inst.id]
+                self._static_of.pop(inst.id, None)
                 if inst.jail is not None:
                     inst.jail.remove()
                 shutil.rmtree(inst.instance_dir, ignore_errors=True)
                 changed = True
         now = time.monotonic()
         changed |= self.runs.step(now)
+        if self.static is not None:
+            changed |= self.static.want(self._static_wanted())
+            changed |= self.static.step(now)
         self._start_destroys()
         if changed or now >= self._next_heartbeat:
             self._heartbeat(now)
@@ -231,7 +247,21 @@ class Runner(Hooks):
                         interval=self.settings.heartbeat_interval,
                         address=self.settings.address, inventory=self.inventory(),
                         seq=self._seq, apps=self._apps_here(now),
-                        runs=self.runs.items()))
+                        runs=self.runs.items(), **self._static_fields()))
+
+    def _static_wanted(self) -> dict[tuple[str, int], tuple[Path, str]]:
+        """The static roots the host's static server holds: those of the releases its
+        instances run (old ones too while they drain: pages they served still ask)."""
+        return {(inst.spec.app, inst.spec.release): self._static_of[inst.id]
+                for inst in self.instances.values() if inst.id in self._static_of}
+
+    def _static_fields(self) -> dict[str, Any]:
+        port = self.static.up_port if self.static is not None else None
+        if port is None:
+            return {}
+        assert self.static is not None
+        return {"static_port": port,
+                "static_roots": static_roots_to_wire(self.static.served())}
 
     def _apps_here(self, now: float) -> list[str]:
         """What the host holds of which apps (dirs, users, cgroups): read at most every
@@ -520,6 +550,9 @@ class Runner(Hooks):
             return
         inst.prepared(release_dir, venv.bin, has_control_socket(venv.path), jail,
                       self.isolation.paths(spec.app).data)
+        found = prepared.detected
+        if found.static_dir is not None and static_prefix_ok(found.static_url or ""):
+            self._static_of[inst.id] = (found.static_dir, str(found.static_url))
 
     def _done_health(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]

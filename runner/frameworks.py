@@ -228,7 +228,7 @@ class Frameworks:
                             if line.startswith("berth-static-url=")), "")
                 record.write_text(json.dumps({"dir": str(static), "url": url}))
                 sink(f"-----> Static files collected: {url or '(no STATIC_URL)'} -> "
-                     f"{STATIC}/ (served by the app until the platform serves them)")
+                     f"{STATIC}/ (served by the platform's static file server)")
                 return static, url
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

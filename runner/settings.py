@@ -34,6 +34,8 @@ SPEC = Spec("runner", [
     Setting("max_files", int, 20000, "Most members in one slug.", min=1),
     Setting("python", str, sys.executable, "Interpreter app virtualenvs are made from (an app's berth.yaml may ask for another by version).", check=not_empty),
     Setting("interpreters", list, [], "More interpreters apps may ask for by version (berth.yaml `python:`), besides `python` and every python3.N in /usr/bin and /usr/local/bin."),
+    Setting("serve_static", bool, True, "Serve apps' collected static files (Django's collectstatic) from this host's static file server (runner/static.py) rather than their own processes."),
+    Setting("static_port", int, 0, "Port of the static file server on `address` (0: any free port); the balancer reaches it, apps cannot (firewall).", min=0, max=65535),
     Setting("settings_dir", str, "", "Per-host layer of the Django/Flask settings Berth injects: a directory with optional django.py / flask.py (settings_templates/); empty: none."),
     endpoint("control", "Controller's control ROUTER."),
     endpoint("logs", "Controller's logs PULL."),

@@ -13,6 +13,7 @@ import http.server
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -377,6 +378,25 @@ def test_shutdown_stops_instances_and_exits_zero(env: Any) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(inst["pid"], 0)
     assert "shutting down" in runner.log_text()
+
+
+def test_static_file_server_is_advertised_and_ends_with_the_runner(env: Any) -> None:
+    ctl, _, runner = env
+    beat = ctl.wait_for("a heartbeat with a static port",
+                        lambda: next((b for b in ctl.heartbeats if b.get("static_port")), None),
+                        STEP_TIMEOUT)
+    port = beat["static_port"]
+    assert beat["static_roots"] == {}           # no Django release runs here
+    conn = http.client.HTTPConnection(ADDRESS, port, timeout=5)
+    try:
+        conn.request("GET", "/static/x.css")    # not from a balancer: no target named
+        resp = conn.getresponse()
+        assert resp.status == 400 and resp.getheader("Server") == "berth-static"
+    finally:
+        conn.close()
+    assert runner.terminate() == 0
+    with pytest.raises(OSError):
+        socket.create_connection((ADDRESS, port), timeout=2).close()
 
 
 def test_instances_keep_running_while_the_controller_is_away(env: Any) -> None:

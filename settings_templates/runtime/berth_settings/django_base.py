@@ -80,6 +80,7 @@ def _static(settings: MutableMapping[str, Any], env: Mapping[str, str]) -> None:
     if not root:
         return
     settings["STATIC_ROOT"] = root
-    # until the platform serves static files itself, the app does (berth_settings.static)
+    # the platform's static file server answers these; the app does when it cannot
+    # (berth_settings.static)
     middleware = [m for m in settings.get("MIDDLEWARE") or [] if m != STATIC_MIDDLEWARE]
     settings["MIDDLEWARE"] = [STATIC_MIDDLEWARE, *middleware]

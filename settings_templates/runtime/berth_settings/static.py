@@ -1,5 +1,14 @@
-"""Static files served by the app itself: the stopgap until the platform serves a
-release's collected files outside gunicorn (the build records where they are).
+"""Static files served by the app itself: the fallback behind the platform's static
+file server (runner/static.py).
+
+The balancer sends GET and HEAD requests under STATIC_URL to the static file server
+of a host holding the release's collected files, so they never reach the app while
+one answers. This middleware answers them when none does: a runner with
+`serve_static` off, a static server restarting, a release whose static URL the
+platform does not serve (a CDN's, or "/"), an older balancer. It is always installed
+rather than switched off by the runner, because whether a given request reaches it is
+decided per request by the balancer, after the instance started; it costs one prefix
+test per request.
 
 A middleware placed first: GET and HEAD requests under STATIC_URL are answered from
 STATIC_ROOT (what collectstatic gathered at build) with Django's own `serve` view
