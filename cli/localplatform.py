@@ -212,13 +212,20 @@ class LocalPlatform:
         self._spawn("broker", "", {}, argv=["redis-server", str(conf)])
         self._wait(lambda: port_in_use(LOOPBACK, self.ports.broker), timeout, "broker")
 
+    def _jobs_argv(self, what: str) -> list[str]:
+        return [sys.executable, "-m", "controller.jobs", "--config", str(self.config_path()),
+                what]
+
     def start_jobs(self, timeout: float = 60.0) -> None:
         """A Celery worker and celery beat (controller/jobs.py), supervised here."""
-        base = [sys.executable, "-m", "controller.jobs", "--config", str(self.config_path())]
-        self._spawn("jobs-worker", "", {}, argv=[*base, "worker"])
-        self._spawn("jobs-beat", "", {}, argv=[*base, "beat"])
-        self._wait(lambda: " ready." in self.log_tail("jobs-worker", 40), timeout,
-                   "job worker")
+        self._spawn("jobs-beat", "", {}, argv=self._jobs_argv("beat"))
+        self.start_jobs_worker(timeout)
+
+    def start_jobs_worker(self, timeout: float = 60.0) -> None:
+        log = self.data_dir / "logs" / "jobs-worker.log"
+        seen = log.read_bytes().count(b" ready.") if log.exists() else 0
+        self._spawn("jobs-worker", "", {}, argv=self._jobs_argv("worker"))
+        self._wait(lambda: log.read_bytes().count(b" ready.") > seen, timeout, "job worker")
 
     def start_controller(self) -> None:
         self._spawn("controller", "controller", {})
@@ -285,7 +292,7 @@ class LocalPlatform:
         rank = {"controller": 3, "broker": 4}
         order = sorted(self.procs, key=lambda n: rank.get(
             n, 2 if n.startswith("jobs-") else 1 if n.startswith("runner") else 0))
-        had_jobs = "jobs-worker" in self.procs
+        had_jobs = self.jobs and self.config_path().exists()
         for name in order:
             self.stop_one(name)
         if had_jobs:
