@@ -59,7 +59,9 @@ def hosts(as_json: bool) -> None:
         console.print_json(data=data)
         return
     for name, info in sorted(data["runners"].items()):
-        click.echo(f"=== {name} ({info['address']}): {info['instances']} instances")
+        static = (f", static files on port {info['static_port']}"
+                  if info.get("static_port") else "")
+        click.echo(f"=== {name} ({info['address']}): {info['instances']} instances{static}")
         table = Table("instance", "app", "proc", "release", "state", "port", "restarts",
                       box=None)
         for i in (InventoryItem.from_wire(raw) for raw in info["inventory"]):

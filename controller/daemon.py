@@ -517,7 +517,8 @@ class Controller:
 
     def _update_view(self, observed: dict[str, HostReport]) -> None:
         insts = draining_view(flatten(observed, self.pending), self.draining)
-        hosts = {h: HostView(r.address, len(r.inventory)) for h, r in observed.items()}
+        hosts = {h: HostView(r.address, len(r.inventory), r.static_port)
+                 for h, r in observed.items()}
         with self._view_lock:
             self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)),
                               self.run_loop.items(observed))

@@ -298,6 +298,7 @@ class HostView:
 
     address: str | None
     instances: int
+    static_port: int | None = None      # its static file server, while up
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)

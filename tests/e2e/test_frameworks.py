@@ -4,6 +4,7 @@ and requirements.txt, and a Flask app factory, pushed through the real CLI and
 checked through the balancer."""
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import request
+from tests.e2e.conftest import Response, request
 
 DJANGO_HOST = "www.djangoshop.example"
 
@@ -34,7 +35,8 @@ def startproject(lib: Path, dest: Path) -> Path:
     dest.mkdir()
     subprocess.run([sys.executable, "-m", "django", "startproject", "mysite", str(dest)],
                    check=True, env={**os.environ, "PYTHONPATH": str(lib)}, timeout=60)
-    (dest / "Procfile").write_text("web: gunicorn mysite.wsgi\n")
+    # gunicorn's access log on stdout, so `berth logs` shows what reached the app
+    (dest / "Procfile").write_text("web: gunicorn --access-logfile - mysite.wsgi\n")
     (dest / "requirements.txt").write_text("Django\ngunicorn\n")
     return dest
 
@@ -65,6 +67,21 @@ def test_unedited_django_project_is_served_with_its_admin(berth, tmp_path, djang
     sheet = berth.get("dj", css.group(1))
     assert sheet.status == 200 and sheet.headers["Content-Type"].startswith("text/css")
     assert b"{" in sheet.body
+    # ... served by the platform's static file server, not by gunicorn
+    assert sheet.headers["Server"] == "berth-static", sheet.headers
+    assert sheet.headers["Cache-Control"] == "public, max-age=60"     # not a hashed name
+    probe = f"{css.group(1)}?probe={time.time_ns()}"
+    fresh = conditional_get(berth.platform.ports.balancer, probe)
+    assert fresh.status == 200 and fresh.headers["ETag"] == sheet.headers["ETag"]
+    again = conditional_get(berth.platform.ports.balancer, probe, sheet.headers["ETag"])
+    assert again.status == 304 and again.body == b"" and again.headers["Server"] == "berth-static"
+    berth.wait_for(lambda: "GET /admin/login/" in berth("logs", "-a", "dj").stdout,
+                   what="gunicorn's access log in berth logs")
+    logs = berth("logs", "-a", "dj", "-n", "1000").stdout.splitlines()
+    gunicorn = [line for line in logs if " app[web." in line]
+    assert any("GET /admin/login/" in line for line in gunicorn)
+    assert not [line for line in gunicorn if "probe=" in line], gunicorn
+    assert [line for line in logs if " router[" in line and "probe=" in line]  # balancer's
 
     key = berth("config", "get", "SECRET_KEY", "-a", "dj").stdout.strip()
     assert len(key) >= 50 and not key.startswith("django-insecure")
@@ -75,6 +92,17 @@ def test_unedited_django_project_is_served_with_its_admin(berth, tmp_path, djang
     berth.wait_for(lambda: request(port, DJANGO_HOST, "/admin/login/").status == 200,
                    timeout=90, what="the custom domain accepted by Django")
     assert "Add domain" in berth("releases", "-a", "dj").stdout
+
+
+def conditional_get(port: int, path: str, etag: str | None = None) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Host": "dj.localhost", **({"If-None-Match": etag} if etag else {})}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return Response(resp.status, dict(resp.getheaders()), resp.read())
+    finally:
+        conn.close()
 
 
 FLASK_APP = '''\

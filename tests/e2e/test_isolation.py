@@ -157,13 +157,17 @@ def test_connecting_to_another_instance_and_to_the_platform_is_refused(iso: Any)
                "control": ("127.0.0.1", ports.control), "logs": ("127.0.0.1", ports.logs),
                "stats": ("127.0.0.1", ports.stats), "api": ("127.0.0.1", ports.api),
                "routes": ("127.0.0.1", ports.routes)}
+    # the static file server trusts the balancer's X-Berth-Static: apps cannot reach it
+    static = next(h for h in b.json("hosts")["runners"].values() if h.get("static_port"))
+    targets["static files"] = (static["address"], static["static_port"])
     for name, (host, port) in targets.items():
         result = attempt(b, "/connect", host=host, port=port)
         assert not result["ok"] and result["errno"] == "ECONNREFUSED", (name, result)
     # the same ports answer everyone else: the refusal is the firewall, not a dead port
     import socket
-    with socket.create_connection((victim["address"], victim["port"]), timeout=3):
-        pass
+    for host, port in ((victim["address"], victim["port"]), targets["static files"]):
+        with socket.create_connection((host, port), timeout=3):
+            pass
     assert b.get("victim").status == 200
 
 
