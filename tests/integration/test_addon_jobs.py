@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ RETRY = 3.0             # job_retry_seconds: an op with no word from a worker is
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform]:
+def platform(berth_root: Path) -> Iterator[LocalPlatform]:
     saved = os.environ.get("BERTH_CONTROLLER_QUOTA_CHECK_SECONDS")
     os.environ["BERTH_CONTROLLER_QUOTA_CHECK_SECONDS"] = "1"
-    p = LocalPlatform(tmp_path_factory.mktemp("jobs-platform"), Ports.free(), runners=[],
-                      jobs=True, job_retry_seconds=RETRY)
+    # database servers run as postgres/redis: their data dir must be reachable (o+x)
+    p = LocalPlatform(berth_root / f"jobs-platform-{uuid.uuid4().hex[:8]}", Ports.free(),
+                      runners=[], jobs=True, job_retry_seconds=RETRY)
     try:
         p.start()
         yield p
