@@ -75,24 +75,28 @@ class PgCluster:
         return (self.data / "PG_VERSION").exists()
 
     def init(self) -> None:
-        """initdb (once), then Berth's settings, ident map and a pg_hba.conf with no
-        tenant. A half-made data dir (initdb killed) is removed and made again."""
+        """initdb (once), then Berth's settings (re-written every time, so a changed
+        address or port applies at the next start), ident map and a pg_hba.conf with
+        no tenant. A half-made data dir (initdb killed) is removed and made again."""
         check_socket_path(self.data / f".s.PGSQL.{self.port}")
         own_dir(self.root, self.user)
-        if self.initialized() and (self.data / "berth.conf").exists():
-            return
+        if not (self.initialized() and (self.data / "berth.conf").exists()):
+            self._initdb()
+        write_file(self.data / "berth.conf", self._conf(), self.user)
+
+    def _initdb(self) -> None:
         if self.data.exists():
             run(["rm", "-rf", "--one-file-system", self.data], timeout=60)
         run([self.bin / "initdb", "-D", self.data, "-U", SUPERUSER, "-E", "UTF8",
              "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=reject",
              "--no-instructions"], timeout=120, user=self.user, cwd=self.root,
             hint="initdb could not make the cluster; its output above says why")
-        write_file(self.data / "berth.conf", self._conf(), self.user)
         with open(self.data / "postgresql.conf", "a") as f:
             f.write("\n# Berth's settings (dbprovision/pgcluster.py)\ninclude = 'berth.conf'\n")
         users = sorted({"root", self.user.name, RunAs.current().name})
         write_file(self.data / "pg_ident.conf",
                    "".join(f"{IDENT_MAP} {u} {SUPERUSER}\n" for u in users), self.user)
+        write_file(self.data / "berth.conf", self._conf(), self.user)
         self.write_hba([])
         log.info("cluster initialized", extra={"data": str(self.data), "port": self.port})
 
@@ -134,10 +138,17 @@ class PgCluster:
         log.info("cluster stopped", extra={"data": str(self.data)})
 
     def is_running(self) -> bool:
-        if not (self.data / "postmaster.pid").exists():
+        """The postmaster of postmaster.pid is alive (what `pg_ctl status` checks,
+        without a process)."""
+        pid = self.pid()
+        if pid is None:
             return False
-        return run([self.bin / "pg_ctl", "status", "-D", self.data], timeout=10,
-                   user=self.user, cwd=self.root, check=False).returncode == 0
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.split(" (", 1)[1].startswith("postgres)") and \
+            stat.rsplit(")", 1)[1].split()[0] != "Z"
 
     def is_ready(self) -> bool:
         return run([self.bin / "pg_isready", "-q", "-h", self.data, "-p", str(self.port),

@@ -11,6 +11,9 @@ Per addon `name` (see names.py) the cluster holds:
   revoked from PUBLIC and USAGE + CREATE granted to the role;
 - while over quota only, role `name_parked`: NOLOGIN, owns the tenant's tables;
 - a pg_hba.conf line `host name name <clients> scram-sha-256`.
+The database is a spare renamed when one waits (`add_spares`: made ahead, with no role
+and no pg_hba.conf line), since CREATE DATABASE copies and fsyncs template1 and is
+most of a provisioning's time.
 
 Why this ownership, and why the revocation binds. The tenant must own the tables it
 makes, or its migrations (ALTER TABLE, CREATE INDEX) fail. But an owner can always
@@ -54,6 +57,7 @@ PostgreSQL; it may also change its own password, which a rotation overrides.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +79,8 @@ log = logging.getLogger(__name__)
 LO_WRITERS = ("lo_creat(integer)", "lo_create(oid)", "lo_from_bytea(oid, bytea)",
               "lowrite(integer, bytea)", "lo_put(oid, bigint, bytea)", "lo_import(text)",
               "lo_import(text, oid)")
+# empty databases made ahead of time (no role, no pg_hba.conf line: nobody enters)
+SPARE_PREFIX = "berth_spare_"
 # relation kinds a tenant may own in its schema, and how to ALTER each one's owner
 RELKINDS = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
             "f": "FOREIGN TABLE", "S": "SEQUENCE"}
@@ -125,10 +131,38 @@ class PgShared:
                     sql.Literal(getattr(self.limits, setting))))
 
     def create_database(self, conn: psycopg2.extensions.connection, name: str) -> None:
+        """A spare renamed (a catalog update), else CREATE DATABASE (a copy of
+        template1, 7.5 MB, fsynced: the slow step, seconds when the disk is busy)."""
         with conn.cursor() as cur:
-            if not self._exists(cur, "pg_database", "datname", name):
-                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8'").format(
-                    sql.Identifier(name), sql.Identifier(SUPERUSER)))
+            if self._exists(cur, "pg_database", "datname", name):
+                return
+            cur.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s) "
+                        "ORDER BY oid LIMIT 1", (SPARE_PREFIX,))
+            spare = cur.fetchone()
+            if spare is not None:
+                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(spare[0]), sql.Identifier(name)))
+            else:
+                self._create_database(cur, name)
+
+    def add_spares(self, count: int) -> int:
+        """Create empty databases until `count` spares wait for tenants; returns how
+        many were made. The caller serializes this with create() (one writer)."""
+        made = 0
+        with self._admin() as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_database WHERE starts_with(datname, %s)",
+                        (SPARE_PREFIX,))
+            for _ in range(count - int(cur.fetchone()[0])):
+                self._create_database(cur, SPARE_PREFIX + secrets.token_hex(6))
+                made += 1
+        return made
+
+    @staticmethod
+    def _create_database(cur: psycopg2.extensions.cursor, name: str) -> None:
+        db = sql.Identifier(name)
+        cur.execute(sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8'").format(
+            db, sql.Identifier(SUPERUSER)))
+        cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
 
     def secure_database(self, name: str) -> None:
         """The database and its schema public are the tenant's to use, no one else's

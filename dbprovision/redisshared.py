@@ -44,6 +44,12 @@ TENANT_RULES = (
     "-client|tracking -client|caching -client|getredir -client|trackinginfo "
     "-memory +memory|usage"
 )
+# over quota: no command that writes, except those that only remove or shorten
+BLOCKED_RULES = (
+    "-@write +del +unlink +getdel +hdel +srem +zrem +zremrangebyscore +zremrangebyrank "
+    "+zremrangebylex +lpop +rpop +blpop +brpop +lrem +ltrim +spop +zpopmin +zpopmax "
+    "+xdel +xtrim +xack +expire +pexpire +expireat +pexpireat +persist"
+)
 SCAN_COUNT = 1000
 
 
@@ -55,15 +61,38 @@ class RedisShared:
     def prefix(name: str) -> str:
         return f"{name}:"
 
-    def rules(self, name: str, password: str) -> list[str]:
+    def rules(self, name: str, password: str, *, blocked: bool = False) -> list[str]:
         return ["reset", "on", f">{password}", f"~{name}:*", f"&{name}:*",
-                *TENANT_RULES.split()]
+                *TENANT_RULES.split(), *(BLOCKED_RULES.split() if blocked else ())]
 
     def create(self, name: str, password: str) -> None:
-        """Make or update the ACL user (idempotent), saved to the ACL file."""
+        """Make or update the ACL user (idempotent), saved to the ACL file; a user
+        that is over quota stays blocked."""
+        blocked = self.exists(name) and self.is_blocked(name)
         with self.server.admin() as admin:
-            admin.execute_command("ACL", "SETUSER", name, *self.rules(name, password))
+            admin.execute_command("ACL", "SETUSER", name,
+                                  *self.rules(name, password, blocked=blocked))
             admin.execute_command("ACL", "SAVE")
+
+    def is_blocked(self, name: str) -> bool:
+        """Whether a SET of its own key would be refused (ACL DRYRUN: nothing runs)."""
+        with self.server.admin() as admin:
+            answer = admin.execute_command("ACL", "DRYRUN", name, "SET", f"{name}:x", "1")
+        return answer != "OK"
+
+    def block(self, name: str) -> None:
+        """Over quota: writes that add refused (NOPERM); reads, deletes, expiries
+        work. ACL rules apply to the next command of every open connection too."""
+        with self.server.admin() as admin:
+            admin.execute_command("ACL", "SETUSER", name, *BLOCKED_RULES.split())
+            admin.execute_command("ACL", "SAVE")
+        log.warning("writes revoked: over quota", extra={"addon": name})
+
+    def restore(self, name: str) -> None:
+        with self.server.admin() as admin:
+            admin.execute_command("ACL", "SETUSER", name, *TENANT_RULES.split())
+            admin.execute_command("ACL", "SAVE")
+        log.info("writes restored: back under quota", extra={"addon": name})
 
     def exists(self, name: str) -> bool:
         with self.server.admin() as admin:

@@ -1,0 +1,299 @@
+"""The facade the controller and the Celery jobs call: provision, destroy, rotate,
+measure and enforce quotas, for Postgres and Redis addons, shared or dedicated.
+
+Every verb is idempotent and safe to retry (a job may die anywhere): a record with
+the addon's name and password is written before the first server-side step, every
+step checks before it acts, and each addon has its own lock (records.py). So calling
+`provision` again after a crash finishes the half-made addon and returns the same
+credentials; `destroy` of an addon that is gone, or half-made, cleans up what is left.
+
+Servers: the shared PostgreSQL cluster and the shared redis-server live under
+`data_dir/postgres/shared` and `data_dir/redis/shared`, a dedicated Redis under
+`data_dir/redis/dedicated/<name>`. Their ports are chosen once (port 0 = a free one)
+and kept in `data_dir/servers.json` and in each addon's record, so credentials stay
+valid across restarts. Servers daemonize and outlive the Provisioner; `stop_all`
+stops the ones under its data_dir, by PID.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import AddonNotFound, InvalidAddon, NotBuiltYet
+from .names import addon_name
+from .pgcluster import PgCluster
+from .pgshared import PgShared
+from .ports import free_port
+from .records import AddonRecord, Records
+from .redisdedicated import RedisDedicated
+from .redisserver import RedisServer
+from .redisshared import RedisShared
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["postgres", "redis"]
+Plan = Literal["shared", "dedicated"]
+QuotaState = Literal["ok", "warn", "blocked", "restored"]
+ENGINES = ("postgres", "redis")
+PLANS = ("shared", "dedicated")
+WARN_AT = 0.9                   # of the quota: "warn" from here, "blocked" at 1.0
+DEDICATED_REDIS_MB = 64         # maxmemory when no quota is given
+SPARE_DATABASES = 3             # empty databases kept ready for shared Postgres
+MB = 1024 * 1024
+
+
+@dataclass
+class Credentials:
+    """What an app is given: a URL, the env vars to set, and where the server is."""
+
+    url: str
+    env: dict[str, str]
+    host: str
+    port: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Provisioner:
+    def __init__(self, data_dir: Path, address: str = "127.0.0.1", pg_port: int = 0,
+                 redis_port: int = 0) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o711)           # the servers' users pass through to their dirs
+        self.address = address
+        self.records = Records(data_dir)
+        ports = self._ports(pg_port, redis_port)
+        self.pg = PgCluster(data_dir / "postgres" / "shared", address, ports["pg_port"])
+        self.pg_shared = PgShared(self.pg)
+        self.redis = RedisServer(data_dir / "redis" / "shared", address, ports["redis_port"])
+        self.redis_shared = RedisShared(self.redis)
+
+    def _ports(self, pg_port: int, redis_port: int) -> dict[str, int]:
+        """The shared servers' ports: as given, else as chosen before, else free ones."""
+        path = self.data_dir / "servers.json"
+        with self.records.lock("servers"):
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            ports = {"pg_port": pg_port or saved.get("pg_port") or free_port(self.address),
+                     "redis_port": redis_port or saved.get("redis_port")
+                     or free_port(self.address)}
+            if ports != {k: saved.get(k) for k in ports}:
+                path.write_text(json.dumps({**saved, **ports, "address": self.address}))
+        return ports
+
+    # -- servers -------------------------------------------------------------------
+
+    def ensure_shared_servers(self) -> None:
+        """Init (first time) and start the shared cluster and redis-server unless they
+        run; their data dirs are re-used across restarts."""
+        with self.records.lock("servers"):
+            if not self.pg.initialized() or not self.pg.is_running():
+                self.pg.init()
+                self.pg.start()
+                self.pg_shared.sync_hba()
+            if not self.redis.configured() or not self.redis.is_running():
+                self.redis.configure()
+                self.redis.start()
+        self.refill_spares()
+
+    def refill_spares(self) -> int:
+        """Make empty databases until SPARE_DATABASES wait, so that the next shared
+        Postgres addons only rename one. Call after provisioning, off the user's
+        clock (the job does); provision works without spares, only slower."""
+        with self.records.lock("servers"):
+            return self.pg_shared.add_spares(SPARE_DATABASES)
+
+    def ensure_dedicated_servers(self) -> None:
+        """Start every dedicated server recorded here that does not run (after a
+        reboot); until the runner supervises them, the controller calls this."""
+        for record in self.records.all():
+            if record.plan == "dedicated" and record.state == "ready":
+                with self.records.lock(record.name):
+                    self._dedicated_redis(record).ensure_running()
+
+    def stop_all(self) -> None:
+        """Stop every server under data_dir (shared and dedicated), by PID."""
+        for record in self.records.all():
+            if record.engine == "redis" and record.plan == "dedicated":
+                self._dedicated_redis(record).server.stop()
+        self.redis.stop()
+        self.pg.stop()
+
+    # -- verbs -----------------------------------------------------------------------
+
+    def provision(self, addon_id: str, engine: Engine, plan: Plan, *,
+                  quota_mb: int | None = None) -> Credentials:
+        """Make the addon, or finish a half-made one, or return the existing one's
+        credentials (the same password)."""
+        self._check(engine, plan)
+        name = addon_name(addon_id)
+        started = time.monotonic()
+        with self.records.lock(name):
+            record = self.records.get(name)
+            if record is not None and (record.engine, record.plan) != (engine, plan):
+                raise InvalidAddon(f"addon {addon_id} exists as {record.engine} "
+                                   f"{record.plan}, not {engine} {plan}",
+                                   "destroy it first, or ask for the same engine and plan")
+            if record is None:
+                record = AddonRecord(addon_id, engine, plan, name,
+                                     secrets.token_urlsafe(24), self.address,
+                                     quota_mb=quota_mb)
+                self.records.put(record)
+            self._make(record)
+            if record.state != "ready":
+                record.state = "ready"
+                self.records.put(record)
+        log.info("addon provisioned", extra={"addon": addon_id, "engine": engine,
+                                             "plan": plan,
+                                             "seconds": round(time.monotonic() - started, 3)})
+        return self.credentials(record)
+
+    def _make(self, record: AddonRecord) -> None:
+        if record.plan == "shared":
+            self._ensure_shared_running()
+        if (record.engine, record.plan) == ("postgres", "shared"):
+            with self.records.lock("servers"):      # pg_hba.conf has one writer
+                self.pg_shared.create(record.name, record.password)
+            self.pg_shared.wait_login(record.name, record.password)
+            self._set_port(record, self.pg.port)
+        elif (record.engine, record.plan) == ("redis", "shared"):
+            self.redis_shared.create(record.name, record.password)
+            self._set_port(record, self.redis.port)
+        else:
+            if not record.port:
+                self._set_port(record, free_port(self.address))
+            self._dedicated_redis(record).create(record.name, record.password)
+
+    def destroy(self, addon_id: str, engine: Engine, plan: Plan, *,
+                final_dump: Path | None = None) -> None:
+        """Remove the addon (keeping a final dump at `final_dump` when given); nothing
+        to do when it is gone already."""
+        self._check(engine, plan)
+        name = addon_name(addon_id)
+        with self.records.lock(name):
+            record = self.records.get(name)
+            if record is not None and (record.engine, record.plan) != (engine, plan):
+                raise InvalidAddon(f"addon {addon_id} is {record.engine} {record.plan}, "
+                                   f"not {engine} {plan}")
+            if (engine, plan) == ("postgres", "shared"):
+                self._ensure_shared_running()
+                with self.records.lock("servers"):
+                    self.pg_shared.drop(name, final_dump)
+            elif (engine, plan) == ("redis", "shared"):
+                self._ensure_shared_running()
+                self.redis_shared.drop(name, final_dump)
+            elif record is not None:
+                self._dedicated_redis(record).destroy(final_dump)
+            self.records.delete(name)
+        log.info("addon destroyed", extra={"addon": addon_id, "engine": engine,
+                                           "plan": plan})
+
+    def rotate(self, addon_id: str, engine: Engine, plan: Plan) -> Credentials:
+        """A new password; the old one is refused from now on."""
+        self._check(engine, plan)
+        name = addon_name(addon_id)
+        with self.records.lock(name):
+            record = self._record(addon_id, name)
+            record.password = secrets.token_urlsafe(24)
+            self.records.put(record)        # first: a retry applies the same password
+            if plan == "shared":
+                self._ensure_shared_running()
+            if (engine, plan) == ("postgres", "shared"):
+                self.pg_shared.rotate(name, record.password)
+            elif (engine, plan) == ("redis", "shared"):
+                self.redis_shared.rotate(name, record.password)
+            else:
+                self._dedicated_redis(record).rotate(name, record.password)
+        log.info("addon credentials rotated", extra={"addon": addon_id})
+        return self.credentials(record)
+
+    def usage_mb(self, addon_id: str) -> float:
+        """Storage (Postgres: pg_database_size) or memory (Redis) in MiB."""
+        record = self._record(addon_id, addon_name(addon_id))
+        if (record.engine, record.plan) == ("postgres", "shared"):
+            used = self.pg_shared.usage_bytes(record.name)
+        elif (record.engine, record.plan) == ("redis", "shared"):
+            used = self.redis_shared.usage_bytes(record.name)
+        else:
+            used = self._dedicated_redis(record).usage_bytes()
+        return used / MB
+
+    def enforce_quota(self, addon_id: str, quota_mb: int) -> QuotaState:
+        """Compare usage with `quota_mb`: "ok"; "warn" from 90%; "blocked" at or
+        over it (writes revoked, reads and deletes work; again on each check while
+        over); "restored" when a blocked addon is back under (writes given back).
+        A dedicated Redis is bounded by its own maxmemory and is never blocked."""
+        name = addon_name(addon_id)
+        with self.records.lock(name):
+            record = self._record(addon_id, name)
+            shared = self._shared_tenants(record)
+            blocked = shared.is_blocked(name) if shared else False
+            if blocked and record.engine == "postgres":
+                self.pg_shared.vacuum(name)
+            used = self.usage_mb(addon_id)
+            state: QuotaState
+            if used >= quota_mb and shared is not None:
+                if not blocked:
+                    shared.block(name)
+                state = "blocked"
+            elif blocked and shared is not None:
+                shared.restore(name)
+                state = "restored"
+            else:
+                state = "warn" if used >= WARN_AT * quota_mb else "ok"
+        log.info("quota checked", extra={"addon": addon_id, "used_mb": round(used, 2),
+                                         "quota_mb": quota_mb, "state": state})
+        return state
+
+    # -- helpers -------------------------------------------------------------------
+
+    def credentials(self, record: AddonRecord) -> Credentials:
+        host, port, user, password = record.host, record.port, record.name, record.password
+        if record.engine == "postgres":
+            url = f"postgresql://{user}:{password}@{host}:{port}/{record.name}"
+            env = {"DATABASE_URL": url, "DB_HOST": host, "DB_PORT": str(port),
+                   "DB_NAME": record.name, "DB_USER": user, "DB_PASSWORD": password}
+        else:
+            url = f"redis://{user}:{password}@{host}:{port}/0"
+            env = {"REDIS_URL": url}
+            if record.plan == "shared":
+                env["REDIS_KEY_PREFIX"] = RedisShared.prefix(record.name)
+        return Credentials(url=url, env=env, host=host, port=port)
+
+    def _check(self, engine: str, plan: str) -> None:
+        if engine not in ENGINES or plan not in PLANS:
+            raise InvalidAddon(f"unknown addon kind {engine} {plan}",
+                               f"engine is one of {', '.join(ENGINES)}; plan one of "
+                               f"{', '.join(PLANS)}")
+        if (engine, plan) == ("postgres", "dedicated"):
+            raise NotBuiltYet("dedicated PostgreSQL (its own cluster behind PgBouncer) is "
+                              "not built yet", "use --plan shared for now")
+
+    def _record(self, addon_id: str, name: str) -> AddonRecord:
+        record = self.records.get(name)
+        if record is None:
+            raise AddonNotFound(f"no addon {addon_id} here",
+                                "provision it first; `berth addons` lists them")
+        return record
+
+    def _set_port(self, record: AddonRecord, port: int) -> None:
+        if record.port != port:
+            record.port = port
+            self.records.put(record)
+
+    def _ensure_shared_running(self) -> None:
+        if not (self.pg.is_running() and self.redis.is_running()):
+            self.ensure_shared_servers()
+
+    def _shared_tenants(self, record: AddonRecord) -> PgShared | RedisShared | None:
+        if record.plan != "shared":
+            return None
+        return self.pg_shared if record.engine == "postgres" else self.redis_shared
+
+    def _dedicated_redis(self, record: AddonRecord) -> RedisDedicated:
+        return RedisDedicated(self.data_dir / "redis" / "dedicated" / record.name,
+                              record.host, record.port,
+                              maxmemory_mb=record.quota_mb or DEDICATED_REDIS_MB)
