@@ -58,8 +58,13 @@ def red():
     if not url:
         return "no REDIS_URL", 404
     import redis
+    from urllib.parse import urlsplit
+    # a shared plan's user may touch only keys under its own prefix
+    user = urlsplit(url).username
+    key = os.environ.get("REDIS_KEY_PREFIX") or (f"{user}:" if user else "")
+    key += "hits"
     client = redis.Redis.from_url(url)
-    return json.dumps({"hits": client.incr("hits")})
+    return json.dumps({"hits": client.incr(key), "key": key})
 
 
 @app.get("/connect/<int:port>")
@@ -185,8 +190,9 @@ def test_redis_addon_through_the_app(berth: Berth, pushed: str):
     red = addon_id(out)
     berth.wait_for(lambda: berth.get(APP, "/redis").status == 200, 60, "REDIS_URL in the app")
     hits = json.loads(berth.get(APP, "/redis").text)["hits"]
-    assert json.loads(berth.get(APP, "/redis").text)["hits"] == hits + 1
-    out = berth("redis-cli", "-a", APP, "--", "get", "hits").stdout
+    again = json.loads(berth.get(APP, "/redis").text)
+    assert again["hits"] == hits + 1
+    out = berth("redis-cli", "-a", APP, "--", "get", again["key"]).stdout
     assert out.strip().splitlines()[-1].strip('"') == str(hits + 1)
 
     out = berth("addons", "destroy", red, "--confirm", APP).stdout
