@@ -227,8 +227,7 @@ class Frameworks:
                 url = next((line.split("=", 1)[1] for line in reversed(probe)
                             if line.startswith("berth-static-url=")), "")
                 record.write_text(json.dumps({"dir": str(static), "url": url}))
-                sink(f"-----> Static files collected: {url or '(no STATIC_URL)'} -> "
-                     f"{STATIC}/ (served by the platform's static file server)")
+                sink(f"-----> Static files collected: {url or '(no STATIC_URL)'} -> {STATIC}/")
                 return static, url
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
