@@ -88,16 +88,20 @@ class Provisioner:
 
     def ensure_shared_servers(self) -> None:
         """Init (first time) and start the shared cluster and redis-server unless they
-        run; their data dirs are re-used across restarts."""
+        run; their data dirs are re-used across restarts. A cluster it starts gets
+        its spare databases."""
+        started = False
         with self.records.lock("servers"):
             if not self.pg.initialized() or not self.pg.is_running():
                 self.pg.init()
                 self.pg.start()
                 self.pg_shared.sync_hba()
+                started = True
             if not self.redis.configured() or not self.redis.is_running():
                 self.redis.configure()
                 self.redis.start()
-        self.refill_spares()
+        if started:
+            self.refill_spares()
 
     def refill_spares(self) -> int:
         """Make empty databases until SPARE_DATABASES wait, so that the next shared
