@@ -41,14 +41,18 @@ IDENT_MAP = "berth"
 
 @dataclass(frozen=True)
 class HbaRule:
-    """One tenant's way in: `host <database> <role> <network> scram-sha-256`."""
+    """One tenant's way in: `host <database> <role> <network> scram-sha-256`, or over
+    the unix socket (`local`: PgBouncer's way, the socket being its user's alone)."""
 
     database: str
     role: str
     network: str = "127.0.0.0/8"
+    local: bool = False
 
     def line(self) -> str:
         # names are quoted so none is read as a keyword (all, sameuser, replication)
+        if self.local:
+            return f'local "{self.database}" "{self.role}" scram-sha-256'
         return f'host "{self.database}" "{self.role}" {self.network} scram-sha-256'
 
 

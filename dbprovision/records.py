@@ -32,10 +32,11 @@ class AddonRecord:
     name: str
     password: str
     host: str
-    port: int = 0
+    port: int = 0                    # the port of the app's URL
     state: str = "creating"          # creating -> ready
     quota_mb: int | None = None
     created: float = field(default_factory=time.time)
+    direct_port: int = 0             # dedicated Postgres: the cluster's own, behind PgBouncer
 
 
 class Records:

@@ -56,6 +56,9 @@ class RedisDedicated:
         if self.server.configured():
             self.server.start()
 
+    def stop(self) -> None:
+        self.server.stop()
+
     def rotate(self, name: str, password: str) -> None:
         self.ensure_running()
         with self.server.admin() as admin:

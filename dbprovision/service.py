@@ -8,14 +8,15 @@ step checks before it acts, and each addon has its own lock (records.py). So cal
 credentials; `destroy` of an addon that is gone, or half-made, cleans up what is left.
 
 Servers: the shared PostgreSQL cluster and the shared redis-server live under
-`data_dir/postgres/shared` and `data_dir/redis/shared`, a dedicated Redis under
-`data_dir/redis/dedicated/<name>`. Their ports are chosen once (port 0 = a free one)
-and kept in `data_dir/servers.json` and in each addon's record, so credentials stay
-valid across restarts. Servers daemonize and outlive the Provisioner; `stop_all`
-stops the ones under its data_dir, by PID.
+`data_dir/postgres/shared` and `data_dir/redis/shared`, a dedicated server (Redis, or
+a PostgreSQL cluster with its PgBouncer) under `data_dir/dedicated/<engine>-<hash>`.
+Ports are chosen once (port 0 = a free one) and kept in `data_dir/servers.json` and in
+each addon's record, so credentials stay valid across restarts. Servers daemonize and
+outlive the Provisioner; `stop_all` stops the ones under its data_dir, by PID.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import AddonNotFound, InvalidAddon, NotBuiltYet
+from .errors import AddonNotFound, InvalidAddon
 from .names import addon_name
 from .pgcluster import PgCluster
+from .pgdedicated import PgDedicated
 from .pgshared import PgShared
 from .ports import free_port
 from .records import AddonRecord, Records
@@ -116,13 +118,13 @@ class Provisioner:
         for record in self.records.all():
             if record.plan == "dedicated" and record.state == "ready":
                 with self.records.lock(record.name):
-                    self._dedicated_redis(record).ensure_running()
+                    self._dedicated(record).ensure_running()
 
     def stop_all(self) -> None:
         """Stop every server under data_dir (shared and dedicated), by PID."""
         for record in self.records.all():
-            if record.engine == "redis" and record.plan == "dedicated":
-                self._dedicated_redis(record).server.stop()
+            if record.plan == "dedicated":
+                self._dedicated(record).stop()
         self.redis.stop()
         self.pg.stop()
 
@@ -166,10 +168,17 @@ class Provisioner:
         elif (record.engine, record.plan) == ("redis", "shared"):
             self.redis_shared.create(record.name, record.password)
             self._set_port(record, self.redis.port)
-        else:
+        elif (record.engine, record.plan) == ("redis", "dedicated"):
             if not record.port:
                 self._set_port(record, free_port(self.address))
             self._dedicated_redis(record).create(record.name, record.password)
+        else:
+            if not (record.port and record.direct_port):
+                record.port, record.direct_port = self._two_free_ports()
+                self.records.put(record)
+            pg = self._dedicated_pg(record)
+            pg.create(record.name, record.password)
+            pg.wait_login(record.name, record.password)
 
     def destroy(self, addon_id: str, engine: Engine, plan: Plan, *,
                 final_dump: Path | None = None) -> None:
@@ -189,8 +198,13 @@ class Provisioner:
             elif (engine, plan) == ("redis", "shared"):
                 self._ensure_shared_running()
                 self.redis_shared.drop(name, final_dump)
-            elif record is not None:
+            elif record is not None and engine == "redis":
                 self._dedicated_redis(record).destroy(final_dump)
+            elif record is not None:
+                self._dedicated_pg(record).destroy(name, final_dump)
+            elif engine == "postgres":      # no record: a leftover dir, if any
+                PgDedicated(self._dedicated_root("postgres", name), self.address, 0,
+                            0).destroy(name)
             self.records.delete(name)
         log.info("addon destroyed", extra={"addon": addon_id, "engine": engine,
                                            "plan": plan})
@@ -210,7 +224,7 @@ class Provisioner:
             elif (engine, plan) == ("redis", "shared"):
                 self.redis_shared.rotate(name, record.password)
             else:
-                self._dedicated_redis(record).rotate(name, record.password)
+                self._dedicated(record).rotate(name, record.password)
         log.info("addon credentials rotated", extra={"addon": addon_id})
         return self.credentials(record)
 
@@ -221,15 +235,18 @@ class Provisioner:
             used = self.pg_shared.usage_bytes(record.name)
         elif (record.engine, record.plan) == ("redis", "shared"):
             used = self.redis_shared.usage_bytes(record.name)
-        else:
+        elif record.engine == "redis":
             used = self._dedicated_redis(record).usage_bytes()
+        else:
+            used = self._dedicated_pg(record).usage_bytes(record.name)
         return used / MB
 
     def enforce_quota(self, addon_id: str, quota_mb: int) -> QuotaState:
         """Compare usage with `quota_mb`: "ok"; "warn" from 90%; "blocked" at or
         over it (writes revoked, reads and deletes work; again on each check while
         over); "restored" when a blocked addon is back under (writes given back).
-        A dedicated Redis is bounded by its own maxmemory and is never blocked."""
+        Dedicated servers are never blocked (a dedicated Redis is bounded by its own
+        maxmemory; a dedicated cluster's disk is its plan's): "ok" or "warn"."""
         name = addon_name(addon_id)
         with self.records.lock(name):
             record = self._record(addon_id, name)
@@ -256,25 +273,27 @@ class Provisioner:
 
     def credentials(self, record: AddonRecord) -> Credentials:
         host, port, user, password = record.host, record.port, record.name, record.password
+        extra: dict[str, str] = {}
         if record.engine == "postgres":
             url = f"postgresql://{user}:{password}@{host}:{port}/{record.name}"
             env = {"DATABASE_URL": url, "DB_HOST": host, "DB_PORT": str(port),
                    "DB_NAME": record.name, "DB_USER": user, "DB_PASSWORD": password}
+            if record.plan == "dedicated":      # the URL is PgBouncer's; this one not
+                extra["DATABASE_DIRECT_URL"] = \
+                    f"postgresql://{user}:{password}@{host}:{record.direct_port}/{record.name}"
+                env.update(extra)
         else:
             url = f"redis://{user}:{password}@{host}:{port}/0"
             env = {"REDIS_URL": url}
             if record.plan == "shared":
                 env["REDIS_KEY_PREFIX"] = RedisShared.prefix(record.name)
-        return Credentials(url=url, env=env, host=host, port=port)
+        return Credentials(url=url, env=env, host=host, port=port, extra=extra)
 
     def _check(self, engine: str, plan: str) -> None:
         if engine not in ENGINES or plan not in PLANS:
             raise InvalidAddon(f"unknown addon kind {engine} {plan}",
                                f"engine is one of {', '.join(ENGINES)}; plan one of "
                                f"{', '.join(PLANS)}")
-        if (engine, plan) == ("postgres", "dedicated"):
-            raise NotBuiltYet("dedicated PostgreSQL (its own cluster behind PgBouncer) is "
-                              "not built yet", "use --plan shared for now")
 
     def _record(self, addon_id: str, name: str) -> AddonRecord:
         record = self.records.get(name)
@@ -297,7 +316,27 @@ class Provisioner:
             return None
         return self.pg_shared if record.engine == "postgres" else self.redis_shared
 
+    def _dedicated(self, record: AddonRecord) -> PgDedicated | RedisDedicated:
+        return self._dedicated_pg(record) if record.engine == "postgres" \
+            else self._dedicated_redis(record)
+
+    def _dedicated_root(self, engine: str, name: str) -> Path:
+        """`<data_dir>/dedicated/<engine>-<16 hex of the name's hash>`: short, since
+        the unix socket inside must fit in 107 bytes (the record maps name to dir)."""
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        return self.data_dir / "dedicated" / f"{engine}-{digest}"
+
     def _dedicated_redis(self, record: AddonRecord) -> RedisDedicated:
-        return RedisDedicated(self.data_dir / "redis" / "dedicated" / record.name,
-                              record.host, record.port,
-                              maxmemory_mb=record.quota_mb or DEDICATED_REDIS_MB)
+        return RedisDedicated(self._dedicated_root("redis", record.name), record.host,
+                              record.port, maxmemory_mb=record.quota_mb or DEDICATED_REDIS_MB)
+
+    def _dedicated_pg(self, record: AddonRecord) -> PgDedicated:
+        return PgDedicated(self._dedicated_root("postgres", record.name), record.host,
+                           record.direct_port, record.port)
+
+    def _two_free_ports(self) -> tuple[int, int]:
+        first = free_port(self.address)
+        second = free_port(self.address)
+        while second == first:
+            second = free_port(self.address)
+        return first, second

@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dbprovision.errors import InvalidAddon, NotBuiltYet
+from dbprovision.errors import InvalidAddon
 from dbprovision.names import addon_name, parked_role
 from dbprovision.pgshared import PgShared
 from dbprovision.service import Credentials, Provisioner
@@ -255,9 +255,9 @@ def test_dedicated_redis_destroy(prov: Provisioner, tmp_path: Path):
         c.ping()
 
 
-def test_unknown_and_unbuilt_plans(prov: Provisioner):
-    with pytest.raises(NotBuiltYet):
-        prov.provision(_id("x"), "postgres", "dedicated")
+def test_unknown_plans(prov: Provisioner):
+    with pytest.raises(InvalidAddon):
+        prov.provision(_id("x"), "postgres", "ha")  # type: ignore[arg-type]
     with pytest.raises(InvalidAddon):
         prov.provision(_id("x"), "mysql", "shared")  # type: ignore[arg-type]
     with pytest.raises(InvalidAddon):

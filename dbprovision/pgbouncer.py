@@ -1,0 +1,136 @@
+"""One PgBouncer in front of one dedicated cluster: transaction pooling, SCRAM.
+
+Layout under `root` (the server user's, 0700): `pgbouncer.ini`, `userlist.txt` (the
+tenant's SCRAM verifier, the same one the server holds: PgBouncer checks the client's
+SCRAM proof against it and logs in to PostgreSQL with the keys the client proved,
+so no password in clear is stored anywhere), `pgbouncer.pid`, `pgbouncer.log`.
+It reaches PostgreSQL over the cluster's unix socket (it runs as the same system user
+as postgres, who alone may enter that directory). PgBouncer refuses to run as root.
+
+Transaction pooling: a server connection is the client's for one transaction, so
+many app processes share few PostgreSQL backends; session state (SET, prepared
+statements by name, LISTEN, advisory locks held across transactions) does not last
+between transactions. Apps that need it use the direct URL (DATABASE_DIRECT_URL).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from .command import RunAs, run
+from .errors import CommandFailed, ServerUnavailable
+from .files import own_dir, write_file
+from .ports import listening
+
+log = logging.getLogger(__name__)
+
+PGBOUNCER = "/usr/sbin/pgbouncer"
+
+
+class PgBouncer:
+    def __init__(self, root: Path, address: str, port: int, *, user: RunAs,
+                 socket_dir: Path, pg_port: int, pool_size: int = 20,
+                 max_clients: int = 200, program: str = PGBOUNCER) -> None:
+        self.root = root
+        self.address = address
+        self.port = port
+        self.user = user
+        self.socket_dir = socket_dir
+        self.pg_port = pg_port
+        self.pool_size = pool_size
+        self.max_clients = max_clients
+        self.program = program
+        self.ini = root / "pgbouncer.ini"
+        self.userlist = root / "userlist.txt"
+        self.pid_file = root / "pgbouncer.pid"
+        self.log_file = root / "pgbouncer.log"
+
+    def configure(self, database: str, role: str, verifier: str) -> None:
+        """Write the ini and the user list; a running PgBouncer re-reads both."""
+        own_dir(self.root, self.user)
+        write_file(self.userlist, f'"{role}" "{verifier}"\n', self.user)
+        write_file(self.ini, self._ini(database), self.user)
+        self.reload()
+
+    def _ini(self, database: str) -> str:
+        return "\n".join([
+            "; written by Berth (dbprovision/pgbouncer.py)",
+            "[databases]",
+            f"{database} = host={self.socket_dir} port={self.pg_port} dbname={database}",
+            "[pgbouncer]",
+            f"listen_addr = {self.address}",
+            f"listen_port = {self.port}",
+            "unix_socket_dir =",
+            "auth_type = scram-sha-256",
+            f"auth_file = {self.userlist}",
+            "pool_mode = transaction",
+            f"default_pool_size = {self.pool_size}",
+            f"max_client_conn = {self.max_clients}",
+            "ignore_startup_parameters = extra_float_digits,options",
+            "server_reset_query =",
+            f"logfile = {self.log_file}",
+            f"pidfile = {self.pid_file}",
+            "admin_users =",
+            "stats_users =",
+        ]) + "\n"
+
+    def start(self, timeout: float = 10) -> None:
+        if self.is_running():
+            return
+        self.pid_file.unlink(missing_ok=True)
+        try:
+            run([self.program, "-d", self.ini], timeout=timeout, user=self.user, cwd=self.root)
+        except CommandFailed as exc:
+            raise ServerUnavailable(f"PgBouncer in {self.root} did not start: {exc.message}",
+                                    f"see {self.log_file}") from exc
+        deadline = time.monotonic() + timeout
+        while not listening(self.address, self.port):
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"PgBouncer on port {self.port} does not listen",
+                                        f"see {self.log_file}")
+            time.sleep(0.005)
+        log.info("pgbouncer started", extra={"dir": str(self.root), "port": self.port,
+                                             "pid": self.pid()})
+
+    def reload(self) -> None:
+        pid = self.pid()
+        if pid is not None and self._is_ours(pid):
+            os.kill(pid, signal.SIGHUP)
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM by PID (an immediate shutdown: clients are cut, the server behind
+        finishes or rolls back their transactions)."""
+        pid = self.pid()
+        if pid is None or not self._is_ours(pid):
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self._is_ours(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline += 5
+            time.sleep(0.01)
+        log.info("pgbouncer stopped", extra={"dir": str(self.root), "pid": pid})
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def is_running(self) -> bool:
+        pid = self.pid()
+        return pid is not None and self._is_ours(pid)
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+        return b"pgbouncer" in cmdline and os.fsencode(self.ini) in cmdline
