@@ -277,6 +277,8 @@ class Provision(AddonTask):
         creds = prov.provision(addon["id"], addon["engine"], addon["plan"],
                                quota_mb=addon.get("quota_mb"))
         self.report(addon["id"], "done", step="ready", credentials=asdict(creds))
+        if addon["plan"] == "shared" and addon["engine"] == "postgres":
+            prov.refill_spares()        # off the user's clock: the next one is faster
         return "ready"
 
     def give_up(self, addon_id: str) -> None:
@@ -311,29 +313,30 @@ class Destroy(AddonTask):
         return "destroyed"
 
 
-@app.task(bind=True, base=Provision, name=TASKS[Op.PROVISION])
+@app.task(bind=True, base=Provision, name=TASKS[Op.PROVISION], shared=False)
 def provision_addon(self: Provision, addon_id: str) -> str:
     return self.run_op(addon_id)
 
 
-@app.task(bind=True, base=Rotate, name=TASKS[Op.ROTATE])
+@app.task(bind=True, base=Rotate, name=TASKS[Op.ROTATE], shared=False)
 def rotate_addon(self: Rotate, addon_id: str) -> str:
     return self.run_op(addon_id)
 
 
-@app.task(bind=True, base=Destroy, name=TASKS[Op.DESTROY])
+@app.task(bind=True, base=Destroy, name=TASKS[Op.DESTROY], shared=False)
 def destroy_addon(self: Destroy, addon_id: str) -> str:
     return self.run_op(addon_id)
 
 
-@app.task(name=CHECK_QUOTAS, acks_late=False)
+@app.task(name=CHECK_QUOTAS, acks_late=False, shared=False)
 def check_quotas() -> dict[str, str]:
     """Measure every ready shared database against its quota: over it the provisioner
     warns, then revokes writes (reads and deletes go on) until it is back under; the
-    controller puts each change in the app's log. Also restarts shared servers that
-    died (ensure_shared_servers is idempotent)."""
+    controller puts each change in the app's log. Also starts the shared and dedicated
+    servers that are not running (after a reboot; both calls are idempotent)."""
     prov = provisioner()
     prov.ensure_shared_servers()
+    prov.ensure_dedicated_servers()     # until a runner supervises them
     out: dict[str, str] = {}
     client = api()
     for addon in client.call("GET", "/v1/platform/addons?quota=1")["addons"]:
@@ -382,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from controller import jobs as _jobs  # the tasks under their module's own name
+    # the tasks under their module's own name (shared=False above keeps this copy's
+    # tasks out of that module's app)
+    from controller import jobs as _jobs
 
     _jobs.main()
