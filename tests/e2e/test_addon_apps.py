@@ -164,7 +164,10 @@ def write_app(dest: Path, files: dict[str, str]) -> Path:
 def test_django_migrates_in_its_release_phase_and_serves_rows(berth: Berth, tmp_path: Path):
     src = write_app(tmp_path / "djnotes", DJANGO_FILES)
     berth("apps", "create", "djnotes")
+    started = time.monotonic()
     berth("addons", "create", "postgres", "--plan", "shared", "-a", "djnotes")
+    print(f"\n`berth addons create postgres --plan shared` (the module's first): "
+          f"{time.monotonic() - started:.2f}s wall")
     out = berth("push", str(src), "-a", "djnotes", timeout=300).stdout
     print(out)
     assert "Running release command: python manage.py migrate" in out
@@ -186,7 +189,10 @@ def test_a_celery_worker_uses_the_redis_addon_as_its_broker(berth: Berth, tmp_pa
     berth("apps", "create", "queued")
     # a server of its own: Celery's keys (celery, _kombu.*, celery-task-meta-*) are
     # not under the key prefix a shared plan's ACL user is given
+    started = time.monotonic()
     berth("addons", "create", "redis", "--plan", "dedicated", "-a", "queued")
+    print(f"\n`berth addons create redis --plan dedicated`: "
+          f"{time.monotonic() - started:.2f}s wall")
     berth("push", str(src), "-a", "queued", timeout=300)
     berth("scale", "worker=1", "-a", "queued")
     berth.wait_for(lambda: any(i["proc"] == "worker" and i["state"] == "RUNNING"

@@ -127,7 +127,7 @@ def test_postgres_addon_through_the_app(berth: Berth, pushed: str,
     print(out, f"\n`berth addons create postgres --plan shared`: {took:.2f}s wall")
     pg = addon_id(out)
     assert re.match(r"^postgres-[0-9a-f]{6}$", pg)
-    assert "DATABASE_URL in release" in out
+    assert re.search(r"DATABASE_URL.* in release v\d+", out)
     releases = berth.json("releases", "-a", APP)
     assert releases["current"] > before
     assert "DATABASE_URL" in releases["releases"][0]["config_keys"]
@@ -141,7 +141,7 @@ def test_postgres_addon_through_the_app(berth: Berth, pushed: str,
 
     # the firewall: its database's port is open to it, the platform's ports are not
     info = berth.json("addons", "info", pg)
-    assert info["state"] == "ready" and info["env_keys"] == ["DATABASE_URL"]
+    assert info["state"] == "ready" and "DATABASE_URL" in info["env_keys"]
     assert "***" in info["url"]
     assert berth.get(APP, f"/connect/{info['port']}").text == "connected"
     for port in (platform.ports.api, platform.ports.broker, platform.ports.control):
