@@ -40,6 +40,13 @@ class ProgramMissing(CommandFailed):
                    "redis-tools and pgbouncer"
 
 
+class AddonBusy(AddonError):
+    """Another job holds the addon's (or the servers') lock; a retry will do."""
+
+    code = "addon_busy"
+    status = 503
+
+
 class InvalidAddon(AddonError):
     """An addon id, engine or plan the provisioner cannot take."""
 

@@ -86,11 +86,13 @@ class PgBouncer:
         except CommandFailed as exc:
             raise ServerUnavailable(f"PgBouncer in {self.root} did not start: {exc.message}",
                                     f"see {self.log_file}") from exc
-        deadline = time.monotonic() + timeout
-        while not listening(self.address, self.port):
-            if time.monotonic() > deadline:
-                raise ServerUnavailable(f"PgBouncer on port {self.port} does not listen",
-                                        f"see {self.log_file}")
+        started = time.monotonic()
+        while not (self.is_running() and listening(self.address, self.port)):
+            now = time.monotonic()
+            # it binds after daemonizing: a taken port shows as a PgBouncer that is gone
+            if now - started > timeout or (now - started > 0.5 and not self.is_running()):
+                raise ServerUnavailable(f"PgBouncer on port {self.port} did not start: "
+                                        f"{self._log_tail()}", f"see {self.log_file}")
             time.sleep(0.005)
         log.info("pgbouncer started", extra={"dir": str(self.root), "port": self.port,
                                              "pid": self.pid()})
@@ -124,6 +126,13 @@ class PgBouncer:
     def is_running(self) -> bool:
         pid = self.pid()
         return pid is not None and self._is_ours(pid)
+
+    def _log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return ""
+        return " | ".join(text[-lines:])
 
     def _is_ours(self, pid: int) -> bool:
         try:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import AddonError
+from .errors import AddonBusy
 
 
 @dataclass
@@ -83,8 +83,8 @@ class Records:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise AddonError(f"{key} is busy: another job holds its lock",
-                                         "retry when the other job is done") from None
+                        raise AddonBusy(f"{key} is busy: another job holds its lock",
+                                        "retry when the other job is done") from None
                     time.sleep(0.05)
             yield
         finally:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .command import RunAs, run
 from .errors import CommandFailed, ServerUnavailable
@@ -104,13 +106,14 @@ class RedisServer:
         if self.is_running():
             return
         self.pid_file.unlink(missing_ok=True)
+        offset = self._log_size()
         try:
             run([self.program, self.conf], timeout=timeout, user=self.user, cwd=self.root)
         except CommandFailed as exc:
             raise ServerUnavailable(f"redis-server in {self.root} did not start: "
                                     f"{self._log_tail() or exc.message}",
                                     f"see {self.log_file}") from exc
-        self.wait_ready(timeout)
+        self.wait_ready(timeout, log_offset=offset)
         log.info("redis started", extra={"dir": str(self.root), "port": self.port,
                                          "pid": self.pid()})
 
@@ -145,19 +148,40 @@ class RedisServer:
         except (redis.RedisError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 10) -> None:
+    def wait_ready(self, timeout: float = 10, *, log_offset: int | None = None) -> None:
+        """Until it answers PING. The daemon binds after it has left its parent, so a
+        port already taken shows only in its log ("... aborting."): read from
+        `log_offset`, that fails at once instead of at the deadline."""
         deadline = time.monotonic() + timeout
         while not self.is_ready():
+            if log_offset is not None and "aborting" in self._log_since(log_offset):
+                raise ServerUnavailable(f"redis-server in {self.root} did not start: "
+                                        f"{self._log_tail(2)}", f"see {self.log_file}")
             if time.monotonic() > deadline:
                 raise ServerUnavailable(f"redis-server in {self.root} does not answer: "
                                         f"{self._log_tail()}", f"see {self.log_file}")
             time.sleep(0.005)
 
+    def _log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def admin(self, timeout: float = 5, *, decode: bool = True) -> redis.Redis:
         """The platform's connection, over the unix socket."""
         return redis.Redis(unix_socket_path=str(self.socket), username=ADMIN,
                            password=self.admin_password(), socket_timeout=timeout,
-                           socket_connect_timeout=timeout, decode_responses=decode)
+                           socket_connect_timeout=timeout, decode_responses=decode,
+                           retry=Retry(NoBackoff(), 0))     # callers decide on retries
 
     def _is_ours(self, pid: int) -> bool:
         """Alive, not a zombie, and redis-server started on our config (not another

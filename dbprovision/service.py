@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import AddonNotFound, InvalidAddon
+from .errors import AddonNotFound, InvalidAddon, ServerUnavailable
 from .names import addon_name
 from .pgcluster import PgCluster
 from .pgdedicated import PgDedicated
 from .pgshared import PgShared
-from .ports import free_port
+from .ports import free_port, listening
 from .records import AddonRecord, Records
 from .redisdedicated import RedisDedicated
 from .redisserver import RedisServer
@@ -168,17 +168,39 @@ class Provisioner:
         elif (record.engine, record.plan) == ("redis", "shared"):
             self.redis_shared.create(record.name, record.password)
             self._set_port(record, self.redis.port)
-        elif (record.engine, record.plan) == ("redis", "dedicated"):
-            if not record.port:
-                self._set_port(record, free_port(self.address))
-            self._dedicated_redis(record).create(record.name, record.password)
         else:
-            if not (record.port and record.direct_port):
+            self._make_dedicated(record)
+
+    def _make_dedicated(self, record: AddonRecord, tries: int = 3) -> None:
+        """Its own server on ports chosen now (and kept); when another process took
+        one of them between the choice and the start (two workers choosing at once),
+        new ports and another try."""
+        for attempt in range(tries):
+            if not record.port or (record.engine == "postgres" and not record.direct_port):
                 record.port, record.direct_port = self._two_free_ports()
                 self.records.put(record)
-            pg = self._dedicated_pg(record)
-            pg.create(record.name, record.password)
-            pg.wait_login(record.name, record.password)
+            server = self._dedicated(record)
+            try:
+                server.create(record.name, record.password)
+                if isinstance(server, PgDedicated):
+                    server.wait_login(record.name, record.password)
+                return
+            except ServerUnavailable:
+                if attempt == tries - 1 or not self._port_taken(record):
+                    raise
+                log.warning("port taken, choosing others", extra={"addon": record.addon_id,
+                                                                  "port": record.port})
+                server.stop()           # what did start, on the old ports
+                record.port = record.direct_port = 0
+
+    def _port_taken(self, record: AddonRecord) -> bool:
+        """One of the record's ports answers although its own server does not run."""
+        if record.engine == "redis":
+            return not self._dedicated_redis(record).server.is_running() and \
+                listening(self.address, record.port)
+        pg = self._dedicated_pg(record)
+        return (not pg.cluster.is_running() and listening(self.address, record.direct_port)) \
+            or (not pg.bouncer.is_running() and listening(self.address, record.port))
 
     def destroy(self, addon_id: str, engine: Engine, plan: Plan, *,
                 final_dump: Path | None = None) -> None:

@@ -164,3 +164,34 @@ def test_restart(prov: Provisioner, data_dir: Path, a: Credentials):
     again.ensure_dedicated_servers()
     _connect(a.url).close()
     _connect(a.extra["DATABASE_DIRECT_URL"]).close()
+
+
+@pytest.mark.parametrize("engine", ["redis", "postgres"])
+def test_a_port_taken_meanwhile_gets_other_ports(prov: Provisioner, engine: str):
+    """Two workers may choose the same free port at once: the loser of the race takes
+    other ports instead of failing for ever."""
+    import socket
+
+    from dbprovision.records import AddonRecord
+
+    addon = f"race-{engine}-{uuid.uuid4().hex[:6]}"
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    free = other.getsockname()[1]
+    other.close()
+    name = addon_name(addon)
+    ports = {"port": taken, "direct_port": free} if engine == "postgres" else {"port": taken}
+    prov.records.put(AddonRecord(addon, engine, "dedicated", name, "pw-" + uuid.uuid4().hex,
+                                 "127.0.0.1", **ports))
+    try:
+        creds = prov.provision(addon, engine, "dedicated")   # type: ignore[arg-type]
+        assert creds.port != taken
+        if engine == "postgres":
+            _connect(creds.url).close()
+    finally:
+        squatter.close()
+        prov.destroy(addon, engine, "dedicated")  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dbprovision.errors import AddonError
+from dbprovision.errors import AddonBusy
 from dbprovision.records import AddonRecord, Records
 
 
@@ -37,7 +37,7 @@ def test_lock_excludes_another_process(tmp_path: Path):
     holder.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(AddonError), Records(tmp_path).lock("x", timeout=0.2):
+        with pytest.raises(AddonBusy), Records(tmp_path).lock("x", timeout=0.2):
             pass
         with Records(tmp_path).lock("y", timeout=0.2):
             pass
