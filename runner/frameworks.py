@@ -144,6 +144,32 @@ def app_env(detected: Detected, release_dir: Path, manifest: Manifest,
     return out
 
 
+DEFAULT_STATIC_URL = "/static/"
+
+
+def with_found_static(detected: Detected, release_dir: Path, manifest: Manifest) -> Detected:
+    """An app that is not Django has no collectstatic: its static directory is the one
+    berth.yaml declares (the first of `static_dirs`, under `static_url`), or a
+    top-level `static/` (Flask's default for an app module at the top), served under
+    /static/. It must be a real directory inside the release (no link)."""
+    if manifest.static_dirs:
+        candidate = manifest.static_dirs[0]
+    elif (release_dir / "static").is_dir():
+        candidate = "static"
+    else:
+        return detected
+    path = release_dir / candidate
+    try:
+        inside = path.resolve().is_relative_to(release_dir.resolve())
+    except OSError:
+        return detected
+    if not inside or path.is_symlink() or not path.is_dir():
+        return detected
+    url = manifest.static_url or DEFAULT_STATIC_URL
+    return Detected(detected.framework, detected.settings_module, detected.injected,
+                    path, url)
+
+
 class Frameworks:
     """The prepare step after the virtualenv: detect, hook Flask, collect Django's
     static files. `locks_dir` is the runner's own (never a path an app could plant)."""
@@ -157,6 +183,8 @@ class Frameworks:
                 data_dir: Path, sink: LineSink) -> tuple[Detected, dict[str, str]]:
         """(what was found, the env the app's processes get for it)."""
         detected = detect(release_dir, venv.path, env, manifest)
+        if detected.framework != "django":
+            detected = with_found_static(detected, release_dir, manifest)
         if detected.framework is None:
             return detected, {}
         name = ("Django project (settings " + str(detected.settings_module) + ")"

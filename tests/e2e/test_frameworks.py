@@ -142,12 +142,19 @@ def test_flask_factory_gets_its_secret_key_and_the_manifest_holds(berth, tmp_pat
 
     (app / "berth.yaml").write_text(f'python: "{have[6:]}"\nhealthcheck: /healthz\n'
                                     'max_processes:\n  web: 2\n')
+    # a top-level static/ (Flask's default) is found and served by the platform
+    (app / "static").mkdir()
+    (app / "static" / "site.css").write_text("body { color: teal }\n")
     out = berth("push", str(app), "-a", "fl", timeout=150).stdout
     assert "Flask app: Berth's settings layers are on" in out
     secret = berth("config", "get", "SECRET_KEY", "-a", "fl").stdout.strip()
     r = berth.get("fl", "/")
     assert r.status == 200, r.text
     assert r.text and secret and secret in r.text
+    sheet = berth.wait_for(lambda: (lambda r: r.headers.get("Server") == "berth-static" and r)(
+        berth.get("fl", "/static/site.css")), timeout=30, what="Flask static from the platform")
+    assert sheet.status == 200 and sheet.text == "body { color: teal }\n"
+    assert sheet.headers["Content-Type"].startswith("text/css") and sheet.headers["ETag"]
 
     refused = berth("scale", "web=3", "-a", "fl", check=False)
     assert refused.returncode != 0 and "allows at most 2" in refused.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from messaging.manifest import Manifest
 from runner.errors import BuildError
-from runner.frameworks import STATIC, Detected, Frameworks, app_env, detect
+from runner.frameworks import STATIC, Detected, Frameworks, app_env, detect, with_found_static
 from runner.interpreters import Interpreters, short_version
 from runner.venv import Venv, unwrapped
 from settings_templates import DJANGO_SETTINGS_MODULE, FLASK_PTH_LINE, RUNTIME_DIR
@@ -153,3 +153,21 @@ def test_interpreters_pick_by_version_and_list_what_exists(tmp_path: Path) -> No
     assert "asks for python 3.99" in err.value.message
     assert f"it has: python{mine}" in err.value.message
     assert "berth.yaml" in err.value.hint
+
+
+def test_static_dir_of_an_app_without_collectstatic_is_declared_or_found(tmp_path: Path):
+    rel = tmp_path / "release"
+    rel.mkdir()
+    flask = Detected("flask", None, True)
+    assert with_found_static(flask, rel, Manifest()).static_dir is None   # nothing there
+    (rel / "static").mkdir()
+    found = with_found_static(flask, rel, Manifest())
+    assert (found.static_dir, found.static_url) == (rel / "static", "/static/")
+    (rel / "assets").mkdir()
+    declared = with_found_static(flask, rel, Manifest(static_url="/a/", static_dirs=("assets",)))
+    assert (declared.static_dir, declared.static_url) == (rel / "assets", "/a/")
+    # a link, or a path out of the release, is never a static root
+    (rel / "out").symlink_to("/etc")
+    for bad in ("out", "../", "/etc"):
+        got = with_found_static(flask, rel, Manifest(static_dirs=(bad,)))
+        assert got.static_dir is None, bad
