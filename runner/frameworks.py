@@ -45,6 +45,10 @@ SETTINGS_DEFAULT = re.compile(
     r"""DJANGO_SETTINGS_MODULE['"]\s*,\s*['"]([A-Za-z_][A-Za-z0-9_.]*)['"]""")
 READ_LIMIT = 64 << 10
 PROBE = ("from django.conf import settings; "
+         "apps = getattr(settings, 'INSTALLED_APPS', ['django.contrib.staticfiles']); "
+         "on = any(a == 'django.contrib.staticfiles' or "
+         "a.startswith('django.contrib.staticfiles.') for a in apps); "
+         "print('berth-staticfiles=' + str(int(on))); "
          "print('berth-static-url=' + str(settings.STATIC_URL or ''))")
 
 LineSink = Callable[[str], None]
@@ -221,7 +225,7 @@ class Frameworks:
 
     def _collect_static(self, release_dir: Path, venv: Venv, env: dict[str, str],
                         wrap: Wrap, owner: tuple[int, int] | None,
-                        sink: LineSink) -> tuple[Path, str]:
+                        sink: LineSink) -> tuple[Path | None, str | None]:
         """`manage.py collectstatic` into the release's static dir, once per release on
         this host (recorded in .berth/static.json); instances of one release starting
         together wait for the first."""
@@ -234,18 +238,26 @@ class Frameworks:
             try:
                 if record.is_file():
                     known = json.loads(record.read_text())
+                    if known.get("dir") is None:
+                        return None, None
                     sink(f"-----> Static files already collected ({known['url']})")
                     return static, str(known["url"])
-                self._make_static_dir(release_dir, owner)
-                sink("-----> Running python manage.py collectstatic --noinput")
                 python = str(venv.bin / "python")
                 try:
-                    run_streaming(wrap([python, "manage.py", "collectstatic", "--noinput"],
-                                       (static,)), sink, "collectstatic", cwd=release_dir,
-                                  env=env)
                     probe: list[str] = []
                     run_streaming(wrap([python, "-c", PROBE], ()), probe.append,
                                   "reading STATIC_URL", cwd=release_dir, env=env)
+                    if "berth-staticfiles=0" in probe:
+                        self._make_static_dir(release_dir, owner)
+                        record.write_text(json.dumps({"dir": None, "url": None}))
+                        sink("-----> django.contrib.staticfiles is not installed: "
+                             "no static files to collect")
+                        return None, None
+                    self._make_static_dir(release_dir, owner)
+                    sink("-----> Running python manage.py collectstatic --noinput")
+                    run_streaming(wrap([python, "manage.py", "collectstatic", "--noinput"],
+                                       (static,)), sink, "collectstatic", cwd=release_dir,
+                                  env=env)
                 except BuildError as exc:
                     raise BuildError(
                         exc.message,

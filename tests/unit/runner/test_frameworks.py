@@ -171,3 +171,18 @@ def test_static_dir_of_an_app_without_collectstatic_is_declared_or_found(tmp_pat
     for bad in ("out", "../", "/etc"):
         got = with_found_static(flask, rel, Manifest(static_dirs=(bad,)))
         assert got.static_dir is None, bad
+
+
+def test_a_django_project_without_staticfiles_builds_with_nothing_to_collect(tmp_path: Path):
+    release = django_release(tmp_path / "r")
+    no_static = FAKE_DJANGO + "    INSTALLED_APPS = ['django.contrib.admin']\n"
+    venv = make_venv(tmp_path / "v", {"django": no_static})
+    lines: list[str] = []
+    fw = Frameworks(tmp_path / "locks")
+    detected, _ = fw.prepare(release, venv, {"BREAK": "1"}, Manifest(), unwrapped, None,
+                             tmp_path, lines.append)      # collectstatic would fail: not run
+    assert detected.static_dir is None and detected.framework == "django"
+    assert any("staticfiles is not installed" in line for line in lines)
+    again, _ = fw.prepare(release, venv, {"BREAK": "1"}, Manifest(), unwrapped, None,
+                          tmp_path, lines.append)
+    assert again.static_dir is None
