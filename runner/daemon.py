@@ -4,7 +4,10 @@ It connects to the controller's control ROUTER (DEALER, identity = host id) and 
 PULL (PUSH), answers commands, heartbeats its full inventory every interval and
 supervises instances. One thread (the loop) owns the sockets and the instances; each
 `step` is bounded: poll the control socket for at most LOOP_POLL, drain at most
-MAX_EVENTS events from worker threads, tick every instance, heartbeat when due.
+MAX_EVENTS events from worker threads (fewer once a heartbeat is due: the rest wait
+for the next step), tick every instance, heartbeat when due. Nothing slow runs on it:
+preparing (fetch, venv, cgroup) is a job, spawning is a job in a pool of
+`max_parallel_spawns` threads, and cleaning up after an instance is a job.
 
 When the controller goes away nothing changes on this host (static stability): the
 instances keep running and restarting, heartbeats keep being sent for when it returns.
@@ -38,9 +41,17 @@ from runner.errors import BuildError, CommandError, RunnerError
 from runner.frameworks import Detected, Frameworks
 from runner.health import wait_healthy
 from runner.interpreters import Interpreters
-from runner.isolation import NOBODY, Isolation
+from runner.isolation import NOBODY, InstanceJail, Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
-from runner.process import Hooks, Instance, InstanceSpec, Policy
+from runner.process import (
+    Hooks,
+    Instance,
+    InstanceSpec,
+    Policy,
+    SpawnRequest,
+    SpawnResult,
+    do_spawn,
+)
 from runner.retention import prune_app
 from runner.runs import Run
 from runner.runtable import Runs, spec_from_args
@@ -82,6 +93,8 @@ class Runner(Hooks):
         self.events: queue.Queue[Any] = queue.Queue()
         self.waker = Waker()            # job threads and run readers end the poll early
         self.jobs = Jobs(self.events, self.waker.wake)
+        self.spawns = self.jobs.pool("spawn", settings.max_parallel_spawns)
+        self._cleaning: dict[str, int] = {}         # app -> instance cleanups running
         self.instances: dict[str, Instance] = {}
         # the host's static file server (runner/staticsup.py), and per instance the
         # static files its release collected: (static dir, URL prefix)
@@ -187,13 +200,16 @@ class Runner(Hooks):
             self.stop(0.0 if self.shutting_down else None)
             log.info("got %s", signal.Signals(signum).name)
         assert self.control is not None and self.attach is not None
-        ready = dict(self.poller.poll(LOOP_POLL_MS))
+        # events left over from the last step (a heartbeat cut it short): no waiting
+        ready = dict(self.poller.poll(0 if not self.events.empty() else LOOP_POLL_MS))
         if self.waker.fileno() in ready:
             self.waker.clear()
         if self.attach in ready:
             self._drain_attach()
         if self.control in ready:
             for _ in range(MAX_MESSAGES):
+                if time.monotonic() >= self._next_heartbeat:
+                    break       # the heartbeat first; the rest next step
                 try:
                     _, msg = recv(self.control, zmq.NOBLOCK)
                 except zmq.Again:
@@ -203,6 +219,8 @@ class Runner(Hooks):
                     continue
                 self._on_message(msg)
         for _ in range(MAX_EVENTS):
+            if time.monotonic() >= self._next_heartbeat:
+                break       # the heartbeat first; the rest next step
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -214,9 +232,7 @@ class Runner(Hooks):
             if inst.state is State.STOPPED:
                 del self.instances[inst.id]
                 self._static_of.pop(inst.id, None)
-                if inst.jail is not None:
-                    inst.jail.remove()
-                shutil.rmtree(inst.instance_dir, ignore_errors=True)
+                self._clean_up(inst.spec.app, inst.jail, inst.instance_dir)
                 changed = True
         now = time.monotonic()
         changed |= self.runs.step(now)
@@ -434,7 +450,7 @@ class Runner(Hooks):
     def _start_destroys(self) -> None:
         for app in list(self._destroying):
             if any(inst.spec.app == app for inst in self.instances.values()) \
-                    or self.runs.of_app(app):
+                    or self.runs.of_app(app) or self._cleaning.get(app):
                 continue            # wait until its instances and runs are gone
             msg = self._destroying.pop(app)
             self._gone.add(app)
@@ -461,6 +477,21 @@ class Runner(Hooks):
             self._send(reply(msg, self.host, error=_error_dict(event.error)))
         else:
             self._send(reply(msg, self.host, result={"destroyed": event.result}))
+
+    def _clean_up(self, app: str, jail: InstanceJail | None, instance_dir: Path) -> None:
+        """An instance is gone: its cgroup (kill what is left, rmdir) and its dir go in
+        a job, as removing a cgroup may wait for the kernel."""
+        self._cleaning[app] = self._cleaning.get(app, 0) + 1
+        self.jobs.submit(("clean_up", app, instance_dir.name), _clean_up, jail, instance_dir)
+
+    def _done_clean_up(self, event: JobDone) -> None:
+        app = event.tag[1]
+        self._cleaning[app] -= 1
+        if not self._cleaning[app]:
+            del self._cleaning[app]
+        if event.error is not None:
+            log.warning("could not clean up after an instance: %s", event.error,
+                        extra={"app": app, "instance": event.tag[2]})
 
     def _prune_slugs(self) -> None:
         kept = {p.name for p in self.apps_dir.glob("*/releases/*") if p.is_dir()}
@@ -527,32 +558,68 @@ class Runner(Hooks):
             "release_dir": str(prepared.release_dir), "log_lines": lines,
             "detected": prepared.detected.to_wire()}))
 
+    def _prepare_instance(self, inst_id: str, spec: InstanceSpec, sink: Callable[[str], None]
+                          ) -> tuple[Prepared, InstanceJail | BerthError]:
+        """Job thread: `_prepare_app`, then the instance's jail and cgroup (a failure
+        to set limits is returned: it is retried, unlike a failed build)."""
+        prepared = self._prepare_app(spec.app, spec.slug, spec.slug_url, sink,
+                                     spec.manifest, spec.env)
+        try:
+            jail = self.isolation.instance(spec.app, inst_id,
+                                           spec.limits(self.isolation.defaults))
+        except BerthError as exc:
+            return prepared, exc
+        return prepared, jail
+
     def _done_instance_prepare(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]
-        if self.instances.get(inst.id) is not inst:
-            return      # stopped (and maybe started anew) meanwhile
+        current = self.instances.get(inst.id) is inst and inst.state is State.PREPARING
         if event.error is not None:
+            if not current:
+                return      # stopped (and maybe started anew) meanwhile
             err = event.error
             message = err.message if isinstance(err, BerthError) else repr(err)
             self.platform(inst, f"prepare failed: {message}")
             inst.prepare_failed(message, retry=not isinstance(err, BuildError))
             return
-        prepared: Prepared = event.result
-        release_dir, venv = prepared.release_dir, prepared.venv
+        prepared: Prepared
+        jail: InstanceJail | BerthError
+        prepared, jail = event.result
+        if not current:
+            # stopped (and maybe started anew) meanwhile: the cgroup made for it goes
+            if isinstance(jail, InstanceJail) and jail is not inst.jail:
+                self._clean_up(inst.spec.app, jail, inst.instance_dir)
+            return
+        if isinstance(jail, BerthError):
+            self.platform(inst, f"cannot set limits: {jail.message}")
+            inst.prepare_failed(jail.message, retry=True)
+            return
         # the settings layers' variables (runner/frameworks.py) join its config
         inst.spec = spec = replace(inst.spec, env={**inst.spec.env, **prepared.env})
-        try:
-            jail = self.isolation.instance(spec.app, inst.id,
-                                           spec.limits(self.isolation.defaults))
-        except BerthError as exc:
-            self.platform(inst, f"cannot set limits: {exc.message}")
-            inst.prepare_failed(exc.message, retry=True)
-            return
-        inst.prepared(release_dir, venv.bin, has_control_socket(venv.path), jail,
+        inst.prepared(prepared.release_dir, prepared.venv.bin,
+                      has_control_socket(prepared.venv.path), jail,
                       self.isolation.paths(spec.app).data)
         found = prepared.detected
         if found.static_dir is not None and static_prefix_ok(found.static_url or ""):
             self._static_of[inst.id] = (found.static_dir, str(found.static_url))
+
+    def _done_spawn(self, event: JobDone) -> None:
+        inst: Instance = event.tag[1]
+        result: SpawnResult = event.result
+        if event.error is not None:     # do_spawn returns its errors: this is a bug
+            log.error("spawn job failed", exc_info=event.error,
+                      extra={"app": inst.spec.app, "instance": inst.id})
+            result = SpawnResult(event.tag[2], error=repr(event.error))
+        if self.instances.get(inst.id) is inst and inst.spawn_done(result):
+            return
+        if result.proc is not None:     # awaited by nobody (should not happen): end it
+            log.warning("ending a process nobody awaited", extra={
+                "app": inst.spec.app, "instance": inst.id, "pid": result.proc.pid})
+            inst.ops.signal_group(result.proc.pid, signal.SIGKILL)
+            self.jobs.submit(("reaped",), inst.ops.reap, result.proc)
+
+    def _done_reaped(self, event: JobDone) -> None:
+        pass
 
     def _done_health(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]
@@ -566,24 +633,35 @@ class Runner(Hooks):
         def sink(line: str) -> None:
             self.jobs.post(OutputLine(spec.app, line, "build", instance=spec.instance,
                                       release=spec.release))
-        self.jobs.submit(("instance_prepare", inst), self._prepare_app, spec.app, spec.slug,
-                         spec.slug_url, sink, spec.manifest, spec.env)
+        self.jobs.submit(("instance_prepare", inst), self._prepare_instance, inst.id, spec,
+                         sink)
 
-    def spawned(self, inst: Instance) -> None:
-        assert inst.proc is not None and inst.proc.stdout and inst.proc.stderr
-        spec = inst.spec
-        for stream, pipe in (("stdout", inst.proc.stdout), ("stderr", inst.proc.stderr)):
+    def spawn(self, inst: Instance, request: SpawnRequest) -> None:
+        self.spawns.submit(("spawn", inst, request.generation), self._spawn_job, inst,
+                           request, inst.spec, inst.port)
+
+    def _spawn_job(self, inst: Instance, request: SpawnRequest, spec: InstanceSpec,
+                   port: int | None) -> SpawnResult:
+        """Spawn-pool thread: fork/exec, then the threads that watch the new process
+        (its output, its health check), all started here rather than on the loop."""
+        result = do_spawn(inst.ops, request)
+        proc = result.proc
+        if proc is None:
+            return result
+        assert proc.stdout is not None and proc.stderr is not None
+        for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
             self.jobs.read_lines(pipe, functools.partial(
                 _app_line, spec=spec, stream=stream))
         if spec.web:
-            assert inst.port is not None
-            generation, port = inst.generation, inst.port
+            assert port is not None
+            generation = request.generation
             host_header = spec.host_header or f"{self.settings.address}:{port}"
             self.jobs.submit(
                 ("health", inst, generation), wait_healthy, self.settings.address, port,
                 host_header, self.settings.health_timeout,
                 lambda: inst.generation == generation and inst.state is State.STARTING,
                 spec.manifest.healthcheck)
+        return result
 
     def event(self, inst: Instance, text: str) -> None:
         self.platform(inst, text)
@@ -675,3 +753,12 @@ def _error_dict(exc: BaseException) -> dict[str, Any]:
         return exc.to_dict()
     log.error("prepare failed unexpectedly", exc_info=exc)
     return RunnerError(f"prepare failed: {exc!r}", "see the runner's log").to_dict()
+
+
+def _clean_up(jail: InstanceJail | None, instance_dir: Path) -> None:
+    """Job thread: what a stopped instance leaves (its cgroup, its dir)."""
+    try:
+        if jail is not None:
+            jail.remove()
+    finally:
+        shutil.rmtree(instance_dir, ignore_errors=True)

@@ -60,6 +60,11 @@ class Jobs:
             self.wake()
         threading.Thread(target=work, name=f"job-{tag[0]}", daemon=True).start()
 
+    def pool(self, name: str, size: int) -> Pool:
+        """A fixed set of `size` threads taking jobs in order: for work that must not
+        run a hundred at once (spawns fork the runner: a few in parallel is what pays)."""
+        return Pool(self, name, size)
+
     def read_lines(self, pipe: IO[bytes], make: Callable[[str], OutputLine]) -> None:
         """Post every line of a pipe until EOF (when the whole process group closed it)."""
         def work() -> None:
@@ -71,3 +76,45 @@ class Jobs:
             finally:
                 pipe.close()
         threading.Thread(target=work, name="output", daemon=True).start()
+
+
+class Pool:
+    """Bounded parallel jobs: `submit` queues, `size` worker threads run them in order
+    and post JobDone like Jobs.submit. The threads start on first use and live as
+    long as the process (daemon threads)."""
+
+    def __init__(self, jobs: Jobs, name: str, size: int) -> None:
+        self.jobs = jobs
+        self.name = name
+        self.size = size
+        self._queue: queue.Queue[tuple[tuple[Any, ...], Callable[..., Any], tuple[Any, ...]]] \
+            = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, tag: tuple[Any, ...], fn: Callable[..., Any], *args: Any) -> None:
+        self._queue.put((tag, fn, args))
+        with self._lock:
+            if len(self._threads) < self.size:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"{self.name}-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not started yet."""
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        while True:
+            tag, fn, args = self._queue.get()
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    log.exception("job %s died", tag[0])
+                self.jobs.post(JobDone(tag, error=exc))
+            else:
+                self.jobs.post(JobDone(tag, result=result))
+            self.jobs.wake()

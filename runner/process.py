@@ -12,8 +12,15 @@
 
 Every change of state goes through `Instance._transition`, which checks it against
 TRANSITIONS. The instance is owned by the daemon's loop thread: it never blocks and
-never starts threads; the daemon feeds it events (prepared, healthy, stop, tick) and
-learns what happened through `Hooks`. OS calls go through `ProcessOps`.
+never starts threads; the daemon feeds it events (prepared, spawn_done, healthy, stop,
+tick) and learns what happened through `Hooks`. OS calls go through `ProcessOps`.
+
+Spawning is asynchronous: entering STARTING makes a `SpawnRequest` (argv, cwd,
+environment, all decided here) that `Hooks.spawn` carries out wherever it likes (the
+daemon: a bounded pool of job threads, so a hundred starts never hold up its loop)
+and answers with `spawn_done(SpawnResult)`. Until then the instance is STARTING with
+no process; a stop meanwhile makes it STOPPING, and the process is signalled as soon
+as it exists. The default `Hooks.spawn` spawns at once (tests).
 """
 from __future__ import annotations
 
@@ -137,6 +144,36 @@ class InstanceSpec:
                       self.pids_max or defaults.pids)
 
 
+@dataclass(frozen=True)
+class SpawnRequest:
+    """One spawn of an instance, decided on the loop thread (the command already in
+    its jail, the environment, the port) and carried out by whoever `Hooks.spawn`
+    hands it to: making the instance dir and the fork/exec."""
+    instance: str
+    generation: int
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    instance_dir: Path
+
+
+@dataclass
+class SpawnResult:
+    generation: int
+    proc: subprocess.Popen[bytes] | None = None
+    error: str | None = None        # why it could not be started (proc is None)
+
+
+def do_spawn(ops: ProcessOps, request: SpawnRequest) -> SpawnResult:
+    """The blocking part of a start; safe in any thread (it touches no Instance)."""
+    try:
+        request.instance_dir.mkdir(parents=True, exist_ok=True)
+        proc = ops.spawn(request.argv, request.cwd, request.env)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return SpawnResult(request.generation, error=str(exc))
+    return SpawnResult(request.generation, proc)
+
+
 class ProcessOps:
     """The OS calls a supervisor makes; one object so a test can watch or replace it."""
 
@@ -159,7 +196,13 @@ class ProcessOps:
 
 
 class Hooks:
-    """What the daemon wants to hear about; the default hears nothing."""
+    """What the daemon wants to hear about; the default hears nothing and spawns at
+    once, on the caller's thread."""
+
+    def spawn(self, inst: Instance, request: SpawnRequest) -> None:
+        """Start the process `request` describes, then call `inst.spawn_done` with the
+        result on the loop thread (the daemon does it in a job)."""
+        inst.spawn_done(do_spawn(inst.ops, request))
 
     def spawned(self, inst: Instance) -> None:
         """A process was started: read its output and (web) health-check it."""
@@ -202,6 +245,8 @@ class Instance:
     _running_at: float = 0.0
     _retry_at: float = 0.0
     _kill_at: float | None = None
+    _spawning: bool = False         # a SpawnRequest is out; its result not back yet
+    _healthy_early: bool = False
     _fail_reason: str | None = None
     _reprepare: bool = False
     _next_oom_check: float = 0.0
@@ -254,6 +299,9 @@ class Instance:
 
     def healthy(self, generation: int) -> None:
         """The web health check got an answer below 500."""
+        if self._spawning and generation == self.generation:
+            self._healthy_early = True      # it answered before its spawn was reported
+            return
         if self.state is State.STARTING and generation == self.generation \
                 and self._fail_reason is None:
             self._running_at = self.clock()
@@ -271,12 +319,19 @@ class Instance:
             assert self._kill_at is not None
             self._kill_at = min(self._kill_at, self.clock() + grace)
             return
+        self._kill_at = self.clock() + grace
+        if self._spawning:
+            # STARTING -> STOPPING: the process is being spawned; it gets SIGTERM as
+            # soon as it exists (spawn_done)
+            self._transition(State.STOPPING, f"stopping once it is spawned, SIGKILL "
+                                             f"in {grace:g}s")
+            return
         if self.proc is None:
             # PREPARING / BACKOFF / FATAL -> STOPPED: nothing runs
+            self._kill_at = None
             self._transition(State.STOPPED, "stopped by command")
             return
         self.ops.signal_group(self.proc.pid, signal.SIGTERM)
-        self._kill_at = self.clock() + grace
         # STARTING / RUNNING -> STOPPING: waits for the group to exit
         self._transition(State.STOPPING, f"SIGTERM sent, SIGKILL in {grace:g}s")
 
@@ -287,7 +342,7 @@ class Instance:
         now = self.clock()
         if self.proc is not None and self.ops.exited(self.proc):
             self._exited()
-        elif self.state is State.STARTING:
+        elif self.state is State.STARTING and not self._spawning:
             if self.spec.web:
                 if now - self._started_at >= self.policy.health_timeout \
                         and self._fail_reason is None:
@@ -311,8 +366,7 @@ class Instance:
             else:
                 self._spawn()
         elif self.state is State.STOPPING and self._kill_at is not None \
-                and now >= self._kill_at:
-            assert self.proc is not None
+                and now >= self._kill_at and self.proc is not None:
             self.ops.signal_group(self.proc.pid, signal.SIGKILL)
             self._kill_at = None
         if self.proc is not None and now >= self._next_oom_check \
@@ -372,28 +426,64 @@ class Instance:
         self._transition(State.BACKOFF, f"{why}, restarting in {delay:g}s")
 
     def _spawn(self) -> None:
+        """Ask for a process (Hooks.spawn); the answer comes to spawn_done."""
         assert self.release_dir is not None and self.venv_bin is not None
         self.generation += 1
         self.output_tail.clear()        # a new run: its own output from here on
         self._fail_reason = None
         self._kill_at = None
         try:
-            self.instance_dir.mkdir(parents=True, exist_ok=True)
             self.port = free_port(self.policy.address) if self.spec.web else None
             args = self.args()
             if self.jail is not None:
                 args = self.jail.argv(args)
-            self.proc = self.ops.spawn(args, self.release_dir, self.environment())
+            request = SpawnRequest(self.id, self.generation, args, self.release_dir,
+                                   self.environment(), self.instance_dir)
         except (OSError, ValueError) as exc:
-            self.proc = None
+            self.port = None
             self._failed(f"cannot start `{self.spec.command}`: {exc}", count_restart=True)
             return
+        self._spawning = True
         self._started_at = self.clock()
-        where = (f"waiting for HTTP on {self.policy.address}:{self.port}"
-                 if self.spec.web else "waiting for it to stay up")
-        # PREPARING / BACKOFF -> STARTING
-        self._transition(State.STARTING, f"pid {self.proc.pid}, {where}")
+        # PREPARING / BACKOFF -> STARTING: the spawn is under way
+        self._transition(State.STARTING, f"starting `{self.spec.command}`")
+        self.hooks.spawn(self, request)
+
+    def spawn_done(self, result: SpawnResult) -> bool:
+        """The answer to this instance's SpawnRequest, on the loop thread. False when
+        it is not the answer awaited (then the caller ends the process, if any)."""
+        if not self._spawning or result.generation != self.generation:
+            return False
+        self._spawning = False
+        healthy, self._healthy_early = self._healthy_early, False
+        if result.proc is None:
+            self.port = None
+            if self.state is State.STOPPING:
+                # STOPPING -> STOPPED: stopped while spawning, and nothing started
+                self._kill_at = None
+                self._transition(State.STOPPED, "stopped before it started")
+            else:
+                self._failed(f"cannot start `{self.spec.command}`: {result.error}",
+                             count_restart=True)
+            return True
+        self.proc = result.proc
+        self._started_at = self.clock()
+        if self.state is State.STOPPING:
+            # the stop came first: the new process gets it now
+            assert self._kill_at is not None
+            late = self.clock() >= self._kill_at
+            self.ops.signal_group(self.proc.pid, signal.SIGKILL if late else signal.SIGTERM)
+            if late:
+                self._kill_at = None
+        else:
+            where = (f"waiting for HTTP on {self.policy.address}:{self.port}"
+                     if self.spec.web else "waiting for it to stay up")
+            self.reason = f"pid {self.proc.pid}, {where}"
+            self.hooks.event(self, f"{self.spec.proc}.{self.id} started: {self.reason}")
         self.hooks.spawned(self)
+        if healthy:
+            self.healthy(self.generation)
+        return True
 
     def args(self) -> list[str]:
         """The Procfile command through /bin/sh with exec semantics (runner/procfile.py);

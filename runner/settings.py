@@ -48,5 +48,6 @@ SPEC = Spec("runner", [
     Setting("stop_grace", float, 10.0, "Seconds between SIGTERM and SIGKILL when stopping an instance.", min=0),
     Setting("start_retries", int, 5, "Consecutive failed starts before an instance is FATAL.", min=1),
     Setting("backoff_max", float, 30.0, "Longest wait between restarts of a crashing instance.", min=0),
+    Setting("max_parallel_spawns", int, 4, "Instances spawned at once (fork/exec into their jails) by the spawn pool, off the runner's loop; more wait their turn in STARTING.", min=1, max=64),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ], checks=[_uid_range])

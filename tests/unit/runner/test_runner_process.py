@@ -7,14 +7,26 @@ import select
 import signal
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO
 
 import pytest
 
-from runner.process import (TRANSITIONS, Hooks, Instance, InstanceSpec, Policy, State,
-                            TransitionError, backoff_delay, describe_exit)
+from runner.process import (
+    TRANSITIONS,
+    Hooks,
+    Instance,
+    InstanceSpec,
+    Policy,
+    SpawnRequest,
+    SpawnResult,
+    State,
+    TransitionError,
+    backoff_delay,
+    describe_exit,
+    do_spawn,
+)
 
 PY = sys.executable
 
@@ -291,3 +303,80 @@ def test_environment_and_args(make: Callable[..., Instance], tmp_path: Path) -> 
         f"--bind 127.0.0.1:5000 --control-socket {inst.instance_dir / 'gunicorn.ctl'}"
     inst.instance_dir = tmp_path / ("x" * 120)
     assert len(inst.control_socket_path()) < 100
+
+
+class Deferred(Recorder):
+    """Spawns as the daemon does: the request is answered later (here: by the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[SpawnRequest] = []
+
+    def spawn(self, inst: Instance, request: SpawnRequest) -> None:
+        self.requests.append(request)
+
+
+def deferred(make: Callable[..., Instance], command: str, **kw: float | str) -> Instance:
+    inst = make(command, **kw)
+    inst.hooks = Deferred()
+    return inst
+
+
+def answer(inst: Instance) -> SpawnResult:
+    hooks = inst.hooks
+    assert isinstance(hooks, Deferred)
+    return do_spawn(inst.ops, hooks.requests.pop(0))
+
+
+def test_a_spawn_in_flight_is_starting_without_a_process(make: Callable[..., Instance],
+                                                         tmp_path: Path) -> None:
+    inst = deferred(make, "sleep 30", proc="web")
+    prepared(inst, tmp_path)
+    assert inst.state is State.STARTING and inst.proc is None and inst.port
+    request = inst.hooks.requests[0]       # type: ignore[attr-defined]
+    assert request.env["PORT"] == str(inst.port) and request.generation == inst.generation
+    advance(inst, 3600)
+    inst.tick()                             # no health timeout before there is a process
+    assert inst.state is State.STARTING and inst.inventory().pid is None
+    inst.healthy(inst.generation)           # answered before the spawn was reported
+    assert inst.spawn_done(answer(inst))
+    assert inst.proc is not None and inst.state is State.RUNNING
+    assert inst.reason.startswith("answering HTTP")
+    assert not inst.spawn_done(SpawnResult(inst.generation))    # nobody awaits another
+
+
+def test_a_stop_while_spawning_stops_the_process_once_it_exists(
+        make: Callable[..., Instance], tmp_path: Path) -> None:
+    inst = deferred(make, "sleep 30")
+    prepared(inst, tmp_path)
+    inst.stop(grace=5)
+    assert inst.state is State.STOPPING and inst.proc is None
+    inst.tick()
+    assert inst.spawn_done(answer(inst))
+    assert inst.proc is not None
+    tick_until(inst, State.STOPPED)
+    assert inst.reason == "stopped (killed by SIGTERM)" and inst.restarts == 0
+
+    # past the grace by the time the process exists: SIGKILL at once
+    late = deferred(make, "trap '' TERM; sleep 30")
+    prepared(late, tmp_path)
+    late.stop(grace=1)
+    advance(late, 2)
+    late.spawn_done(answer(late))
+    tick_until(late, State.STOPPED)
+    assert late.reason == "stopped (killed by SIGKILL)"
+
+
+def test_a_failed_spawn_backs_off_or_stops(make: Callable[..., Instance],
+                                          tmp_path: Path) -> None:
+    inst = deferred(make, "sleep 30", proc="web")
+    prepared(inst, tmp_path)
+    assert inst.spawn_done(SpawnResult(inst.generation, error="no such file"))
+    assert inst.state is State.BACKOFF and inst.port is None
+    assert inst.reason == "cannot start `sleep 30`: no such file, restarting in 2s"
+
+    stopped = deferred(make, "sleep 30")
+    prepared(stopped, tmp_path)
+    stopped.stop()
+    assert stopped.spawn_done(SpawnResult(stopped.generation, error="fork failed"))
+    assert stopped.state is State.STOPPED and stopped.reason == "stopped before it started"
