@@ -4,6 +4,7 @@ fixtures both use this, so the tests start the platform exactly as a newcomer do
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -100,6 +101,17 @@ class Ports:
                 for ch in CHANNELS.values() if ch.endpoint_setting in spec.settings}
 
 
+def outside_tmp(data_dir: Path) -> Path | None:
+    """Where app files and the wheel cache go when the platform's data dir is under
+    /tmp (a clone in `mktemp -d`): every app jail replaces /tmp with a private one, so
+    what apps must see (their dirs, the wheels their builds install) lives in
+    /var/tmp/berth-<hash of the data dir> instead. None when the data dir is fine."""
+    data = data_dir.resolve()
+    if data != Path("/tmp") and Path("/tmp") not in data.parents:
+        return None
+    return Path("/var/tmp") / f"berth-{hashlib.sha256(str(data).encode()).hexdigest()[:12]}"
+
+
 @dataclass
 class LocalPlatform:
     data_dir: Path
@@ -111,6 +123,12 @@ class LocalPlatform:
     jobs: bool = True           # broker + job workers + beat: addons (controller/jobs.py)
     job_retry_seconds: float = 30.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        outside = outside_tmp(self.data_dir)
+        if outside is not None:
+            self.apps_dir = self.apps_dir or str(outside / "apps")
+            self.wheel_cache_dir = self.wheel_cache_dir or str(outside / "wheels")
 
     @property
     def api_url(self) -> str:
