@@ -247,6 +247,14 @@ class Cgroups:
             self._group(app, instance).remove()
         InstanceGroup(app_dirs, version).remove()
 
+    def remove_scope(self) -> None:
+        """Remove this platform's (empty) scope groups once no app has one left."""
+        for base in self._bases:
+            try:
+                (base / "berth" / self.scope).rmdir()
+            except OSError:
+                pass        # gone already, or an app still has a group in it
+
     def apps(self) -> list[str]:
         """Apps with a group under this scope, such as those a killed runner left."""
         if self._version is None:

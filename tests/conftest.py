@@ -58,6 +58,7 @@ def forget_apps(apps_dir: Path) -> None:
         if cgroups.version is not None:
             for app in cgroups.apps():
                 cgroups.remove_app(app)
+            cgroups.remove_scope()
         users = AppUsers(scope)
         for app in users.apps():
             users.remove(app)
