@@ -11,6 +11,9 @@ preparing (fetch, venv, cgroup) is a job, spawning is a job in a pool of
 
 When the controller goes away nothing changes on this host (static stability): the
 instances keep running and restarting, heartbeats keep being sent for when it returns.
+When the runner itself dies, its instances keep running, and the next runner on the
+same data dir adopts them (runner/adopt.py) before its first heartbeat, so neither
+the controller nor the balancers see them go.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,11 +39,11 @@ from messaging.heartbeat import PeerTracker
 from messaging.manifest import Manifest
 from messaging.shapes import Limits, State, static_prefix_ok, static_roots_to_wire
 from messaging.waker import Waker
-from runner import actions, leftovers
+from runner import actions, adopt, leftovers
 from runner.addonports import AddonPorts
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.frameworks import Detected, Frameworks
-from runner.health import wait_healthy
+from runner.health import answers, wait_healthy
 from runner.interpreters import Interpreters
 from runner.isolation import NOBODY, InstanceJail, Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
@@ -48,6 +52,7 @@ from runner.process import (
     Instance,
     InstanceSpec,
     Policy,
+    Process,
     SpawnRequest,
     SpawnResult,
     do_spawn,
@@ -66,6 +71,7 @@ MAX_MESSAGES = 100          # control messages handled per step
 MAX_EVENTS = 1000           # worker events handled per step
 SHUTDOWN_SLACK = 5.0        # seconds past stop_grace before remaining groups are killed
 APPS_EVERY = 2.0            # seconds between listings of the apps this host holds
+ADOPT_PROBE = 2.0           # seconds for health-checking adopted instances, in all
 CONTROLLER = "controller"
 
 
@@ -141,7 +147,9 @@ class Runner(Hooks):
         self.isolation.start()
         for stale in self.apps_dir.glob("*/releases/.unpack-*"):
             shutil.rmtree(stale, ignore_errors=True)      # left by a killed unpack
-        leftovers.end(self.data_dir / "instances", self.settings.stop_grace)
+        adoptable = adopt.find(self.data_dir / "instances")
+        leftovers.end(self.data_dir / "instances", self.settings.stop_grace,
+                      keep=frozenset(record.instance for record, _ in adoptable))
         if self.static is not None:
             self.static.start(time.monotonic())
         self.control = connect(self.ctx, "control", self.settings.control_endpoint,
@@ -151,11 +159,63 @@ class Runner(Hooks):
                               identity=self.host)
         for sock in (self.control, self.attach, self.waker):
             self.poller.register(sock, zmq.POLLIN)
+        self._adopt(adoptable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("runner started", extra={"address": self.settings.address,
                                           "control": self.settings.control_endpoint,
                                           "data_dir": str(self.data_dir)})
+
+    def _adopt(self, found: list[tuple[adopt.Record, adopt.AdoptedProcess]]) -> None:
+        """Take over what a killed runner left running (before the first heartbeat):
+        web instances that answer their health check at once are RUNNING, the others
+        STARTING with their health check running; nothing is restarted."""
+        if not found:
+            return
+        started = time.monotonic()
+        answering = self._probe([r for r, _ in found if r.proc == "web" and r.port])
+        for record, proc in found:
+            spec = InstanceSpec(
+                instance=record.instance, app=record.app, release=record.release,
+                proc=record.proc, command=record.command, env=record.env, slug=record.slug,
+                slug_url=record.slug_url, host_header=record.host_header,
+                memory_mb=record.memory_mb, pids_max=record.pids_max,
+                manifest=Manifest.from_wire(record.manifest))
+            inst = Instance(spec, self.policy, self.data_dir / "instances" / spec.instance,
+                            hooks=self)
+            try:
+                jail: InstanceJail | None = self.isolation.instance(
+                    spec.app, spec.instance, spec.limits(self.isolation.defaults))
+            except BerthError as exc:
+                log.warning("adopted an instance without its limits: %s", exc.message,
+                            extra={"app": spec.app, "instance": spec.instance})
+                jail = None
+            self.instances[inst.id] = inst
+            if record.static is not None:
+                self._static_of[inst.id] = (Path(record.static[0]), record.static[1])
+            inst.adopt(proc, record.port, Path(record.release_dir), Path(record.venv_bin),
+                       record.control_socket, jail,
+                       Path(record.data_dir) if record.data_dir else None,
+                       record.generation, record.restarts, record.instance in answering)
+            self._watch(inst, proc, spec, record.port, record.generation)
+            log.info("adopted an instance", extra={
+                "app": spec.app, "instance": spec.instance, "release": spec.release,
+                "pid": proc.pid, "port": record.port, "state": inst.state.value})
+        log.info("adopted %d instances in %.2fs", len(found), time.monotonic() - started)
+
+    def _probe(self, records: list[adopt.Record]) -> set[str]:
+        """The web instances among `records` that answer their health check, asked in
+        parallel and bounded by ADOPT_PROBE seconds in all."""
+        if not records:
+            return set()
+        pool = ThreadPoolExecutor(min(16, len(records)), thread_name_prefix="adopt")
+        futures = {pool.submit(
+            answers, self.settings.address, r.port or 0,
+            r.host_header or f"{self.settings.address}:{r.port}", 1.0,
+            Manifest.from_wire(r.manifest).healthcheck): r.instance for r in records}
+        done, _ = wait(futures, timeout=ADOPT_PROBE)
+        pool.shutdown(wait=False, cancel_futures=True)
+        return {futures[f] for f in done if f.result()}
 
     def run(self) -> int:
         try:
@@ -637,31 +697,54 @@ class Runner(Hooks):
                          sink)
 
     def spawn(self, inst: Instance, request: SpawnRequest) -> None:
+        assert inst.release_dir is not None and inst.venv_bin is not None
+        spec, static = inst.spec, self._static_of.get(inst.id)
+        # what the next runner needs to adopt it, should this one die (pid: the job)
+        record = adopt.Record(
+            instance=spec.instance, app=spec.app, release=spec.release, proc=spec.proc,
+            command=spec.command, env=spec.env, slug=spec.slug, slug_url=spec.slug_url,
+            host_header=spec.host_header, memory_mb=spec.memory_mb, pids_max=spec.pids_max,
+            manifest=spec.manifest.to_wire(), pid=0, port=inst.port,
+            generation=request.generation, restarts=inst.restarts,
+            release_dir=str(inst.release_dir), venv_bin=str(inst.venv_bin),
+            data_dir=str(inst.data_dir) if inst.data_dir else None,
+            control_socket=inst.control_socket,
+            static=(str(static[0]), static[1]) if static else None)
         self.spawns.submit(("spawn", inst, request.generation), self._spawn_job, inst,
-                           request, inst.spec, inst.port)
+                           request, record, spec)
 
-    def _spawn_job(self, inst: Instance, request: SpawnRequest, spec: InstanceSpec,
-                   port: int | None) -> SpawnResult:
-        """Spawn-pool thread: fork/exec, then the threads that watch the new process
-        (its output, its health check), all started here rather than on the loop."""
+    def _spawn_job(self, inst: Instance, request: SpawnRequest, record: adopt.Record,
+                   spec: InstanceSpec) -> SpawnResult:
+        """Spawn-pool thread: fork/exec, the record for adoption, then the threads that
+        watch the new process (its output, its health check), all started here rather
+        than on the loop."""
         result = do_spawn(inst.ops, request)
-        proc = result.proc
-        if proc is None:
+        if result.proc is None:
             return result
+        try:
+            replace(record, pid=result.proc.pid).write(request.instance_dir)
+        except OSError as exc:
+            log.warning("could not record an instance; a restarted runner would end it "
+                        "rather than adopt it: %s", exc,
+                        extra={"app": record.app, "instance": record.instance})
+        self._watch(inst, result.proc, spec, record.port, request.generation)
+        return result
+
+    def _watch(self, inst: Instance, proc: Process, spec: InstanceSpec, port: int | None,
+               generation: int) -> None:
+        """Read the process's output; health-check a web process while it is STARTING
+        (any thread)."""
         assert proc.stdout is not None and proc.stderr is not None
         for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
             self.jobs.read_lines(pipe, functools.partial(
                 _app_line, spec=spec, stream=stream))
-        if spec.web:
-            assert port is not None
-            generation = request.generation
+        if spec.web and port is not None:
             host_header = spec.host_header or f"{self.settings.address}:{port}"
             self.jobs.submit(
                 ("health", inst, generation), wait_healthy, self.settings.address, port,
                 host_header, self.settings.health_timeout,
                 lambda: inst.generation == generation and inst.state is State.STARTING,
                 spec.manifest.healthcheck)
-        return result
 
     def event(self, inst: Instance, text: str) -> None:
         self.platform(inst, text)

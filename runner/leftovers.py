@@ -1,9 +1,9 @@
 """Processes a previous run of this runner left behind.
 
 A runner killed with SIGKILL cannot stop its instances: they run in their own
-sessions and keep their ports. The controller has already placed replacements once
-the runner went silent, so on start the runner ends every process group that still
-carries one of its own instance ids (BERTH_INSTANCE, set in every instance's
+sessions and keep their ports. On start the runner adopts those that are whole
+(runner/adopt.py: a record, a live leader) and ends every other process group that
+still carries one of its own instance ids (BERTH_INSTANCE, set in every instance's
 environment) before it takes new work. One-off runs are found the same way: each has a
 dir `run-<id>` beside the instances' while it runs, and BERTH_RUN=<id> in its
 environment. Instance and run ids are unique per platform, so several runners on one
@@ -35,11 +35,12 @@ def _instance_of(pid: int) -> str | None:
     return None
 
 
-def find(instances_dir: Path) -> dict[str, set[int]]:
-    """{instance id: process group ids} for live processes of our old instances."""
+def find(instances_dir: Path, keep: frozenset[str] = frozenset()) -> dict[str, set[int]]:
+    """{instance id: process group ids} for live processes of our old instances (but
+    those in `keep`: adopted)."""
     if not instances_dir.exists():
         return {}
-    ours = {p.name for p in instances_dir.iterdir() if p.is_dir()}
+    ours = {p.name for p in instances_dir.iterdir() if p.is_dir()} - keep
     found: dict[str, set[int]] = {}
     if not ours:
         return found
@@ -55,10 +56,12 @@ def find(instances_dir: Path) -> dict[str, set[int]]:
     return found
 
 
-def end(instances_dir: Path, grace: float = 5.0) -> list[str]:
+def end(instances_dir: Path, grace: float = 5.0,
+        keep: frozenset[str] = frozenset()) -> list[str]:
     """SIGTERM the leftover groups, SIGKILL what remains after `grace`, then forget
-    the old instance dirs. Returns the instance ids that had processes."""
-    found = find(instances_dir)
+    the old instance dirs, but those of the instances in `keep` (adopted). Returns
+    the instance ids that had processes."""
+    found = find(instances_dir, keep)
     groups = {g for gs in found.values() for g in gs}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pgid in groups:
@@ -67,13 +70,15 @@ def end(instances_dir: Path, grace: float = 5.0) -> list[str]:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + grace
-        while sig == signal.SIGTERM and time.monotonic() < deadline and find(instances_dir):
+        while sig == signal.SIGTERM and time.monotonic() < deadline \
+                and find(instances_dir, keep):
             time.sleep(0.1)
-        if not find(instances_dir):
+        if not find(instances_dir, keep):
             break
     for iid in found:
         log.warning("ended a leftover instance", extra={"instance": iid})
     if instances_dir.exists():
         for old in instances_dir.iterdir():
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
     return sorted(found)

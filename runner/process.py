@@ -9,6 +9,7 @@
                                v
                              FATAL
     any state --stop--> STOPPING (process alive) or STOPPED (none) ; STOPPING --exit--> STOPPED
+    PREPARING --adopt--> RUNNING or STARTING (a process a killed runner left: adopt.py)
 
 Every change of state goes through `Instance._transition`, which checks it against
 TRANSITIONS. The instance is owned by the daemon's loop thread: it never blocks and
@@ -24,6 +25,7 @@ as it exists. The default `Hooks.spawn` spawns at once (tests).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -35,9 +37,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Protocol
 
 from messaging.manifest import Manifest
 from messaging.shapes import InventoryItem, State
+from runner.adopt import AdoptedProcess
 from runner.cgroups import Limits
 from runner.isolation import InstanceJail
 from runner.ports import free_port
@@ -50,8 +54,10 @@ log = logging.getLogger(__name__)
 # occur here. State itself is declared once, in messaging.shapes.
 TRANSITIONS: dict[State, frozenset[State]] = {
     # slug fetched and venv ready -> spawned; fetch failed -> retry later;
-    # build failed -> FATAL; stop while preparing -> STOPPED (nothing to kill)
-    State.PREPARING: frozenset({State.STARTING, State.BACKOFF, State.FATAL, State.STOPPED}),
+    # build failed -> FATAL; stop while preparing -> STOPPED (nothing to kill);
+    # adopted from a killed runner, answering its health check -> RUNNING
+    State.PREPARING: frozenset({State.STARTING, State.RUNNING, State.BACKOFF, State.FATAL,
+                                State.STOPPED}),
     # health check passed (web) or stayed up (others) -> RUNNING; died or failed the
     # health check -> BACKOFF, or FATAL when out of retries; stop -> STOPPING
     State.STARTING: frozenset({State.RUNNING, State.BACKOFF, State.FATAL, State.STOPPING}),
@@ -73,9 +79,24 @@ class TransitionError(RuntimeError):
     pass
 
 
-def exited_unreaped(proc: subprocess.Popen[bytes]) -> bool:
+class Process(Protocol):
+    """What the supervisor needs of a process: a subprocess.Popen, or an
+    AdoptedProcess (started by a previous runner; its exit status is unknown)."""
+    pid: int
+    returncode: int | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+
+def exited_unreaped(proc: Process) -> bool:
     """True once the process has exited, without reaping it: the zombie keeps its
     pid (and so its process group id) from being reused until it is reaped."""
+    if isinstance(proc, AdoptedProcess):
+        return proc.exited()        # not our child: its pidfd tells
     if proc.returncode is not None:
         return True
     try:
@@ -93,7 +114,9 @@ def backoff_delay(failures: int, maximum: float) -> float:
     return float(min(maximum, 2 ** max(failures, 0)))
 
 
-def describe_exit(code: int) -> str:
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (status unknown: it was adopted from a runner that was restarted)"
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -160,7 +183,7 @@ class SpawnRequest:
 @dataclass
 class SpawnResult:
     generation: int
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
     error: str | None = None        # why it could not be started (proc is None)
 
 
@@ -174,18 +197,43 @@ def do_spawn(ops: ProcessOps, request: SpawnRequest) -> SpawnResult:
     return SpawnResult(request.generation, proc)
 
 
+PIPE_SIZE = 1 << 20     # output an instance may write while no runner reads it
+
+
 class ProcessOps:
     """The OS calls a supervisor makes; one object so a test can watch or replace it."""
 
     def spawn(self, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        """In its own session; stdout and stderr are pipes whose read ends the process
+        holds too (inherited, never read there), so a runner that dies does not take
+        the pipes with it: the app's writes wait in the pipe (PIPE_SIZE) instead of
+        failing with EPIPE, and the next runner reads on (runner/adopt.py)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            for fd in (out_w, err_w):
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                except OSError:
+                    pass        # above /proc/sys/fs/pipe-max-size: the default size
+            proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out_w, stderr=err_w, pass_fds=(out_r, err_r),
+                                    start_new_session=True)
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        proc.stdout = os.fdopen(out_r, "rb")
+        proc.stderr = os.fdopen(err_r, "rb")
+        return proc
 
-    def exited(self, proc: subprocess.Popen[bytes]) -> bool:
+    def exited(self, proc: Process) -> bool:
         return exited_unreaped(proc)
 
-    def reap(self, proc: subprocess.Popen[bytes]) -> int:
+    def reap(self, proc: Process) -> int | None:
         return proc.wait()
 
     def signal_group(self, pgid: int, sig: int) -> None:
@@ -231,7 +279,7 @@ class Instance:
     failures: int = 0               # consecutive failed starts
     generation: int = 0             # bumped on every spawn; stale job results are ignored
     port: int | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
     release_dir: Path | None = None
     venv_bin: Path | None = None
     control_socket: bool = False
@@ -284,6 +332,29 @@ class Instance:
             release_dir, venv_bin, control_socket
         self.jail, self.data_dir = jail, data_dir
         self._spawn()
+
+    def adopt(self, proc: Process, port: int | None, release_dir: Path, venv_bin: Path,
+              control_socket: bool, jail: InstanceJail | None, data_dir: Path | None,
+              generation: int, restarts: int, answering: bool) -> None:
+        """Take over a process a killed runner left running (runner/adopt.py), without
+        restarting it: RUNNING when it answered its health check (or is not a web
+        process), else STARTING, as if just spawned (health checked from now)."""
+        assert self.state is State.PREPARING and self.proc is None
+        self.proc, self.port, self.generation, self.restarts = proc, port, generation, restarts
+        self.release_dir, self.venv_bin, self.control_socket = \
+            release_dir, venv_bin, control_socket
+        self.jail, self.data_dir = jail, data_dir
+        self.oom_kills = jail.oom_kills() if jail is not None else 0   # before our time
+        self._started_at = self._running_at = self.clock()
+        where = f" on {self.policy.address}:{port}" if port else ""
+        if answering or not self.spec.web:
+            # PREPARING -> RUNNING: it kept running while no runner watched it
+            self._transition(State.RUNNING, f"adopted by a restarted runner (pid "
+                                            f"{proc.pid}{where})")
+        else:
+            # PREPARING -> STARTING: alive, not answering yet
+            self._transition(State.STARTING, f"adopted by a restarted runner (pid "
+                                             f"{proc.pid}), waiting for HTTP{where}")
 
     def prepare_failed(self, message: str, retry: bool) -> None:
         """Fetching or building failed. A failed build will fail again: FATAL at

@@ -437,18 +437,85 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_restarted_runner_ends_what_a_killed_one_left(env: Any, tmp_path: Path,
-                                                      venv_cache: Path,
-                                                      apps_dir: Path) -> None:
-    """kill -9 of the runner leaves its gunicorn running (own session); the next
-    start of the runner on the same data dir ends it before taking new work."""
+COUNTER = ("python -u -c 'import itertools, time\n"
+           "for i in itertools.count(): print(i, flush=True); time.sleep(0.05)'")
+
+
+def counted(ctl: FakeController, instance: str) -> list[int]:
+    return [int(m["line"]) for m in ctl.log_lines
+            if m.get("instance") == instance and m.get("proc") == "worker"]
+
+
+def test_restarted_runner_adopts_what_a_killed_one_left(env: Any, tmp_path: Path,
+                                                        venv_cache: Path,
+                                                        apps_dir: Path) -> None:
+    """kill -9 of the runner leaves its instances running (own sessions); the next
+    runner on the same data dir adopts them: same pids and ports, no restart, their
+    output read on from where the dead runner stopped (it waited in the pipes), their
+    exits noticed (through a pidfd: they are not its children) and restarted."""
+    ctl, slugs, runner = env
+    inst = start_hello(ctl, slugs, "web-kept")
+    rep = ctl.reply(ctl.command("start", instance="count-1", app="hello", release=3,
+                                proc="worker", command=COUNTER, env={}, slug=HELLO_SHA,
+                                slug_url=slugs.slug_url(HELLO_SHA)))
+    assert rep["ok"], rep
+    worker = ctl.wait_for("the worker RUNNING", lambda: (i := ctl.instance("count-1"))
+                          and i["state"] == "RUNNING" and i, STEP_TIMEOUT)
+    ctl.wait_for("the worker's output", lambda: len(counted(ctl, "count-1")) > 5,
+                 STEP_TIMEOUT)
+    runner.proc.kill()
+    runner.proc.wait(10)
+    ctl.pids.update((inst["pid"], worker["pid"]))         # the fixture cleans up on failure
+    time.sleep(1.0)       # the worker prints ~20 lines meanwhile, into its pipe
+    assert alive(inst["pid"]) and alive(worker["pid"])
+    assert http_get(inst["port"])[0] == 200               # still serving
+    again = RunnerProcess(tmp_path, ctl, slugs, venv_cache, apps_dir=apps_dir)
+    try:
+        ctl.heartbeats.clear()
+        ctl.wait_for("heartbeat from the new runner", lambda: ctl.heartbeats, STEP_TIMEOUT)
+        # the first heartbeat already has them, as they were
+        first = {i["instance"]: i for i in ctl.heartbeats[0]["inventory"]}
+        assert set(first) == {"web-kept", "count-1"}, first
+        for old in (inst, worker):
+            now = first[old["instance"]]
+            assert now["state"] == "RUNNING" and now["pid"] == old["pid"], now
+            assert now["port"] == old["port"] and now["restarts"] == 0, now
+            assert "adopted" in now["reason"]
+        assert http_get(inst["port"])[0] == 200
+        # what was written while no runner read came after, none twice; lost at most
+        # what the killed runner had read and not yet sent on (in its memory)
+        seen = ctl.wait_for("the worker's output, read on", lambda: (
+            n := counted(ctl, "count-1")) and len(n) > 40 and n, STEP_TIMEOUT)
+        assert seen == sorted(set(seen)), seen
+        missing = set(range(seen[0], seen[-1])) - set(seen)
+        assert len(missing) <= 2, (missing, seen)
+        assert "ended a leftover instance" not in again.log_text()
+
+        # an adopted process that dies is noticed and restarted like any other
+        os.kill(worker["pid"], signal.SIGKILL)
+        back = ctl.wait_for("the worker restarted", lambda: (i := ctl.instance("count-1"))
+                            and i["state"] == "RUNNING" and i["restarts"] == 1 and i,
+                            STEP_TIMEOUT)
+        assert back["pid"] != worker["pid"]
+        assert any("count-1 BACKOFF: exited (status unknown" in m["line"]
+                   for m in ctl.log_lines if m.get("proc") == "platform")
+    finally:
+        assert again.terminate() == 0       # stops the adopted web instance too
+        again.stderr.close()
+    assert not alive(inst["pid"])
+
+
+def test_restarted_runner_ends_what_it_cannot_adopt(env: Any, tmp_path: Path,
+                                                    venv_cache: Path,
+                                                    apps_dir: Path) -> None:
+    """An instance without its record (here: removed) is ended, not adopted."""
     ctl, slugs, runner = env
     inst = start_hello(ctl, slugs, "web-orphan")
     runner.proc.kill()
     runner.proc.wait(10)
     assert alive(inst["pid"])                             # still alive: orphaned
-    assert http_get(inst["port"])[0] == 200
     ctl.pids.add(inst["pid"])                             # fixture cleans up on failure
+    (runner.data_dir / "instances" / "web-orphan" / "instance.json").unlink()
     again = RunnerProcess(tmp_path, ctl, slugs, venv_cache, apps_dir=apps_dir)
     try:
         ctl.heartbeats.clear()

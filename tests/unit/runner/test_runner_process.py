@@ -116,7 +116,7 @@ def test_transition_table_is_closed() -> None:
 def test_an_undeclared_transition_is_refused(make: Callable[..., Instance]) -> None:
     inst = make("sleep 30")
     with pytest.raises(TransitionError):
-        inst._transition(State.RUNNING, "skipping STARTING")
+        inst._transition(State.STOPPING, "no process to wait for")
     assert inst.state is State.PREPARING
 
 
