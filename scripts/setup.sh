@@ -10,6 +10,9 @@ APT_PACKAGES=(curl ca-certificates git bubblewrap nftables)
 # addons (dbprovision/): PostgreSQL 15 server and client programs (initdb, pg_ctl,
 # pg_dump, psql in /usr/lib/postgresql/15/bin), redis-server and redis-cli, PgBouncer
 APT_PACKAGES+=(postgresql-15 postgresql-client-15 redis-server redis-tools pgbouncer)
+# backups (backup/): btrfs-progs (subvolumes, read-only snapshots, send/receive) and
+# rsync (the --link-dest fallback on other filesystems; rrsync for the offsite pull)
+APT_PACKAGES+=(btrfs-progs rsync)
 # Debian's own interpreter is built with optimizations (about 25% faster than a plain
 # source build on the balancer's hot paths); use it when present.
 if [ -z "${PYTHON:-}" ]; then

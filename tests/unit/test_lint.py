@@ -8,8 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["messaging", "config", "controller", "runner", "balancer", "cli", "settings_templates",
-            "dbprovision"]
-TYPED = ["messaging", "config", "controller", "cli", "settings_templates", "dbprovision"]
+            "dbprovision", "backup"]
+TYPED = ["messaging", "config", "controller", "cli", "settings_templates", "dbprovision",
+         "backup"]
 
 
 def test_ruff_is_clean():
