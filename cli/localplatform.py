@@ -123,6 +123,9 @@ class LocalPlatform:
     jobs: bool = True           # broker + job workers + beat: addons (controller/jobs.py)
     job_retry_seconds: float = 30.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # how each child was started (module, env, argv): what `respawn` repeats
+    launches: dict[str, tuple[str, dict[str, str], list[str] | None]] = \
+        field(default_factory=dict)
 
     def __post_init__(self) -> None:
         outside = outside_tmp(self.data_dir)
@@ -188,7 +191,13 @@ class LocalPlatform:
             start_new_session=True)
         out.close()
         self.procs[name] = proc
+        self.launches[name] = (module, env, argv)
         return proc
+
+    def respawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a child again as it was started (cli/supervisor.py), without waiting
+        for it to be ready."""
+        return self._spawn(name, *self.launches[name])
 
     def check_ports(self) -> None:
         # the addon servers' ports belong to the servers the job workers started

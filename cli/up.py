@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from cli import credentials
 from cli.localplatform import LocalPlatform, Ports
-from cli.output import step
+from cli.output import err_console, step
+from cli.supervisor import Supervisor
 from messaging.channels import API_PORT, BALANCER_PORT
 from messaging.errors import BerthError
 
@@ -29,7 +31,8 @@ PIDFILE = "up.pid"
               help="Controller API port; the ZeroMQ channels take the ports after it.")
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; stop with `berth down`.")
 def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
-    """Start controller, runner and balancer here; Ctrl-C stops them all."""
+    """Start controller, runner and balancer here and keep them up (one that dies is
+    restarted, with backoff); Ctrl-C stops them all."""
     data_dir = data_dir.resolve()
     running = _running_pid(data_dir)
     if running:
@@ -52,16 +55,13 @@ def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
         step(f"Berth is up: balancer http://127.0.0.1:{port}  API {platform.api_url}")
         step(f"Admin token saved in {path}; state in {data_dir}")
         step("Push an app: berth apps create hello && berth push examples/hello")
-        step("Ctrl-C stops everything")
+        step("Started " + ", ".join(f"{name} (pid {proc.pid})"
+                                    for name, proc in platform.procs.items()))
+        step("Ctrl-C stops everything; a process that dies is restarted")
+        supervisor = Supervisor(platform, step, _shout)
         while not stopping:
-            dead = platform.died()
-            if dead:
-                name = next(iter(dead))
-                raise BerthError(f"{name} exited with code {dead[name]}:\n"
-                                 + platform.log_tail(name),
-                                 f"see {data_dir / 'logs' / (name + '.log')}; run `berth up` "
-                                 "again to resume")
-            time.sleep(0.3)
+            supervisor.step()
+            time.sleep(0.1)
     finally:
         if platform.procs:
             step("Stopping balancer, runner and controller...")
@@ -69,6 +69,11 @@ def up(data_dir: Path, port: int, api_port: int, detach: bool) -> None:
         pidfile = data_dir / PIDFILE
         if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
             pidfile.unlink()            # only ours: a refused second `up` leaves it alone
+
+
+def _shout(text: str) -> None:
+    err_console.print(f"[bold red]Error:[/] {escape(text)}", markup=True, soft_wrap=True,
+                      highlight=False)
 
 
 def _running_pid(data_dir: Path) -> int | None:
