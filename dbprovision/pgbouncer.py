@@ -32,8 +32,9 @@ PGBOUNCER = "/usr/sbin/pgbouncer"
 
 class PgBouncer:
     def __init__(self, root: Path, address: str, port: int, *, user: RunAs,
-                 socket_dir: Path, pg_port: int, pool_size: int = 20,
-                 max_clients: int = 200, program: str = PGBOUNCER) -> None:
+                 socket_dir: Path | str, pg_port: int, pool_size: int = 20,
+                 max_clients: int = 200, program: str = PGBOUNCER,
+                 settings: dict[str, str] | None = None) -> None:
         self.root = root
         self.address = address
         self.port = port
@@ -43,6 +44,7 @@ class PgBouncer:
         self.pool_size = pool_size
         self.max_clients = max_clients
         self.program = program
+        self.settings = settings or {}      # more [pgbouncer] lines (the ha plan's)
         self.ini = root / "pgbouncer.ini"
         self.userlist = root / "userlist.txt"
         self.pid_file = root / "pgbouncer.pid"
@@ -52,6 +54,13 @@ class PgBouncer:
         """Write the ini and the user list; a running PgBouncer re-reads both."""
         own_dir(self.root, self.user)
         write_file(self.userlist, f'"{role}" "{verifier}"\n', self.user)
+        write_file(self.ini, self._ini(database), self.user)
+        self.reload()
+
+    def point(self, database: str) -> None:
+        """Rewrite the ini (its [databases] entry now this object's host and port)
+        and reload: SIGHUP, what the admin console's RELOAD does. PgBouncer closes the
+        server connections of a database whose entry changed; its clients stay."""
         write_file(self.ini, self._ini(database), self.user)
         self.reload()
 
@@ -75,6 +84,7 @@ class PgBouncer:
             f"pidfile = {self.pid_file}",
             "admin_users =",
             "stats_users =",
+            *(f"{k} = {v}" for k, v in self.settings.items()),
         ]) + "\n"
 
     def start(self, timeout: float = 10) -> None:

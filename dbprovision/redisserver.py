@@ -46,8 +46,10 @@ def acl_password(password: str) -> str:
 class RedisServer:
     def __init__(self, root: Path, address: str, port: int, *, user: RunAs | None = None,
                  maxmemory_mb: int = 256, policy: str = "noeviction",
-                 program: str = REDIS_SERVER) -> None:
+                 program: str = REDIS_SERVER,
+                 extra: Sequence[tuple[str, str]] = ()) -> None:
         self.root = root
+        self.extra = list(extra)        # more redis.conf lines (replication, ha plan)
         self.address = address
         self.port = port
         self.user = user or default_user()
@@ -95,7 +97,7 @@ class RedisServer:
             ("maxmemory", f"{self.maxmemory_mb}mb"), ("maxmemory-policy", self.policy),
             ("enable-debug-command", "no"), ("enable-module-command", "no"),
             ("enable-protected-configs", "no"), ("timeout", "0"),
-            ("tcp-keepalive", "300"), ("supervised", "no"),
+            ("tcp-keepalive", "300"), ("supervised", "no"), *self.extra,
         ]
         return "# written by Berth (dbprovision/redisserver.py)\n" + \
             "".join(f"{k} {v}\n" for k, v in values)

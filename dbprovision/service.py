@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +30,23 @@ from .errors import AddonNotFound, InvalidAddon, ServerUnavailable
 from .names import addon_name
 from .pgcluster import PgCluster
 from .pgdedicated import PgDedicated
+from .pgha import PgHa
 from .pgshared import PgShared
 from .ports import free_port, listening
 from .records import AddonRecord, Records
 from .redisdedicated import RedisDedicated
+from .redisha import RedisHa
 from .redisserver import RedisServer
 from .redisshared import RedisShared
 
 log = logging.getLogger(__name__)
 
 Engine = Literal["postgres", "redis"]
-Plan = Literal["shared", "dedicated"]
+Plan = Literal["shared", "dedicated", "ha"]
 QuotaState = Literal["ok", "warn", "blocked", "restored"]
 ENGINES = ("postgres", "redis")
-PLANS = ("shared", "dedicated")
+PLANS = ("shared", "dedicated", "ha")
+HA_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")   # the ha plan's "hosts"
 WARN_AT = 0.9                   # of the quota: "warn" from here, "blocked" at 1.0
 DEDICATED_REDIS_MB = 64         # maxmemory when no quota is given
 SPARE_DATABASES = 3             # empty databases kept ready for shared Postgres
@@ -62,8 +66,10 @@ class Credentials:
 
 class Provisioner:
     def __init__(self, data_dir: Path, address: str = "127.0.0.1", pg_port: int = 0,
-                 redis_port: int = 0) -> None:
+                 redis_port: int = 0, *,
+                 ha_addresses: tuple[str, str, str] = HA_ADDRESSES) -> None:
         self.data_dir = data_dir
+        self.ha_addresses = ha_addresses    # primary, standby, third Sentinel
         data_dir.mkdir(parents=True, exist_ok=True)
         data_dir.chmod(0o711)           # the servers' users pass through to their dirs
         self.address = address
@@ -116,14 +122,14 @@ class Provisioner:
         """Start every dedicated server recorded here that does not run (after a
         reboot); until the runner supervises them, the controller calls this."""
         for record in self.records.all():
-            if record.plan == "dedicated" and record.state == "ready":
+            if record.plan in ("dedicated", "ha") and record.state == "ready":
                 with self.records.lock(record.name):
                     self._dedicated(record).ensure_running()
 
     def stop_all(self) -> None:
         """Stop every server under data_dir (shared and dedicated), by PID."""
         for record in self.records.all():
-            if record.plan == "dedicated":
+            if record.plan in ("dedicated", "ha"):
                 self._dedicated(record).stop()
         self.redis.stop()
         self.pg.stop()
@@ -168,8 +174,34 @@ class Provisioner:
         elif (record.engine, record.plan) == ("redis", "shared"):
             self.redis_shared.create(record.name, record.password)
             self._set_port(record, self.redis.port)
+        elif record.plan == "ha":
+            self._make_ha(record)
         else:
             self._make_dedicated(record)
+
+    def _make_ha(self, record: AddonRecord) -> None:
+        """Postgres: `port` is PgBouncer's (on the provisioner's address), `direct_port`
+        the nodes' (the same on both hosts). Redis: `port` the nodes', `direct_port`
+        the Sentinels'. Chosen once, kept in the record."""
+        if not record.port or not record.direct_port:
+            if record.engine == "postgres":
+                record.port = free_port(self.address)
+                record.direct_port = self._free_on_all(self.ha_addresses[:2])
+            else:
+                record.port = self._free_on_all(self.ha_addresses[:2])
+                record.direct_port = self._free_on_all(self.ha_addresses)
+            self.records.put(record)
+        server = self._dedicated(record)
+        server.create(record.name, record.password)
+        if isinstance(server, PgHa):
+            server.wait_login(record.name, record.password)
+
+    def _free_on_all(self, addresses: tuple[str, ...]) -> int:
+        """A port free on the first address and answering on none of the others."""
+        while True:
+            port = free_port(addresses[0])
+            if not any(listening(a, port) for a in addresses[1:]):
+                return port
 
     def _make_dedicated(self, record: AddonRecord, tries: int = 3) -> None:
         """Its own server on ports chosen now (and kept); when another process took
@@ -220,11 +252,15 @@ class Provisioner:
             elif (engine, plan) == ("redis", "shared"):
                 self._ensure_shared_running()
                 self.redis_shared.drop(name, final_dump)
+            elif record is not None and (engine, plan) == ("postgres", "ha"):
+                self._pg_ha(record).destroy(name, final_dump)
+            elif record is not None and (engine, plan) == ("redis", "ha"):
+                self._redis_ha(record).destroy()
             elif record is not None and engine == "redis":
                 self._dedicated_redis(record).destroy(final_dump)
             elif record is not None:
                 self._dedicated_pg(record).destroy(name, final_dump)
-            elif engine == "postgres":      # no record: a leftover dir, if any
+            elif plan == "dedicated" and engine == "postgres":   # no record: a leftover dir
                 PgDedicated(self._dedicated_root("postgres", name), self.address, 0,
                             0).destroy(name)
             self.records.delete(name)
@@ -257,8 +293,12 @@ class Provisioner:
             used = self.pg_shared.usage_bytes(record.name)
         elif (record.engine, record.plan) == ("redis", "shared"):
             used = self.redis_shared.usage_bytes(record.name)
+        elif (record.engine, record.plan) == ("redis", "ha"):
+            used = self._redis_ha(record).usage_bytes(record.name)
         elif record.engine == "redis":
             used = self._dedicated_redis(record).usage_bytes()
+        elif record.plan == "ha":
+            used = self._pg_ha(record).usage_bytes(record.name)
         else:
             used = self._dedicated_pg(record).usage_bytes(record.name)
         return used / MB
@@ -291,6 +331,46 @@ class Provisioner:
                                          "quota_mb": quota_mb, "state": state})
         return state
 
+    # -- ha (postgres) -------------------------------------------------------------
+
+    def check_primary(self, addon_id: str) -> bool:
+        """Whether an ha Postgres addon's primary accepts connections (for the
+        controller's periodic job; N failures in a row -> `failover`)."""
+        return self._ha_pg_record(addon_id).check_primary()
+
+    def failover(self, addon_id: str) -> Credentials:
+        """Fence the primary, promote the standby, repoint PgBouncer (DATABASE_URL
+        does not change). Idempotent."""
+        name = addon_name(addon_id)
+        with self.records.lock(name):
+            record = self._record(addon_id, name)
+            self._ha_pg_record(addon_id).failover(name)
+        return self.credentials(record)
+
+    def rejoin(self, addon_id: str) -> Credentials:
+        """Rebuild the fenced old primary as the new standby (synchronous again)."""
+        name = addon_name(addon_id)
+        with self.records.lock(name):
+            record = self._record(addon_id, name)
+            self._ha_pg_record(addon_id).rejoin()
+        return self.credentials(record)
+
+    def watch(self, addon_id: str, *, failures: int = 3, interval: float = 0.5,
+              stop: threading.Event | None = None, max_seconds: float | None = None) -> bool:
+        """Check the primary every `interval` s and fail over after `failures` failed
+        checks in a row (True), or return False when `stop` is set or time is up."""
+        ha = self._ha_pg_record(addon_id)
+        return ha.watch(addon_name(addon_id), failures=failures, interval=interval,
+                        stop=stop, max_seconds=max_seconds)
+
+    def _ha_pg_record(self, addon_id: str) -> PgHa:
+        record = self._record(addon_id, addon_name(addon_id))
+        if (record.engine, record.plan) != ("postgres", "ha"):
+            raise InvalidAddon(f"addon {addon_id} is {record.engine} {record.plan}, not "
+                               "postgres ha", "failover is for postgres ha addons; redis "
+                               "ha fails over by its Sentinels")
+        return self._pg_ha(record)
+
     # -- helpers -------------------------------------------------------------------
 
     def credentials(self, record: AddonRecord) -> Credentials:
@@ -304,6 +384,21 @@ class Provisioner:
                 extra["DATABASE_DIRECT_URL"] = \
                     f"postgresql://{user}:{password}@{host}:{record.direct_port}/{record.name}"
                 env.update(extra)
+            elif record.plan == "ha":           # the nodes' own, as they are now
+                ha = self._pg_ha(record)
+                for key, node in (("DATABASE_DIRECT_URL", ha.primary()),
+                                  ("DATABASE_READ_URL", ha.standby())):
+                    extra[key] = (f"postgresql://{user}:{password}@{ha.address(node)}:"
+                                  f"{record.direct_port}/{record.name}")
+                env.update(extra)
+        elif record.plan == "ha":
+            ha_redis = self._redis_ha(record)
+            host, port = ha_redis.addresses[0], record.port
+            url = f"redis://{user}:{password}@{host}:{port}/0"
+            sentinels = ",".join(f"{a}:{record.direct_port}" for a in ha_redis.addresses)
+            extra["REDIS_SENTINEL_URL"] = \
+                f"redis+sentinel://{user}:{password}@{sentinels}/{record.name}"
+            env = {"REDIS_URL": url, **extra}
         else:
             url = f"redis://{user}:{password}@{host}:{port}/0"
             env = {"REDIS_URL": url}
@@ -338,9 +433,22 @@ class Provisioner:
             return None
         return self.pg_shared if record.engine == "postgres" else self.redis_shared
 
-    def _dedicated(self, record: AddonRecord) -> PgDedicated | RedisDedicated:
+    def _dedicated(self, record: AddonRecord) -> PgDedicated | RedisDedicated | PgHa | RedisHa:
+        if record.plan == "ha":
+            return self._pg_ha(record) if record.engine == "postgres" \
+                else self._redis_ha(record)
         return self._dedicated_pg(record) if record.engine == "postgres" \
             else self._dedicated_redis(record)
+
+    def _pg_ha(self, record: AddonRecord) -> PgHa:
+        return PgHa(self._dedicated_root("postgres-ha", record.name),
+                    (self.ha_addresses[0], self.ha_addresses[1]), record.direct_port,
+                    record.host, record.port)
+
+    def _redis_ha(self, record: AddonRecord) -> RedisHa:
+        return RedisHa(self._dedicated_root("redis-ha", record.name), self.ha_addresses,
+                       record.port, record.direct_port,
+                       maxmemory_mb=record.quota_mb or DEDICATED_REDIS_MB)
 
     def _dedicated_root(self, engine: str, name: str) -> Path:
         """`<data_dir>/dedicated/<engine>-<16 hex of the name's hash>`: short, since

@@ -257,7 +257,7 @@ def test_dedicated_redis_destroy(prov: Provisioner, tmp_path: Path):
 
 def test_unknown_plans(prov: Provisioner):
     with pytest.raises(InvalidAddon):
-        prov.provision(_id("x"), "postgres", "ha")  # type: ignore[arg-type]
+        prov.provision(_id("x"), "postgres", "platinum")  # type: ignore[arg-type]
     with pytest.raises(InvalidAddon):
         prov.provision(_id("x"), "mysql", "shared")  # type: ignore[arg-type]
     with pytest.raises(InvalidAddon):
