@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from dbprovision.service import Provisioner  # noqa: E402
 
 TARGETS = {("postgres", "shared"): 0.3, ("postgres", "dedicated"): 1.5,
-           ("redis", "dedicated"): 0.2}
+           ("redis", "dedicated"): 0.2, ("postgres", "ha"): 3.0}
 
 
 def measure(fn: Callable[[], object], rounds: int, deadline: float,
@@ -78,7 +78,8 @@ def main() -> None:
         for engine, plan, spares in [("postgres", "shared", True),
                                      ("postgres", "shared", False),
                                      ("postgres", "dedicated", False),
-                                     ("redis", "shared", False), ("redis", "dedicated", False)]:
+                                     ("redis", "shared", False), ("redis", "dedicated", False),
+                                     ("postgres", "ha", False), ("redis", "ha", False)]:
             made: list[str] = []
 
             def provision(engine: str = engine, plan: str = plan,
@@ -89,7 +90,8 @@ def main() -> None:
 
             if (engine, plan, spares) == ("postgres", "shared", False):
                 drop_spares(prov)
-            times = measure(provision, args.rounds, deadline,
+            rounds = min(args.rounds, 5) if plan == "ha" else args.rounds
+            times = measure(provision, rounds, deadline,
                             after=prov.refill_spares if spares else None)
             label = {True: " (a spare database ready)",
                      False: " (no spare: CREATE DATABASE)"}[spares] \
@@ -100,7 +102,7 @@ def main() -> None:
             if not spares:
                 rows.append((f"rotate {engine} {plan}", measure(
                     lambda a=addon, e=engine, p=plan: prov.rotate(a, e, p),  # type: ignore
-                    args.rounds, deadline), None))
+                    rounds, deadline), None))
             if plan == "shared" and not spares:
                 rows.append((f"quota check {engine} {plan}", measure(
                     lambda a=addon: prov.enforce_quota(a, 1024), args.rounds, deadline),

@@ -3,7 +3,8 @@ loopback addresses here, each node with its own data dir), PgBouncer in front of
 whichever is the primary, and failover that promotes the standby, repoints PgBouncer
 and fences the old primary.
 
-Layout under `root`: `node-a/` and `node-b/` (PgCluster roots; node a on the first
+Layout under `root` (`dedicated/pgha-<hash>`: short, for the unix socket path):
+`a/` and `b/` (PgCluster roots, nodes `node_a` and `node_b`; a on the first
 address, b on the second, both on the same port), `bouncer/` (PgBouncer, on the
 provisioner's address: the app's DATABASE_URL), `ha.json` (which node is primary,
 which is fenced; root's) and `replication.secret` (the replication role's password;
@@ -94,7 +95,7 @@ class PgHa:
     # -- nodes and state ------------------------------------------------------------
 
     def node(self, which: str) -> PgCluster:
-        return PgCluster(self.root / f"node-{which}", self.address(which), self.port,
+        return PgCluster(self.root / which, self.address(which), self.port,
                          user=self.user, settings=SETTINGS)
 
     def address(self, which: str) -> str:
@@ -219,7 +220,7 @@ class PgHa:
                 return
             if time.monotonic() > deadline:
                 raise ServerUnavailable(f"the standby {slot} does not stream from the "
-                                        f"primary", f"see {self.root}/node-*/server.log")
+                                        f"primary", f"see {self.root}/[ab]/server.log")
             time.sleep(0.02)
 
     # -- health and failover ----------------------------------------------------------

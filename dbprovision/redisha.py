@@ -194,6 +194,25 @@ class RedisHa:
                                self.secret_file.read_text().strip(),
                                [f"user {name} on {acl_password(password)} {SENTINEL_RULES}"])
             sentinel.start()
+        self._wait_sentinels(name)
+
+    def _wait_sentinels(self, service: str, timeout: float = 15) -> None:
+        """Until every Sentinel knows the replica and the two other Sentinels (they
+        learn each other from hello messages, every 2 s): before that, a primary that
+        dies cannot be agreed down (quorum 2) and nothing fails over."""
+        admin_pw = self.secret_file.read_text().strip()
+        deadline = time.monotonic() + timeout
+        for sentinel in self.sentinels():
+            with redis.Redis(host=sentinel.address, port=sentinel.port, username=ADMIN,
+                             password=admin_pw, socket_timeout=2) as s:
+                while True:
+                    info = s.sentinel_master(service)
+                    if int(info["num-other-sentinels"]) >= 2 and int(info["num-slaves"]) >= 1:
+                        break
+                    if time.monotonic() > deadline:
+                        raise ServerUnavailable("the Redis Sentinels do not see each other "
+                                                "and the replica", f"see {sentinel.log_file}")
+                    time.sleep(0.05)
 
     def _wait_replicating(self, primary: RedisServer, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout

@@ -441,7 +441,7 @@ class Provisioner:
             else self._dedicated_redis(record)
 
     def _pg_ha(self, record: AddonRecord) -> PgHa:
-        return PgHa(self._dedicated_root("postgres-ha", record.name),
+        return PgHa(self._dedicated_root("pgha", record.name),
                     (self.ha_addresses[0], self.ha_addresses[1]), record.direct_port,
                     record.host, record.port)
 
