@@ -108,12 +108,13 @@ def send_receive(snapshot: Path, dest_dir: Path, *, parent: Path | None = None,
                 receiver.stdin.write(chunk)
                 moved[0] += len(chunk)
         except BrokenPipeError:
-            pass
+            pass            # the receiver ended early; its exit code says why
         finally:
-            try:
-                receiver.stdin.close()
-            except BrokenPipeError:
-                pass
+            for end in (receiver.stdin, sender.stdout):
+                try:
+                    end.close()     # the sender gets SIGPIPE rather than block
+                except BrokenPipeError:
+                    pass
 
     def drain(name: str, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
@@ -140,7 +141,8 @@ def send_receive(snapshot: Path, dest_dir: Path, *, parent: Path | None = None,
                              f"within {timeout:g} s and was killed",
                              "the partial copy was removed; pull again") from None
     seconds = time.monotonic() - started
-    for name, proc, argv in (("send", sender, send_argv), ("receive", receiver, recv_argv)):
+    # the receiver first: when it fails, the sender's SIGPIPE is only the consequence
+    for name, proc, argv in (("receive", receiver, recv_argv), ("send", sender, send_argv)):
         if proc.returncode != 0:
             _remove_partial(received)
             err = command.failure(command.Result(tuple(argv), proc.returncode or 0, "",
@@ -170,3 +172,10 @@ def _remove_partial(path: Path) -> None:
             delete_subvolume(path)
         except Exception:   # noqa: BLE001 - best effort; the original error matters more
             log.warning("partial copy left", extra={"path": str(path)})
+
+
+def clone_writable(src: Path, dest: Path) -> None:
+    """A writable snapshot of `src` (e.g. of a read-only snapshot) at `dest`, on the
+    same filesystem: a restore's scratch copy, made in constant time."""
+    command.run([BTRFS, "subvolume", "snapshot", src, dest], timeout=60)
+    log.info("writable clone made", extra={"src": str(src), "dest": str(dest)})

@@ -119,8 +119,11 @@ class VolumeStore:
         self.root = root
         self.volumes_dir = root / "volumes"
         self.snapshots_dir = root / "snapshots"
-        for d in (self.volumes_dir, self.snapshots_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (self.root, self.volumes_dir, self.snapshots_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            # passable, not listable: a volume's own user (postgres, an app's) reaches
+            # its volume; each volume and snapshot keeps its own owner and mode
+            d.chmod(0o711)
         self.snapshotter = snapshotter or choose(root)
 
     def describe(self) -> str:
