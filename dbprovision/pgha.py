@@ -102,10 +102,12 @@ class PgHa:
         return self.addresses[NODES.index(which)]
 
     def state(self) -> dict[str, str]:
-        """{"primary": "a"|"b", "fenced": ""|"a"|"b"}."""
+        """{"primary": "a"|"b", "fenced": ""|"a"|"b", "sync": "on"|"off"}: "off" when
+        the primary commits alone (its standby died, or was fenced)."""
+        state = {"primary": "a", "fenced": "", "sync": "on"}
         if self.state_file.exists():
-            return dict(json.loads(self.state_file.read_text()))
-        return {"primary": "a", "fenced": ""}
+            state.update(json.loads(self.state_file.read_text()))
+        return state
 
     def _save(self, state: dict[str, str]) -> None:
         write_file(self.state_file, json.dumps(state), RunAs.current())
@@ -232,17 +234,38 @@ class PgHa:
         return run([node.bin / "pg_isready", "-q", "-h", node.address, "-p", str(self.port),
                     "-t", str(timeout)], timeout=timeout + 5, check=False).returncode == 0
 
-    def failover(self, name: str) -> str:
+    def check_standby(self, timeout: int = 1) -> bool:
+        node = self.node(self.standby())
+        return run([node.bin / "pg_isready", "-q", "-h", node.address, "-p", str(self.port),
+                    "-t", str(timeout)], timeout=timeout + 5, check=False).returncode == 0
+
+    def degrade(self) -> None:
+        """The standby is gone: let the primary commit alone (else every COMMIT waits
+        for it forever), and remember it: promoting that standby later could lose
+        what the primary acknowledged meanwhile, so `failover` then refuses."""
+        state = self.state()
+        if state["sync"] == "on":
+            self._synchronous(self.node(state["primary"]), "")
+            self._save({**state, "sync": "off"})
+            log.warning("ha standby down: primary commits alone", extra={"dir": str(self.root)})
+
+    def failover(self, name: str, *, force: bool = False) -> str:
         """Fence the primary, promote the standby (asynchronous until `rejoin`), point
         PgBouncer at it. Idempotent: a retry after a crash anywhere finishes the job.
-        Returns the new primary's node name."""
+        Refused while the standby may be behind (`degrade`d) unless `force`. Returns
+        the new primary's node name."""
         state = self.state()
         old, new = state["primary"], _other(state["primary"])
-        if state.get("fenced") == new:
+        if state["fenced"] == new:
             raise ServerUnavailable("no standby to promote: it is fenced",
                                     "rejoin it first (it is rebuilt from the primary)")
+        if state["sync"] == "off" and state["fenced"] != old and not force:
+            raise ServerUnavailable("the standby may be behind: the primary has been "
+                                    "committing alone since the standby failed",
+                                    "bring the primary back, or failover with force=True "
+                                    "to accept losing those commits")
         self._fence(old)
-        self._save({"primary": old, "fenced": old})
+        self._save({"primary": old, "fenced": old, "sync": "off"})
         standby = self.node(new)
         standby.start()                     # if it was down too (it may be in recovery)
         self._synchronous(standby, "")
@@ -252,7 +275,7 @@ class PgHa:
         if in_recovery:
             run([standby.bin / "pg_ctl", "promote", "-D", standby.data, "-w", "-t", "30",
                  "-s"], timeout=40, user=self.user, cwd=standby.root)
-        self._save({"primary": new, "fenced": old})
+        self._save({"primary": new, "fenced": old, "sync": "off"})
         self.bouncer(new).point(name)
         log.warning("ha failover", extra={"dir": str(self.root), "primary": new,
                                           "fenced": old})
@@ -281,15 +304,17 @@ class PgHa:
         shutil.rmtree(node.data.with_name("data.fenced"), ignore_errors=True)
         self._standby_from(primary, which)
         self._synchronous(primary, SYNC_NAMES)
-        self._save({"primary": state["primary"], "fenced": ""})
+        self._save({"primary": state["primary"], "fenced": "", "sync": "on"})
         log.info("ha standby rebuilt", extra={"dir": str(self.root), "standby": which})
 
     def watch(self, name: str, *, failures: int = 3, interval: float = 0.5,
               stop: threading.Event | None = None, max_seconds: float | None = None) -> bool:
         """Check the primary every `interval` s; after `failures` failed checks in a
-        row, fail over and return True. False when `stop` is set or time is up."""
+        row, fail over and return True. False when `stop` is set or time is up. A
+        standby failing as many checks while the primary is fine is `degrade`d (the
+        primary then commits alone)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        failed = 0
+        failed = standby_failed = 0
         while not (stop is not None and stop.is_set()):
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -297,6 +322,10 @@ class PgHa:
             if failed >= failures:
                 self.failover(name)
                 return True
+            if failed == 0 and self.state()["sync"] == "on":
+                standby_failed = 0 if self.check_standby() else standby_failed + 1
+                if standby_failed >= failures:
+                    self.degrade()
             time.sleep(interval)
         return False
 

@@ -338,13 +338,14 @@ class Provisioner:
         controller's periodic job; N failures in a row -> `failover`)."""
         return self._ha_pg_record(addon_id).check_primary()
 
-    def failover(self, addon_id: str) -> Credentials:
+    def failover(self, addon_id: str, *, force: bool = False) -> Credentials:
         """Fence the primary, promote the standby, repoint PgBouncer (DATABASE_URL
-        does not change). Idempotent."""
+        does not change). Idempotent. Refused while the standby may be behind (it
+        failed and the primary committed alone) unless `force`."""
         name = addon_name(addon_id)
         with self.records.lock(name):
             record = self._record(addon_id, name)
-            self._ha_pg_record(addon_id).failover(name)
+            self._ha_pg_record(addon_id).failover(name, force=force)
         return self.credentials(record)
 
     def rejoin(self, addon_id: str) -> Credentials:

@@ -21,6 +21,7 @@ import pytest
 import redis
 from redis.sentinel import Sentinel
 
+from dbprovision.errors import ServerUnavailable
 from dbprovision.names import addon_name
 from dbprovision.service import Credentials, Provisioner
 
@@ -160,7 +161,7 @@ def test_pg_failover_by_attempt(prov: Provisioner):
     # fenced: not running, its data dir renamed, so nothing starts it as a primary
     assert not old.is_running() and not old.initialized()
     assert (old.root / "data.fenced").is_dir()
-    assert ha.state() == {"primary": "b", "fenced": "a"}
+    assert ha.state() == {"primary": "b", "fenced": "a", "sync": "off"}
 
     started = time.monotonic()
     creds = prov.rejoin(addon)              # rebuilt as the new standby, synchronous again
@@ -171,6 +172,42 @@ def test_pg_failover_by_attempt(prov: Provisioner):
     with closing(_connect(creds.env["DATABASE_READ_URL"])) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_is_in_recovery(), count(*) FROM acked WHERE id = -1")
         assert cur.fetchone() == (True, 1)
+    prov.destroy(addon, "postgres", "ha")
+
+
+def test_pg_dead_standby_degrades_then_rejoins(prov: Provisioner):
+    """A dead standby would hold every COMMIT (synchronous): the watcher lets the
+    primary commit alone, and then refuses to promote that (behind) standby."""
+    addon = f"hadeg-{uuid.uuid4().hex[:6]}"
+    creds = prov.provision(addon, "postgres", "ha")
+    with closing(_connect(creds.url)) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE t (x int)")
+    ha = prov._pg_ha(prov._record(addon, addon_name(addon)))
+    pid = ha.node("b").pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)                # the standby's host dies
+    done = threading.Event()
+
+    def insert() -> None:
+        with closing(_connect(creds.url)) as conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO t VALUES (1)")     # waits for a standby ...
+        done.set()
+
+    writer = threading.Thread(target=insert, daemon=True)
+    writer.start()
+    assert not done.wait(0.5)
+    assert not prov.watch(addon, failures=3, interval=0.2, max_seconds=3)
+    assert done.wait(5)                         # ... until the primary commits alone
+    assert ha.state() == {"primary": "a", "fenced": "", "sync": "off"}
+    with pytest.raises(ServerUnavailable, match="behind"):
+        prov.failover(addon)
+    creds = prov.rejoin(addon)                  # the standby back, synchronous again
+    assert ha.state()["sync"] == "on"
+    with closing(_connect(creds.url)) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (2)")
+    with closing(_connect(creds.env["DATABASE_READ_URL"])) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM t")
+        assert cur.fetchone() == (2,)
     prov.destroy(addon, "postgres", "ha")
 
 
