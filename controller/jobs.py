@@ -55,6 +55,9 @@ QUEUE = "berth-platform"
 TASKS = {Op.PROVISION: "berth.provision_addon", Op.ROTATE: "berth.rotate_addon",
          Op.DESTROY: "berth.destroy_addon"}
 CHECK_QUOTAS = "berth.check_quotas"
+CHECK_HA = "berth.check_ha"
+HA_FAILURES = 3           # failed checks in a row before a failover ...
+HA_INTERVAL = 0.5         # ... this many seconds apart
 LOCK_TTL = 900            # seconds an addon lock lives without its holder
 LOCK_WAIT = 120.0         # seconds a task waits for another task on the same addon
 API_TIMEOUT = 30.0
@@ -77,7 +80,9 @@ def configure(settings: SimpleNamespace) -> Celery:
     _settings = settings
     app.conf.broker_url = settings.broker_url
     app.conf.beat_schedule = {"check-quotas": {"task": CHECK_QUOTAS,
-                                               "schedule": settings.quota_check_seconds}}
+                                               "schedule": settings.quota_check_seconds},
+                              "check-ha": {"task": CHECK_HA, "schedule":
+                                           getattr(settings, "ha_check_seconds", 5.0)}}
     return app
 
 
@@ -348,6 +353,28 @@ def check_quotas() -> dict[str, str]:
             out[addon["id"]] = state
         except Exception:
             log.exception("quota check of %s failed", addon["id"])
+    return out
+
+
+@app.task(name=CHECK_HA, acks_late=False, shared=False, expires=30)
+def check_ha() -> dict[str, bool]:
+    """Check each postgres ha addon's primary a few times (bounded: HA_FAILURES x
+    (HA_INTERVAL + 2) s each, room for checks that time out at 1 s: a streak of
+    failures must fit in one run, the count does not carry over); after HA_FAILURES
+    failures in a row its standby is promoted, the old primary fenced, PgBouncer
+    repointed (dbprovision/pgha.py).
+    Returns {addon id: failed over}. A failover refused (the standby may be behind) or
+    failed is logged and tried again at the next run."""
+    prov = provisioner()
+    out: dict[str, bool] = {}
+    for addon_id in prov.ha_addons():
+        try:
+            out[addon_id] = prov.watch(addon_id, failures=HA_FAILURES, interval=HA_INTERVAL,
+                                       max_seconds=HA_FAILURES * (HA_INTERVAL + 2))
+            if out[addon_id]:
+                log.warning("addon %s failed over to its standby", addon_id)
+        except Exception:
+            log.exception("ha check of %s failed", addon_id)
     return out
 
 

@@ -364,6 +364,11 @@ class Provisioner:
         return ha.watch(addon_name(addon_id), failures=failures, interval=interval,
                         stop=stop, max_seconds=max_seconds)
 
+    def ha_addons(self) -> list[str]:
+        """The ids of the ready postgres ha addons here (for the periodic check)."""
+        return [r.addon_id for r in self.records.all()
+                if (r.engine, r.plan, r.state) == ("postgres", "ha", "ready")]
+
     def _ha_pg_record(self, addon_id: str) -> PgHa:
         record = self._record(addon_id, addon_name(addon_id))
         if (record.engine, record.plan) != ("postgres", "ha"):

@@ -117,7 +117,7 @@ def test_pg_ha_credentials_and_sync_standby(prov: Provisioner):
         assert cur.fetchall() == [("node_b", True)]
         cur.execute("SHOW max_slot_wal_keep_size")
         assert cur.fetchone() == ("1GB",)
-    assert prov.check_primary(addon)
+    assert prov.check_primary(addon) and addon in prov.ha_addons()
     prov.destroy(addon, "postgres", "ha")
 
 
