@@ -1,0 +1,117 @@
+"""The offsite pull, rsync flavour: the offsite host pulls new snapshots from a served
+host's read-only rsync module (rsync daemon `read only = yes`, or ssh with a forced
+`rrsync -ro`: the same URL shape either way); nothing on the served host holds a
+credential for the offsite host, so nothing there can list, change or delete its
+copies.
+
+A copy is pulled into `<name>.partial` with `--link-dest=<previous complete copy of
+the volume>` (unchanged files become hard links: only changes travel and take space),
+then the served side's manifest (`<name>.manifest.json`, written there last), then
+both are renamed into place and the copy is verified against that manifest: it is
+complete only then (manifest.is_complete). A pull that fails or is interrupted leaves
+at most a `.partial`, removed at the next pull; a complete copy is never replaced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbprovision import command
+from dbprovision.errors import CommandFailed
+
+from . import manifest
+from .errors import BackupError, ManifestMissing
+from .snapshots import NAME, parse_name
+
+log = logging.getLogger(__name__)
+
+RECEIVED = re.compile(r"Total bytes received: ([\d,]+)")
+
+
+@dataclass(frozen=True)
+class Pulled:
+    name: str
+    copy: Path
+    previous: Path | None
+    bytes_received: int
+    seconds: float
+
+
+def _rsync(args: list[str | Path], *, password_file: Path | None, timeout: float) -> str:
+    extra: list[str | Path] = [f"--password-file={password_file}"] if password_file else []
+    return command.run(["rsync", *extra, *args], timeout=timeout,
+                       hint="is the served host's read-only module reachable?").stdout
+
+
+def list_remote(source: str, *, password_file: Path | None = None,
+                timeout: float = 60) -> list[str]:
+    """Snapshot names in the served host's module (`rsync://host:port/module`)."""
+    out = _rsync(["--list-only", f"{source}/"], password_file=password_file, timeout=timeout)
+    names = [line.split()[-1] for line in out.splitlines() if line.strip()]
+    return sorted(n for n in names if NAME.match(n))
+
+
+def complete_copies(copies: Path, volume: str | None = None) -> list[Path]:
+    found = []
+    for entry in copies.iterdir():
+        if NAME.match(entry.name) and manifest.is_complete(entry) and \
+                (volume is None or parse_name(entry.name)[0] == volume):
+            found.append(entry)
+    return sorted(found, key=lambda p: parse_name(p.name)[1])
+
+
+def pull(source: str, name: str, copies: Path, *, password_file: Path | None = None,
+         timeout: float = 3600) -> Pulled:
+    """Pull snapshot `name` into `copies/name`, link-dest against the newest complete
+    copy of its volume, and verify it against the served side's manifest."""
+    volume, _ = parse_name(name)
+    final = copies / name
+    if final.exists() and manifest.is_complete(final):
+        raise BackupError(f"copy {name} is already complete here",
+                          "a complete copy is never replaced", status=409)
+    previous = next(iter(reversed(complete_copies(copies, volume))), None)
+    partial = copies / f"{name}.partial"
+    partial_manifest = copies / f"{name}.manifest.json.partial"
+    for leftover in (partial, final):       # an earlier interrupted or unverified pull
+        if leftover.exists():
+            leftover.chmod(0o755)
+            shutil.rmtree(leftover)
+    started = time.monotonic()
+    args: list[str | Path] = ["-a", "-H", "--numeric-ids", "--delete", "--stats"]
+    if previous is not None:
+        args.append(f"--link-dest={previous.resolve()}")
+    out = _rsync([*args, f"{source}/{name}/", f"{partial}/"], password_file=password_file,
+                 timeout=timeout)
+    received = int(m.group(1).replace(",", "")) if (m := RECEIVED.search(out)) else 0
+    try:
+        _rsync(["--no-motd", f"{source}/{name}.manifest.json", partial_manifest],
+               password_file=password_file, timeout=timeout)
+    except CommandFailed as exc:
+        raise ManifestMissing(f"the served host has no manifest for {name}",
+                              "write it there after the snapshot (backup.manifest.write), "
+                              "then pull again") from exc
+    os.rename(partial, final)
+    os.rename(partial_manifest, manifest.manifest_path(final))
+    manifest.stamp_path(final).unlink(missing_ok=True)
+    manifest.verify(final)      # raises ManifestMismatch: the copy stays incomplete
+    seconds = time.monotonic() - started
+    log.info("copy pulled", extra={"copy": str(final), "previous": str(previous or ""),
+                                   "bytes": received, "seconds": round(seconds, 3)})
+    return Pulled(name, final, previous, received, seconds)
+
+
+def pull_new(source: str, copies: Path, *, password_file: Path | None = None,
+             timeout: float = 3600) -> list[Pulled]:
+    """Every snapshot the served host has and this side holds no complete copy of,
+    oldest first (so each links against the one before)."""
+    have = {p.name for p in complete_copies(copies)}
+    todo = [n for n in list_remote(source, password_file=password_file, timeout=timeout)
+            if n not in have]
+    todo.sort(key=lambda n: parse_name(n)[1])
+    return [pull(source, n, copies, password_file=password_file, timeout=timeout)
+            for n in todo]
