@@ -54,13 +54,23 @@ def scratch_copy(copy: Path, scratch: Path) -> float:
     return time.monotonic() - started
 
 
+def drop_stale_locks(root: Path) -> None:
+    """A snapshot of a running cluster holds its postmaster.pid and its socket's
+    lock file (the socket lives in the data dir); a copy never runs under that PID,
+    and a reused PID must not make PostgreSQL refuse to start."""
+    data = root / "data"
+    (data / "postmaster.pid").unlink(missing_ok=True)
+    for stale in data.glob(".s.PGSQL.*"):
+        stale.unlink(missing_ok=True)
+
+
 def verify_postgres(copy: Path, scratch: Path, port: int, query: str, *,
                     dbname: str = "postgres", user: RunAs | None = None,
                     address: str = "127.0.0.1") -> PgVerified:
     """Start the cluster of `copy` in `scratch` on `port`, run `query`, stop it. The
     scratch copy is left for the caller to remove (or to keep, as a restore)."""
     seconds = scratch_copy(copy, scratch)
-    (scratch / "data" / "postmaster.pid").unlink(missing_ok=True)
+    drop_stale_locks(scratch)
     cluster = PgCluster(scratch, address, port, user=user)
     if not cluster.initialized():
         raise BackupError(f"{copy} holds no PostgreSQL cluster (no data/PG_VERSION)",

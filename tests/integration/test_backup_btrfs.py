@@ -206,3 +206,63 @@ def test_postgres_snapshot_under_writes_starts_from_the_copy(make_btrfs, tmp_pat
           f"({before} rows before, {top} in the copy, {after} at the end); scratch "
           f"clone {result.copy_seconds * 1000:.0f} ms, start with recovery "
           f"{result.start_seconds:.2f} s")
+
+
+def test_restore_in_place_keeps_the_replaced_data_and_into_a_new_volume(make_btrfs):
+    from backup.restore import NoSnapshot, as_of, restore_in_place, restore_into
+    served = make_btrfs("512M")
+    snaps = Snapshots(VolumeStore(served / "berth"))
+    vol = snaps.store.create("app5-data")
+    (vol.path / "f.txt").write_text("at 20:00")
+    s1 = snaps.take(vol, now=datetime(2026, 11, 30, 20, 0, tzinfo=UTC))
+    (vol.path / "f.txt").write_text("at 21:00")
+    (vol.path / "later.txt").write_text("x")
+    s2 = snaps.take(vol, now=datetime(2026, 11, 30, 21, 0, tzinfo=UTC))
+    (vol.path / "f.txt").write_text("live")
+
+    chosen = as_of(snaps.list("app5-data"), datetime(2026, 11, 30, 20, 59, tzinfo=UTC))
+    assert chosen.name == s1.name
+    with pytest.raises(NoSnapshot):
+        as_of(snaps.list("app5-data"), datetime(2026, 11, 30, 19, 0, tzinfo=UTC))
+
+    calls: list[str] = []
+    done = restore_in_place(snaps, vol, chosen.path, stop=lambda: calls.append("stop"),
+                            start=lambda: calls.append("start"),
+                            now=datetime(2026, 11, 30, 22, 0, tzinfo=UTC))
+    assert calls == ["stop", "start"]
+    assert tree(vol.path) == {"f.txt": b"at 20:00"}
+    assert btrfs.is_subvolume(vol.path) and not btrfs.is_readonly(vol.path)
+    assert done.kept is not None and btrfs.is_readonly(done.kept.path)
+    assert tree(done.kept.path)["f.txt"] == b"live"
+    assert [p.name for p in (served / "berth" / "volumes").iterdir()] == ["app5-data"]
+
+    new = restore_into(snaps, s2.path, "app5-data-at-21")
+    assert tree(new.volume.path) == {"f.txt": b"at 21:00", "later.txt": b"x"}
+    assert tree(vol.path) == {"f.txt": b"at 20:00"}
+
+
+def test_postgres_restored_in_place_has_exactly_the_rows_before_the_snapshot(make_btrfs):
+    from backup.pgverify import drop_stale_locks
+    from backup.restore import restore_in_place
+    served = make_btrfs("1G")
+    snaps = Snapshots(VolumeStore(served / "berth"))
+    vol = snaps.store.create("pg2")
+    cluster = PgCluster(vol.path, "127.0.0.1", free_port("127.0.0.1"))
+    cluster.init()
+    cluster.start()
+    try:
+        with closing(cluster.connect()) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            cur.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+        snap = snaps.take(vol, hooks=[PostgresCheckpoint(cluster.connect)])
+        with closing(cluster.connect()) as conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO t SELECT generate_series(1001, 2000)")
+        restore_in_place(snaps, vol, snap.path, stop=cluster.stop, start=cluster.start,
+                         fixup=drop_stale_locks,
+                         now=snap.time + timedelta(minutes=5))
+        cluster.wait_ready()
+        with closing(cluster.connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*), max(id) FROM t")
+            assert cur.fetchone() == (1000, 1000)
+    finally:
+        cluster.stop()

@@ -20,7 +20,7 @@ from backup import btrfs, manifest
 from backup.errors import HookFailed
 from backup.retention import Policy
 from backup.snapshots import PgDump, RedisAofRewrite, Snapshots
-from backup.volumes import VolumeStore
+from backup.volumes import LinkDestSnapshotter, VolumeStore
 from dbprovision.pgcluster import PG_BIN, PgCluster
 from dbprovision.ports import free_port
 from dbprovision.redisserver import RedisServer
@@ -45,6 +45,7 @@ def test_link_dest_fallback_shares_unchanged_files(plain_root):
     assert store.snapshotter.kind == "rsync-link-dest"
     said = store.describe()
     assert "not on btrfs" in said and "atomic" in said and "torn" in said
+    assert "by content" in said and "tick" in LinkDestSnapshotter(checksum=False).describe()
     vol = store.create("app2-data")
     (vol.path / "media").mkdir()
     (vol.path / "media" / "same.bin").write_bytes(os.urandom(1 << 20))
@@ -124,3 +125,18 @@ def test_shared_postgres_tenant_gets_its_own_dump(plain_root):
     listing = subprocess.run([str(PG_BIN / "pg_restore"), "-l", str(dump)],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     assert "only_tenant_a" in listing and "only_tenant_b" not in listing
+
+
+def test_restore_in_place_off_btrfs(plain_root):
+    from backup.restore import restore_in_place
+    snaps = Snapshots(VolumeStore(plain_root / "store"))
+    vol = snaps.store.create("app6-data")
+    (vol.path / "f.txt").write_text("old")
+    s1 = snaps.take(vol, now=T0)
+    (vol.path / "f.txt").write_text("new")     # same size, same tick: --checksum sees it
+    done = restore_in_place(snaps, vol, s1.path, now=T0 + timedelta(hours=1))
+    assert (vol.path / "f.txt").read_text() == "old"
+    assert done.kept is not None and (done.kept.path / "f.txt").read_text() == "new"
+    (vol.path / "f.txt").write_text("writable again")
+    assert (s1.path / "f.txt").read_text() == "old", "the restore copied, not linked"
+    assert sorted(p.name for p in snaps.store.volumes_dir.iterdir()) == ["app6-data"]
