@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from dbprovision import command
 
@@ -139,3 +140,24 @@ def restore_into(snaps: Snapshots, source: Path, name: str) -> Restored:
     log.info("volume restored", extra={"volume": name, "source": str(source),
                                        "seconds": round(seconds, 3)})
     return Restored(volume, source, None, seconds)
+
+
+def restore_tenant_dump(cluster: Any, dbname: str, dump: Path, *,
+                        timeout: float = 600) -> float:
+    """Put one shared-PostgreSQL tenant's database back from its `pg_dump -Fc` file
+    (a PgDump hook's `<db>.dump` in a snapshot): `pg_restore --clean --if-exists
+    --single-transaction` into that database alone, so the other tenants of the
+    cluster are not touched and a failure changes nothing. Objects the dump holds are
+    dropped and made again with its data; objects made after the dump (a new table)
+    stay: replacing the whole database (restore into a new one, then swap names,
+    with dbprovision's grants) is left. Returns seconds."""
+    if not dump.is_file():
+        raise NoSnapshot(f"no dump of {dbname} at {dump}",
+                         "shared-PostgreSQL snapshots hold <db>.dump (the PgDump hook)")
+    result = command.run([cluster.bin / "pg_restore", "--clean", "--if-exists",
+                          "--single-transaction", "--exit-on-error", "-h", cluster.data,
+                          "-p", str(cluster.port), "-U", "postgres", "-d", dbname, dump],
+                         timeout=timeout, hint="nothing was changed (one transaction)")
+    log.info("tenant database restored", extra={"database": dbname, "dump": str(dump),
+                                                "seconds": round(result.seconds, 3)})
+    return result.seconds
