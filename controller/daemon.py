@@ -1,7 +1,12 @@
 """The controller daemon: one class, one loop.
 
 The loop polls the control, snapshot and logs sockets, sends heartbeats and route
-ticks every interval, hands queued builds to runners and runs the reconciler. The
+ticks every interval, hands queued builds to runners and runs the reconciler. For its
+first WARM_UP_INTERVALS heartbeat intervals it only listens: a (re)started
+controller has heard from no runner yet, and routes planned from nothing would take
+every backend away from the balancers, which keep routing with what they have. So
+no reconcile, no route tick, and route snapshot requests wait until every live
+runner has had the time to report its inventory. The
 HTTP API runs in its own threads and talks to the loop only through the store,
 `submit_build`, `wake` and the read-only views (`instances`, `hosts`), so the
 ZeroMQ sockets are touched by the loop thread alone.
@@ -52,6 +57,7 @@ from messaging.waker import Waker
 log = logging.getLogger(__name__)
 
 START_PENDING = 15.0
+WARM_UP_INTERVALS = 2       # heartbeat intervals a starting controller only listens
 STOP_RETRY = 60.0
 DESTROY_RETRY = 30.0
 
@@ -96,6 +102,8 @@ class Controller:
         self._view = View()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._warm_until = 0.0                      # set when the loop starts
+        self._held_snapshots: list[bytes] = []      # asked while warming up
         self.api: ApiServer | None = None
         self.poke = Waker()             # API threads end the loop's poll (runs' input)
         self.run_loop = RunLoop(self, self._send_attach, self.poke.wake)
@@ -150,7 +158,8 @@ class Controller:
     # -- the loop -----------------------------------------------------------
     def run(self) -> None:
         interval = self.settings.heartbeat_interval
-        next_beat = next_reconcile = time.monotonic()
+        next_beat = time.monotonic()
+        next_reconcile = self._warm_until = next_beat + WARM_UP_INTERVALS * interval
         try:
             while not self._stop.is_set():
                 for sock, _ in self.poller.poll(100):
@@ -166,10 +175,13 @@ class Controller:
                 self._finish_builds(now)
                 self.run_loop.step(now)
                 self.commands.expire(now)
-                if now >= next_reconcile or self._wake.is_set():
+                if now >= next_reconcile or (self._wake.is_set() and now >= self._warm_until):
                     self._wake.clear()
                     self.reconcile(now)
                     next_reconcile = now + 0.5
+                    for identity in self._held_snapshots:
+                        envelope.send(self.snapshots, self.publisher.snapshot(), identity)
+                    self._held_snapshots.clear()
         finally:
             self._shutdown()
 
@@ -200,7 +212,10 @@ class Controller:
             elif sock is self.attach:
                 self.run_loop.on_message(msg, time.monotonic())
             elif sock is self.snapshots:
-                envelope.send(sock, self.publisher.snapshot(), identity)
+                if time.monotonic() < self._warm_until and identity is not None:
+                    self._held_snapshots.append(identity)   # answered after warming up
+                else:
+                    envelope.send(sock, self.publisher.snapshot(), identity)
             else:
                 self._on_log(msg)
 
@@ -242,7 +257,8 @@ class Controller:
                     addon_ports=self.addon_ports)
         for peer in self.tracker.alive(now):
             self._send(peer.name, beat)
-        envelope.send(self.routes_pub, self.publisher.tick())
+        if now >= self._warm_until:
+            envelope.send(self.routes_pub, self.publisher.tick())
 
     def _send(self, host: str, msg: Message) -> None:
         identity = self.identities.get(host)
