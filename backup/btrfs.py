@@ -87,8 +87,18 @@ def send_receive(snapshot: Path, dest_dir: Path, *, parent: Path | None = None,
     so an interrupted transfer never looks like a copy."""
     send_argv = [BTRFS, "send", "-q", *(["-p", os.fspath(parent)] if parent else []),
                  os.fspath(snapshot)]
+    moved, seconds = receive_from(send_argv, dest_dir, snapshot.name, timeout=timeout)
+    return Transfer(snapshot, parent, dest_dir / snapshot.name, moved, seconds)
+
+
+def receive_from(send_argv: list[str], dest_dir: Path, name: str, *,
+                 timeout: float = 3600) -> tuple[int, float]:
+    """`<send_argv> | btrfs receive dest_dir`: the producer is `btrfs send` here or,
+    for an offsite pull, the transport to the served host's forced command (ssh ...).
+    Returns (bytes, seconds); on failure the partial `dest_dir/name` is removed."""
+    snapshot = Path(name)
     recv_argv = [BTRFS, "receive", os.fspath(dest_dir)]
-    received = dest_dir / snapshot.name
+    received = dest_dir / name
     started = time.monotonic()
     try:
         sender = subprocess.Popen(send_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -96,7 +106,8 @@ def send_receive(snapshot: Path, dest_dir: Path, *, parent: Path | None = None,
         receiver = subprocess.Popen(recv_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
     except FileNotFoundError as exc:
-        raise ProgramMissing("btrfs is not installed", program=BTRFS) from exc
+        missing = Path(exc.filename or send_argv[0]).name
+        raise ProgramMissing(f"{missing} is not installed", program=missing) from exc
     moved = [0]
     errors: dict[str, bytes] = {}
 
@@ -137,22 +148,25 @@ def send_receive(snapshot: Path, dest_dir: Path, *, parent: Path | None = None,
         for proc in (sender, receiver):
             _kill_group(proc)
         _remove_partial(received)
-        raise TransferFailed(f"btrfs send | receive of {snapshot.name} did not finish "
+        raise TransferFailed(f"send | btrfs receive of {snapshot.name} did not finish "
                              f"within {timeout:g} s and was killed",
                              "the partial copy was removed; pull again") from None
     seconds = time.monotonic() - started
     # the receiver first: when it fails, the sender's SIGPIPE is only the consequence
-    for name, proc, argv in (("receive", receiver, recv_argv), ("send", sender, send_argv)):
+    for step, proc, argv in (("btrfs receive", receiver, recv_argv),
+                             (Path(send_argv[0]).name + " " + send_argv[1]
+                              if len(send_argv) > 1 else send_argv[0], sender, send_argv)):
         if proc.returncode != 0:
             _remove_partial(received)
+            key = "receive" if proc is receiver else "send"
             err = command.failure(command.Result(tuple(argv), proc.returncode or 0, "",
-                                                 errors.get(name, b"").decode(errors="replace"),
+                                                 errors.get(key, b"").decode(errors="replace"),
                                                  seconds))
-            raise TransferFailed(f"btrfs {name} of {snapshot.name} failed: {err.message}",
+            raise TransferFailed(f"{step} of {snapshot.name} failed: {err.message}",
                                  "the partial copy was removed; " + err.hint) from err
-    log.info("snapshot sent", extra={"snapshot": str(snapshot), "parent": str(parent or ""),
-                                     "bytes": moved[0], "seconds": round(seconds, 3)})
-    return Transfer(snapshot, parent, received, moved[0], seconds)
+    log.info("snapshot received", extra={"snapshot": name, "dest": str(dest_dir),
+                                         "bytes": moved[0], "seconds": round(seconds, 3)})
+    return moved[0], seconds
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

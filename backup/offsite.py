@@ -20,13 +20,14 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dbprovision import command
 from dbprovision.errors import CommandFailed
 
-from . import manifest
+from . import btrfs, manifest
 from .errors import BackupError, ManifestMismatch, ManifestMissing
 from .snapshots import NAME, parse_name
 
@@ -130,3 +131,40 @@ def pull_new(source: str, copies: Path, *, password_file: Path | None = None,
     todo.sort(key=lambda n: parse_name(n)[1])
     return [pull(source, n, copies, password_file=password_file, timeout=timeout)
             for n in todo]
+
+
+# -- btrfs flavour: the served host's forced command (backup/forced.py) --------------
+
+Remote = Callable[[list[str]], list[str]]
+"""The argv that asks the served host's forced command `request`, e.g.
+`lambda req: ["ssh", "-i", key, "-o", "BatchMode=yes", "backup@served", *req]`."""
+
+
+def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600) -> list[Pulled]:
+    """Every read-only snapshot the served host lists that `copies` (on btrfs) holds
+    no complete copy of, oldest first, each incremental against the newest complete
+    copy of its volume, received, given the served side's manifest, verified."""
+    listed = command.run(remote(["list"]), timeout=60).stdout.split()
+    have = {p.name for p in complete_copies(copies)}
+    todo = sorted((n for n in listed if NAME.match(n) and n not in have),
+                  key=lambda n: parse_name(n)[1])
+    out = []
+    for name in todo:
+        volume, _ = parse_name(name)
+        final = copies / name
+        if final.exists():                  # received earlier but never verified
+            btrfs.delete_subvolume(final)
+        previous = next(iter(reversed(complete_copies(copies, volume))), None)
+        request = ["send", name] + ([previous.name] if previous else [])
+        moved, seconds = btrfs.receive_from(remote(request), copies, name, timeout=timeout)
+        body = command.run(remote(["manifest", name]), timeout=300).stdout
+        target = manifest.manifest_path(final)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(body)
+        os.rename(partial, target)
+        manifest.stamp_path(final).unlink(missing_ok=True)
+        manifest.verify(final)
+        log.info("copy pulled", extra={"copy": str(final), "previous": str(previous or ""),
+                                       "bytes": moved, "seconds": round(seconds, 3)})
+        out.append(Pulled(name, final, previous, moved, seconds))
+    return out

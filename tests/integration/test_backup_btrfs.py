@@ -266,3 +266,50 @@ def test_postgres_restored_in_place_has_exactly_the_rows_before_the_snapshot(mak
             assert cur.fetchone() == (1000, 1000)
     finally:
         cluster.stop()
+
+
+def test_offsite_pull_through_the_forced_command(make_btrfs):
+    """The btrfs flavour of the pull: the offsite host asks the served host's forced
+    command (backup/forced.py; over ssh in production, here the same program with
+    SSH_ORIGINAL_COMMAND set) and receives on its own filesystem."""
+    import shlex
+    import subprocess
+    import sys
+
+    from backup import offsite
+    served, away = make_btrfs("512M"), make_btrfs("512M")
+    snaps = Snapshots(VolumeStore(served / "berth"))
+    vol = snaps.store.create("app7-data")
+    write_random(vol.path / "big.bin", 16 << 20)
+    (vol.path / "f.txt").write_text("one")
+    s1 = snaps.take(vol, now=datetime(2026, 11, 30, 20, 0, tzinfo=UTC))
+    manifest.write(s1.path)
+
+    def remote(request: list[str]) -> list[str]:
+        return ["env", f"SSH_ORIGINAL_COMMAND={shlex.join(request)}", sys.executable,
+                "-m", "backup.forced", str(snaps.store.snapshots_dir)]
+
+    copies = away / "copies"
+    copies.mkdir(mode=0o700)
+    first = offsite.pull_btrfs(remote, copies)
+    (vol.path / "f.txt").write_text("two")
+    s2 = snaps.take(vol, now=datetime(2026, 11, 30, 21, 0, tzinfo=UTC))
+    manifest.write(s2.path)
+    second = offsite.pull_btrfs(remote, copies)
+    assert [p.name for p in first + second] == [s1.name, s2.name]
+    assert second[0].previous == copies / s1.name
+    assert first[0].bytes_received > 16 << 20 and second[0].bytes_received < 64 << 10
+    assert all(manifest.is_complete(p.copy) and btrfs.is_readonly(p.copy)
+               for p in first + second)
+    assert (copies / s2.name / "f.txt").read_text() == "two"
+    assert offsite.pull_btrfs(remote, copies) == []
+    print(f"\noffsite pull (btrfs, forced command): first {first[0].bytes_received / 1e6:.1f}"
+          f" MB in {first[0].seconds:.2f} s, second {second[0].bytes_received / 1e3:.1f} kB "
+          f"in {second[0].seconds:.2f} s")
+
+    # the forced command does nothing else
+    for bad in (["delete", s1.name], ["send", "../" + s1.name], ["send", s1.name, "x@y"],
+                ["sh", "-c", "rm -rf /"], ["list;", "rm"], []):
+        done = subprocess.run(remote(bad), capture_output=True, timeout=30)
+        assert done.returncode == 2 and b"refused" in done.stderr, bad
+    assert {s.name for s in snaps.list()} == {s1.name, s2.name}
