@@ -52,7 +52,10 @@ class BtrfsSnapshotter:
     def describe(self) -> str:
         return ("btrfs: each snapshot is an atomic, read-only subvolume snapshot (every "
                 "file as of one instant, made in constant time); copies go offsite with "
-                "btrfs send/receive, incremental against the previous snapshot")
+                "btrfs send/receive, incremental against the previous snapshot. Like a "
+                "power cut, it holds only what was written: data an app had not yet "
+                "written (buffers, unflushed files) is not in it, and a database needs "
+                "its pre-snapshot hook (CHECKPOINT, BGREWRITEAOF) or crash recovery")
 
 
 class LinkDestSnapshotter:

@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounting a btrfs needs root"),
     pytest.mark.skipif(shutil.which("mkfs.btrfs") is None,
                        reason="btrfs-progs is not installed (scripts/setup.sh installs it)"),
-    pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else pytest.mark.usefixtures(),
+    pytest.mark.timeout(300),
 ]
 
 log = logging.getLogger(__name__)
@@ -313,3 +313,14 @@ def test_offsite_pull_through_the_forced_command(make_btrfs):
         done = subprocess.run(remote(bad), capture_output=True, timeout=30)
         assert done.returncode == 2 and b"refused" in done.stderr, bad
     assert {s.name for s in snaps.list()} == {s1.name, s2.name}
+
+
+def test_a_transfer_cut_short_leaves_no_copy(make_btrfs):
+    """A stream that ends early or is garbage (a dropped connection, a lying peer):
+    receive fails, the error says so, and no partial subvolume remains."""
+    away = make_btrfs("256M")
+    for producer in (["head", "-c", "100000", "/dev/urandom"], ["false"]):
+        with pytest.raises(TransferFailed) as err:
+            btrfs.receive_from(producer, away, "app8-data@20261130T200000Z", timeout=30)
+        assert err.value.hint
+        assert list(away.iterdir()) == []
