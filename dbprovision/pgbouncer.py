@@ -23,6 +23,7 @@ from pathlib import Path
 from .command import RunAs, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import own_dir, write_file
+from .pidfile import read_pid, terminate
 from .ports import listening
 
 log = logging.getLogger(__name__)
@@ -118,20 +119,11 @@ class PgBouncer:
         pid = self.pid()
         if pid is None or not self._is_ours(pid):
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self._is_ours(pid):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline += 5
-            time.sleep(0.01)
+        terminate(pid, self._is_ours, timeout)
         log.info("pgbouncer stopped", extra={"dir": str(self.root), "pid": pid})
 
     def pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_pid(self.pid_file)
 
     def is_running(self) -> bool:
         pid = self.pid()

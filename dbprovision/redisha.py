@@ -31,10 +31,8 @@ Sentinels (its un-replicated writes are discarded): that is the fencing here.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +42,7 @@ import redis
 from .command import RunAs, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import own_dir, write_file
+from .pidfile import read_pid, terminate
 from .redisdedicated import TENANT_RULES
 from .redisserver import ADMIN, REDIS_SERVER, RedisServer, acl_password, default_user
 
@@ -112,19 +111,10 @@ class Sentinel:
         pid = self.pid()
         if pid is None or not self._is_ours(pid):
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self._is_ours(pid):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline += 5
-            time.sleep(0.01)
+        terminate(pid, self._is_ours, timeout)
 
     def pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_pid(self.pid_file)
 
     def is_running(self) -> bool:
         pid = self.pid()

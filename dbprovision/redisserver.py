@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import secrets
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from redis.retry import Retry
 from .command import RunAs, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import check_socket_path, own_dir, write_file
+from .pidfile import read_pid, terminate
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +124,11 @@ class RedisServer:
         pid = self.pid()
         if pid is None or not self._is_ours(pid):
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self._is_ours(pid):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline += 5
-            time.sleep(0.01)
+        terminate(pid, self._is_ours, timeout)
         log.info("redis stopped", extra={"dir": str(self.root), "pid": pid})
 
     def pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_pid(self.pid_file)
 
     def is_running(self) -> bool:
         pid = self.pid()
