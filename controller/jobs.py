@@ -83,6 +83,8 @@ def configure(settings: SimpleNamespace) -> Celery:
                                                "schedule": settings.quota_check_seconds},
                               "check-ha": {"task": CHECK_HA, "schedule":
                                            getattr(settings, "ha_check_seconds", 5.0)}}
+    from controller import backupjobs  # registers the backup tasks; their schedule:
+    app.conf.beat_schedule.update(backupjobs.schedule(settings))
     return app
 
 

@@ -1,0 +1,385 @@
+"""The platform's backup volumes and what is done to them: the bridge between backup/
+(snapshots, retention, manifests, restore, verify) and where tenant data lives.
+
+Volumes (`Catalog.volumes()`), each named for what it holds:
+- `app-<app>`: an app's data dir, `<apps_dir>/<app>/data` (BERTH_DATA_DIR), for every
+  runner apps_dir in `backup_apps_dirs`; snapshots in `<apps_dir>/../backups`;
+- `addon-<id>`: a dedicated PostgreSQL's root (data/ with pg_wal, the server log,
+  PgBouncer's dir) or a dedicated Redis's (AOF in appendonly/), under the job
+  workers' addons_dir; a shared-PostgreSQL tenant's `pg_dump -Fc` of its own database
+  (a volume of its own in the backup dir, refreshed before each snapshot).
+  Snapshots in `backup_dir` (default `<addons_dir>/backups`).
+ha addons and the shared Redis are not covered yet (see docs/architecture.md).
+
+Each snapshot runs its volume's hook first (CHECKPOINT, BGREWRITEAOF + wait, pg_dump)
+and writes the manifest the offsite puller verifies against. One job at a time per
+volume: a flock per volume (a second caller is told it is busy, not queued), and, for
+an addon, the provisioner's own lock on it, so no provision, destroy or quota check
+(which restarts stopped servers) runs during a snapshot or a restore.
+
+Snapshotter per volume: btrfs when the volume is a subvolume. A dedicated server's
+root, made by the provisioner as a plain directory, is adopted once on a btrfs root
+(the server stopped, its files reflinked into a new subvolume, the two swapped
+atomically, the server started: about a second). An app's data dir is not adopted (its
+instances run on a runner); until it is a subvolume it gets the rsync --link-dest
+fallback, and `berth backup list` says so and what that cannot guarantee.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backup import btrfs, manifest
+from backup.errors import BackupError
+from backup.pgverify import drop_stale_locks, verify_postgres
+from backup.restore import Restored, as_of, exchange, restore_in_place, restore_into
+from backup.retention import Policy
+from backup.snapshots import Hook, PgDump, PostgresCheckpoint, RedisAofRewrite, Snapshot, Snapshots
+from backup.volumes import BtrfsSnapshotter, LinkDestSnapshotter, Snapshotter, Volume, VolumeStore
+from dbprovision import command
+from dbprovision.pgdedicated import PgDedicated
+from dbprovision.ports import free_port
+from dbprovision.redisdedicated import RedisDedicated
+
+if TYPE_CHECKING:
+    from dbprovision.records import AddonRecord
+    from dbprovision.service import Provisioner
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+"""Told each step as it starts (the API streams them to `berth backup restore`)."""
+
+
+class BackupBusy(BackupError):
+    code = "backup_busy"
+    status = 409
+    default_hint = "another backup job holds this volume; try again when it is done"
+
+
+class NoVolume(BackupError):
+    code = "no_volume"
+    status = 404
+    default_hint = "`berth backup list` shows the volumes there are"
+
+
+@dataclass
+class PlatformVolume:
+    """A tenant data volume: its name, what it is, where it lives, how to snapshot it."""
+
+    name: str
+    kind: str                   # app-data | postgres | redis | postgres-tenant
+    owner: str                  # the app, or the addon id
+    path: Path
+    store_root: Path
+    record: AddonRecord | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def volume(self) -> Volume:
+        return Volume(self.name, self.path)
+
+
+class Catalog:
+    def __init__(self, addons_dir: Path, backup_dir: Path | None = None,
+                 apps_dirs: Sequence[Path] = (), policy: str = "24h 7d 4w 12m min=3", *,
+                 provisioner: Callable[[], Provisioner] | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.addons_dir = addons_dir
+        self.backup_dir = backup_dir or addons_dir / "backups"
+        self.apps_dirs = list(apps_dirs)
+        self.policy = Policy.parse(policy)
+        self._provisioner = provisioner
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    @classmethod
+    def from_settings(cls, s: Any, provisioner: Callable[[], Provisioner] | None = None
+                      ) -> Catalog:
+        addons = Path(s.addons_dir).resolve()
+        return cls(addons, Path(s.backup_dir).resolve() if s.backup_dir else None,
+                   [Path(p).resolve() for p in s.backup_apps_dirs], s.backup_policy,
+                   provisioner=provisioner)
+
+    def provisioner(self) -> Provisioner:
+        if self._provisioner is None:
+            raise BackupError("no provisioner to find the addon volumes with",
+                              "run this in a job worker, or give Catalog one")
+        return self._provisioner()
+
+    # -- what there is ----------------------------------------------------------------
+
+    def volumes(self) -> list[PlatformVolume]:
+        found: list[PlatformVolume] = []
+        for apps_dir in self.apps_dirs:
+            if not apps_dir.is_dir():
+                continue
+            for data in sorted(apps_dir.glob("*/data")):
+                app = data.parent.name
+                found.append(PlatformVolume(f"app-{app}", "app-data", app, data,
+                                            apps_dir.parent / "backups"))
+        if (self.addons_dir / "addons").is_dir():
+            prov = self.provisioner()
+            for record in prov.records.all():
+                pv = self._addon_volume(prov, record)
+                if pv is not None:
+                    found.append(pv)
+        return found
+
+    def _addon_volume(self, prov: Provisioner, record: AddonRecord) -> PlatformVolume | None:
+        name = f"addon-{record.addon_id}"
+        if record.state != "ready":
+            return None
+        if (record.engine, record.plan) == ("postgres", "shared"):
+            path = self.backup_dir / "volumes" / name
+            return PlatformVolume(name, "postgres-tenant", record.addon_id, path,
+                                  self.backup_dir, record)
+        if record.plan == "dedicated":
+            server = prov._dedicated(record)     # the provisioner knows the root
+            root = server.root if isinstance(server, PgDedicated) else \
+                server.server.root if isinstance(server, RedisDedicated) else None
+            if root is None:
+                return None
+            return PlatformVolume(name, record.engine, record.addon_id, root,
+                                  self.backup_dir, record)
+        return None                         # ha, shared redis: not yet
+
+    def volume(self, name: str) -> PlatformVolume:
+        for pv in self.volumes():
+            if pv.name == name:
+                return pv
+        raise NoVolume(f"no backup volume {name!r}")
+
+    def snapshotter(self, pv: PlatformVolume) -> Snapshotter:
+        """btrfs when the volume is (or, for a server's root, can become) a subvolume on
+        a btrfs root; else the rsync --link-dest fallback."""
+        pv.store_root.mkdir(parents=True, exist_ok=True)
+        if not btrfs.is_btrfs(pv.store_root):
+            return LinkDestSnapshotter()
+        if pv.kind == "app-data" and pv.path.exists() and not btrfs.is_subvolume(pv.path):
+            pv.notes.append("the app's data dir is not a btrfs subvolume (make it one "
+                            "while the app is stopped to get atomic snapshots)")
+            return LinkDestSnapshotter()
+        return BtrfsSnapshotter()
+
+    def snapshots(self, pv: PlatformVolume) -> Snapshots:
+        return Snapshots(VolumeStore(pv.store_root, self.snapshotter(pv)), self.clock)
+
+    def describe(self, pv: PlatformVolume) -> dict[str, Any]:
+        snapper = self.snapshotter(pv)
+        snaps = self.snapshots(pv).list(pv.name)
+        return {"name": pv.name, "kind": pv.kind, "owner": pv.owner, "path": str(pv.path),
+                "snapshotter": snapper.kind, "guarantees": snapper.describe(),
+                "notes": pv.notes, "policy": str(self.policy),
+                "snapshots": [{"name": s.name, "time": s.time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                               "manifest": manifest.manifest_path(s.path).exists(),
+                               "verified": manifest.is_complete(s.path)} for s in snaps]}
+
+    # -- one job per volume -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def busy(self, pv: PlatformVolume) -> Iterator[None]:
+        """This volume's lock (not waited for: BackupBusy), and its addon's."""
+        locks = self.backup_dir / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        locks.chmod(0o700)
+        fd = os.open(locks / f"{pv.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BackupBusy(f"volume {pv.name} is busy with another backup job") \
+                    from None
+            if pv.record is not None:
+                with self.provisioner().records.lock(pv.record.name):
+                    yield
+            else:
+                yield
+        finally:
+            os.close(fd)
+
+    # -- snapshot, prune ----------------------------------------------------------------
+
+    def snapshot(self, name: str, now: datetime | None = None) -> Snapshot:
+        pv = self.volume(name)
+        with self.busy(pv):
+            snaps = self.snapshots(pv)
+            self._prepare(pv, snaps)
+            snap = snaps.take(pv.volume, hooks=self._hooks(pv), now=now)
+            manifest.write(snap.path)
+        return snap
+
+    def prune(self, name: str, *, dry_run: bool = False, now: datetime | None = None
+              ) -> list[tuple[Snapshot, bool, str]]:
+        pv = self.volume(name)
+        with self.busy(pv):
+            decisions = self.snapshots(pv).prune(pv.name, self.policy, now=now,
+                                                 dry_run=dry_run)
+            if not dry_run:
+                for snap, keep, _ in decisions:
+                    if not keep:
+                        for side in (manifest.manifest_path(snap.path),
+                                     manifest.stamp_path(snap.path)):
+                            side.unlink(missing_ok=True)
+        return decisions
+
+    def _prepare(self, pv: PlatformVolume, snaps: Snapshots) -> None:
+        """Make the volume exist (a tenant's dump volume) or a subvolume (a server's
+        root on btrfs, adopted once)."""
+        if pv.kind == "postgres-tenant" and not pv.path.exists():
+            snaps.store.create(pv.name)
+        elif pv.kind in ("postgres", "redis") and \
+                snaps.store.snapshotter.kind == "btrfs" and not btrfs.is_subvolume(pv.path):
+            self._adopt(pv)
+
+    def _adopt(self, pv: PlatformVolume) -> None:
+        """A plain directory becomes a subvolume holding the same files: the server
+        stopped, the files reflinked (`cp -a --reflink=always`, no data copied), the
+        two swapped atomically, the server started again."""
+        started = time.monotonic()
+        server = self._server(pv)
+        staging = pv.path.with_name(f".{pv.path.name}.adopting")
+        if staging.exists():
+            command.run(["rm", "-rf", "--one-file-system", staging], timeout=600)
+        server.stop()
+        try:
+            btrfs.create_subvolume(staging)
+            command.run(["cp", "-a", "--reflink=always", f"{pv.path}/.", f"{staging}/"],
+                        timeout=3600, hint="the volume was left as it was")
+            st = pv.path.stat()
+            os.chown(staging, st.st_uid, st.st_gid)
+            staging.chmod(st.st_mode & 0o7777)
+            exchange(staging, pv.path)
+            command.run(["rm", "-rf", "--one-file-system", staging], timeout=3600)
+        finally:
+            server.ensure_running()
+        log.info("volume adopted as a subvolume", extra={
+            "volume": pv.name, "path": str(pv.path),
+            "seconds": round(time.monotonic() - started, 3)})
+
+    def _server(self, pv: PlatformVolume) -> PgDedicated | RedisDedicated:
+        assert pv.record is not None
+        server = self.provisioner()._dedicated(pv.record)
+        assert isinstance(server, (PgDedicated, RedisDedicated))
+        return server
+
+    def _hooks(self, pv: PlatformVolume) -> list[Hook]:
+        if pv.kind == "postgres":
+            server = self._server(pv)
+            assert isinstance(server, PgDedicated)
+            if server.cluster.is_running():
+                return [PostgresCheckpoint(server.cluster.connect)]
+        elif pv.kind == "redis":
+            server = self._server(pv)
+            assert isinstance(server, RedisDedicated)
+            if server.server.is_running():
+                return [_RedisHook(server)]
+        elif pv.kind == "postgres-tenant":
+            assert pv.record is not None
+            return [PgDump(self.provisioner().pg, pv.record.name)]
+        return []
+
+    # -- restore, verify ----------------------------------------------------------------
+
+    def choose(self, name: str, at: datetime | None) -> tuple[PlatformVolume, Snapshot]:
+        pv = self.volume(name)
+        snaps = self.snapshots(pv).list(pv.name)
+        return pv, as_of(snaps, at or self.clock())
+
+    def restore(self, name: str, at: datetime | None = None, *, into: str | None = None,
+                stop: Callable[[], None] | None = None,
+                start: Callable[[], None] | None = None,
+                progress: Progress = lambda step: None) -> Restored:
+        """In place (the consumers stopped, the current data kept as a snapshot, the
+        chosen snapshot swapped in, the consumers started), or `into` a new volume of
+        that name in the volume's backup dir. `stop`/`start` are the consumers (an
+        app's instances, given by the controller); a server's are its own."""
+        pv, snap = self.choose(name, at)
+        progress(f"chosen {snap.name}")
+        with self.busy(pv):
+            if manifest.manifest_path(snap.path).exists() and \
+                    not manifest.is_complete(snap.path):
+                progress(f"checking {snap.name} against its manifest")
+                manifest.verify(snap.path)      # a copy that does not match is refused
+            snaps = self.snapshots(pv)
+            if into is not None:
+                progress(f"copying {snap.name} into the new volume {into}")
+                return restore_into(snaps, snap.path, into)
+            if pv.kind == "postgres-tenant":
+                assert pv.record is not None
+                from backup.restore import restore_tenant_dump
+                progress(f"pg_restore of {pv.record.name} from {snap.name}")
+                started = time.monotonic()
+                restore_tenant_dump(self.provisioner().pg, pv.record.name,
+                                    snap.path / f"{pv.record.name}.dump")
+                return Restored(pv.volume, snap.path, None, time.monotonic() - started)
+            if pv.kind in ("postgres", "redis"):
+                server = self._server(pv)
+                stop, start = server.stop, server.ensure_running
+            fixup = drop_stale_locks if pv.kind == "postgres" else (lambda path: None)
+
+            def stopping() -> None:
+                progress("stopping the consumers")
+                (stop or (lambda: None))()
+                progress("keeping the current data as a snapshot; swapping")
+
+            def starting() -> None:
+                progress("starting the consumers")
+                (start or (lambda: None))()
+
+            return restore_in_place(snaps, pv.volume, snap.path, stop=stopping,
+                                    start=starting, fixup=fixup, now=self.clock())
+
+    def verify(self, name: str, at: datetime | None = None, *,
+               progress: Progress = lambda step: None) -> dict[str, Any]:
+        """Checksums against the snapshot's manifest; a PostgreSQL snapshot is also
+        started in a scratch directory and queried."""
+        pv, snap = self.choose(name, at)
+        out: dict[str, Any] = {"volume": pv.name, "snapshot": snap.name}
+        progress(f"checking {snap.name} against its manifest")
+        if manifest.manifest_path(snap.path).exists():
+            out["files"] = manifest.verify(snap.path)
+        else:
+            out["files"] = None
+            out["note"] = "no manifest (a snapshot taken before manifests were written)"
+        if pv.kind == "postgres":
+            progress("starting PostgreSQL on a scratch copy")
+            scratch_dir = self.backup_dir / "scratch"
+            scratch_dir.mkdir(parents=True, exist_ok=True)
+            scratch_dir.chmod(0o711)
+            scratch = scratch_dir / f"{pv.name}-{os.getpid()}-{int(time.time())}"
+            try:
+                got = verify_postgres(snap.path, scratch, free_port("127.0.0.1"),
+                                      "SELECT datname FROM pg_database WHERE NOT "
+                                      "datistemplate ORDER BY 1")
+            finally:
+                if scratch.exists():
+                    if btrfs.is_subvolume(scratch):
+                        btrfs.delete_subvolume(scratch)
+                    else:
+                        shutil.rmtree(scratch, ignore_errors=True)
+            out["databases"] = [r[0] for r in got.rows]
+            out["start_seconds"] = round(got.start_seconds, 3)
+        progress("verified")
+        return out
+
+
+class _RedisHook:
+    """BGREWRITEAOF on the dedicated server's admin connection, waited for."""
+
+    name = "redis-bgrewriteaof"
+
+    def __init__(self, server: RedisDedicated) -> None:
+        self.server = server
+
+    def before(self, volume: Volume) -> None:
+        with self.server.server.admin() as client:
+            RedisAofRewrite(client).before(volume)
