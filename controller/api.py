@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 from controller import addons as addon_rules
 from controller import attach, slugcheck
 from controller.addons import Addon, AddonState
-from controller.errors import Invalid, NotFound, Unauthorized, internal
+from controller.backups import BACKUP_ADMIN, Catalog
+from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
 from controller.logstore import format_line
 from controller.runs import Attachment
 from controller.store import Release
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_JSON = 1 << 20
+APP_STOP_SECONDS = 60.0
 SLUG_NAME = re.compile(r"^[0-9a-f]{64}$")
 ROUTES: list[tuple[str, re.Pattern[str], str]] = []
 
@@ -65,6 +68,8 @@ class Handler(BaseHTTPRequestHandler):
                 if m and method == self.command:
                     if name.startswith("platform_"):
                         self._platform_auth()
+                    elif name.startswith("backup_"):
+                        self._backup_auth()
                     elif name != "health":
                         self._auth(slug=name == "get_slug")
                     getattr(self, name)(*m.groups())
@@ -97,6 +102,15 @@ class Handler(BaseHTTPRequestHandler):
         if slug or self.server.controller.store.token_name(token) is None:
             raise Unauthorized("the token is not recognized",
                                "log in again with `berth login --token TOKEN`")
+
+    def _backup_auth(self) -> None:
+        """Backups (restore replaces tenants' data): a token of the backup-admin role."""
+        self._auth()
+        token = self.headers.get("Authorization", "")[7:].strip()
+        if self.server.controller.store.token_name(token) != BACKUP_ADMIN:
+            raise Forbidden("backups are for backup admins; this token is not one",
+                            f"log in with the {BACKUP_ADMIN} token (the controller writes "
+                            f"it to its data directory's {BACKUP_ADMIN}.token)")
 
     def _platform_auth(self) -> None:
         """The job workers' endpoints: the platform token, and only it."""
@@ -580,6 +594,107 @@ class Handler(BaseHTTPRequestHandler):
             self.c.addon_log(addon.app, addon_rules.quota_line(addon))
         self._json(200, {"addon": addon.public(), "changed": changed})
 
+    # -- backups (the backup-admin role): controller/backups.py -----------------------
+    @route("GET", r"/v1/backups")
+    def backup_list(self) -> None:
+        cat = self.server.backups()
+        self._json(200, {"volumes": [cat.describe(pv) for pv in cat.volumes()]})
+
+    @route("GET", r"/v1/backups/([A-Za-z0-9_.-]+)")
+    def backup_show(self, name: str) -> None:
+        cat = self.server.backups()
+        self._json(200, cat.describe(cat.volume(name)))
+
+    @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/snapshots")
+    def backup_snapshot(self, name: str) -> None:
+        snap = self.server.backups().snapshot(name)
+        self._json(200, {"snapshot": snap.name})
+
+    @route("POST", r"/v1/backups/prune")
+    def backup_prune(self) -> None:
+        """{dry_run?, volume?}: every decision with its reason."""
+        body = self._body()
+        body = body if isinstance(body, dict) else {}
+        cat = self.server.backups()
+        names = [str(body["volume"])] if body.get("volume") else \
+            [pv.name for pv in cat.volumes()]
+        out = {}
+        for name in names:
+            out[name] = [{"snapshot": snap.name, "keep": keep, "why": why} for snap, keep, why
+                         in cat.prune(name, dry_run=bool(body.get("dry_run")))]
+        self._json(200, {"policy": str(cat.policy), "dry_run": bool(body.get("dry_run")),
+                         "volumes": out})
+
+    @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/restore")
+    def backup_restore(self, name: str) -> None:
+        """{at?: ISO UTC, into?: new volume}: NDJSON lines {step} then {done} or {error}."""
+        body = self._body()
+        body = body if isinstance(body, dict) else {}
+        cat = self.server.backups()
+        pv = cat.volume(name)
+        at, into = _when(body.get("at")), body.get("into") or None
+        stop = start = None
+        if pv.kind == "app-data" and into is None:
+            stop, start = self._app_consumers(pv.owner)
+
+        def work(progress: Callable[[str], None]) -> dict[str, Any]:
+            done = cat.restore(name, at, into=into, stop=stop, start=start,
+                               progress=progress)
+            return {"volume": done.volume.name, "path": str(done.volume.path),
+                    "source": done.source.name, "kept": done.kept.name if done.kept else None,
+                    "seconds": round(done.seconds, 3)}
+        self._job_stream(work)
+
+    @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/verify")
+    def backup_verify(self, name: str) -> None:
+        body = self._body()
+        at = _when(body.get("at") if isinstance(body, dict) else None)
+        cat = self.server.backups()
+        cat.volume(name)
+        self._job_stream(lambda progress: cat.verify(name, at, progress=progress))
+
+    def _job_stream(self, work: Callable[[Callable[[str], None]], dict[str, Any]]) -> None:
+        """Run a long backup step here, streaming its steps as NDJSON as they come."""
+        self._stream_start("application/x-ndjson")
+
+        def progress(step: str) -> None:
+            self._chunk(json.dumps({"step": step}) + "\n")
+        try:
+            self._chunk(json.dumps({"done": work(progress)}) + "\n")
+        except BerthError as exc:
+            self._chunk(json.dumps({"error": exc.to_dict()}) + "\n")
+        except Exception as exc:
+            log.exception("backup job failed")
+            self._chunk(json.dumps({"error": internal(exc).to_dict()}) + "\n")
+        self._stream_end()
+
+    def _app_consumers(self, app: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """An app's instances as a restore's consumers: scaled to 0 (and waited for
+        until none is reported), then back to the formation they had."""
+        saved = self.c.store.formation(app)
+        maximum = self.c.settings.max_per_process_type
+
+        def stop() -> None:
+            if saved:
+                self.c.store.scale(app, {proc: 0 for proc in saved}, maximum)
+                self.c.wake()
+            deadline = time.monotonic() + APP_STOP_SECONDS
+            while self.c.instances(app):
+                if time.monotonic() > deadline:
+                    self.c.store.scale(app, saved, maximum)
+                    self.c.wake()
+                    raise BerthError(f"{app}'s instances did not stop within "
+                                     f"{APP_STOP_SECONDS:g} s; nothing was restored",
+                                     "see `berth ps` and the runner's log; try again",
+                                     code="consumers_running", status=503)
+                time.sleep(0.1)
+
+        def start() -> None:
+            if saved:
+                self.c.store.scale(app, saved, maximum)
+                self.c.wake()
+        return stop, start
+
     @route("GET", r"/v1/slugs/([^/]+)")
     def get_slug(self, sha: str) -> None:
         if not SLUG_NAME.match(sha):
@@ -597,6 +712,21 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
 
 
+def _when(value: Any) -> datetime | None:
+    """A restore's `at`: an ISO 8601 time with its offset (the CLI sends UTC)."""
+    if value in (None, ""):
+        return None
+    try:
+        at = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise Invalid(f"cannot read the time {value!r}",
+                      "send ISO 8601 with an offset, e.g. 2026-11-30T14:00:00+00:00") from None
+    if at.tzinfo is None:
+        raise Invalid(f"the time {value!r} has no UTC offset",
+                      "send it in UTC, e.g. 2026-11-30T14:00:00+00:00")
+    return at.astimezone(UTC)
+
+
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -606,6 +736,13 @@ class ApiServer(ThreadingHTTPServer):
         self.controller = controller
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
+        self._backups: Catalog | None = None
+
+    def backups(self) -> Catalog:
+        """The backup volumes this host holds (one-host platform: the job workers')."""
+        if self._backups is None:
+            self._backups = Catalog.from_settings(self.controller.settings)
+        return self._backups
 
     def start(self) -> None:
         self._thread.start()

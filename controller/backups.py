@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BACKUP_ADMIN = "backup-admin"
+"""The role (a token's name in the store) the API asks of backup endpoints."""
+
 Progress = Callable[[str], None]
 """Told each step as it starts (the API streams them to `berth backup restore`)."""
 
@@ -107,7 +110,7 @@ class Catalog:
         addons = Path(s.addons_dir).resolve()
         return cls(addons, Path(s.backup_dir).resolve() if s.backup_dir else None,
                    [Path(p).resolve() for p in s.backup_apps_dirs], s.backup_policy,
-                   provisioner=provisioner)
+                   provisioner=provisioner or _provisioner_for(s))
 
     def provisioner(self) -> Provisioner:
         if self._provisioner is None:
@@ -335,8 +338,11 @@ class Catalog:
                 progress("starting the consumers")
                 (start or (lambda: None))()
 
-            return restore_in_place(snaps, pv.volume, snap.path, stop=stopping,
+            done = restore_in_place(snaps, pv.volume, snap.path, stop=stopping,
                                     start=starting, fixup=fixup, now=self.clock())
+            if done.kept is not None:       # pulled offsite and verifiable like any other
+                manifest.write(done.kept.path)
+            return done
 
     def verify(self, name: str, at: datetime | None = None, *,
                progress: Progress = lambda step: None) -> dict[str, Any]:
@@ -383,3 +389,17 @@ class _RedisHook:
     def before(self, volume: Volume) -> None:
         with self.server.server.admin() as client:
             RedisAofRewrite(client).before(volume)
+
+
+def _provisioner_for(s: Any) -> Callable[[], Provisioner]:
+    """A Provisioner over the job workers' addons_dir, made at first use (as
+    controller.jobs.provisioner does in a worker)."""
+    made: list[Provisioner] = []
+
+    def get() -> Provisioner:
+        if not made:
+            from dbprovision.service import Provisioner
+            made.append(Provisioner(Path(s.addons_dir).resolve(), s.addon_address,
+                                    s.addon_pg_port, s.addon_redis_port))
+        return made[0]
+    return get

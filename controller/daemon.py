@@ -125,8 +125,18 @@ class Controller:
             path.chmod(0o600)
         return path
 
+    def ensure_backup_admin_token(self) -> Path:
+        """The backup-admin role's first token (controller/backups.py), beside admin.token."""
+        from controller.backups import BACKUP_ADMIN
+        path = self.data_dir / f"{BACKUP_ADMIN}.token"
+        if not path.exists() or self.store.token_name(path.read_text().strip()) is None:
+            path.write_text(self.store.add_token(BACKUP_ADMIN) + "\n")
+            path.chmod(0o600)
+        return path
+
     def start(self) -> None:
         self.ensure_admin_token()
+        self.ensure_backup_admin_token()
         for build_id in self.store.unfinished_builds():
             self._build_failed_log(build_id, build_interrupted())
         self.ctx = zmq.Context()

@@ -24,6 +24,13 @@ class Unauthorized(BerthError):
     status = 401
 
 
+class Forbidden(BerthError):
+    """A valid token without the role the endpoint needs."""
+
+    code = "forbidden"
+    status = 403
+
+
 class TooLarge(BerthError):
     code = "too_large"
     status = 413
