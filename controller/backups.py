@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -361,7 +362,8 @@ class Catalog:
             scratch_dir = self.backup_dir / "scratch"
             scratch_dir.mkdir(parents=True, exist_ok=True)
             scratch_dir.chmod(0o711)
-            scratch = scratch_dir / f"{pv.name}-{os.getpid()}-{int(time.time())}"
+            # short: the cluster's unix socket below it must fit in 107 bytes
+            scratch = scratch_dir / secrets.token_hex(4)
             try:
                 got = verify_postgres(snap.path, scratch, free_port("127.0.0.1"),
                                       "SELECT datname FROM pg_database WHERE NOT "

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -49,6 +49,13 @@ def _mounted(path: Path) -> bool:
 
 @pytest.fixture
 def make_btrfs() -> Iterator[Callable[[str], Path]]:
+    with btrfs_filesystems() as make:
+        yield make
+
+
+@contextmanager
+def btrfs_filesystems() -> Iterator[Callable[[str], Path]]:
+    """make(size) -> the mount point of a new loop-mounted btrfs; all removed after."""
     made: list[tuple[Path, str, Path]] = []      # (work dir, loop device, mount point)
 
     def make(size: str = "512M") -> Path:
@@ -64,12 +71,14 @@ def make_btrfs() -> Iterator[Callable[[str], Path]]:
         mnt.chmod(0o711)
         return mnt
 
-    yield make
-    for work, device, mnt in reversed(made):
-        if _mounted(mnt):
-            run(["umount", mnt], timeout=60)
-        run(["losetup", "-d", device], timeout=10, check=False)
-        shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield make
+    finally:
+        for work, device, mnt in reversed(made):
+            if _mounted(mnt):
+                run(["umount", mnt], timeout=60)
+            run(["losetup", "-d", device], timeout=10, check=False)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def write_random(path: Path, size: int) -> None:

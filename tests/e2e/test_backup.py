@@ -1,0 +1,126 @@
+"""Acceptance 1 of issue 10 through the platform as `berth up` runs it (controller,
+runner, broker, job workers, beat) with its data dir on a loop-mounted btrfs, driven
+through the real CLI: a dedicated PostgreSQL addon made by the job workers is
+snapshotted by `berth backup snapshot` under a bounded write load, `berth backup
+restore --at <that second>` puts it back in place, and every row committed before the
+snapshot is there (no gaps) and the server (and its PgBouncer) serve again. An
+ordinary token is refused."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from backup import btrfs
+from tests.conftest import forget_apps, new_apps_dir
+from tests.e2e.conftest import Berth, start_platform
+from tests.integration.test_backup_btrfs import btrfs_filesystems, pytestmark
+
+assert pytestmark
+APP = "vault"
+
+
+@pytest.fixture(scope="module")
+def btrfs_platform(venv_cache: Path, berth_root: Path):
+    with btrfs_filesystems() as make:
+        mnt = make("1G")
+        apps = new_apps_dir(berth_root)
+        data = mnt / "p"           # short: the unix sockets below must fit in 107 bytes
+        p = start_platform(data, venv_cache, apps, jobs=True)
+        try:
+            yield p, mnt
+        finally:
+            p.stop()
+            forget_apps(apps)
+
+
+@pytest.mark.timeout(400)
+def test_dedicated_postgres_snapshot_under_load_and_restore_through_the_cli(
+        btrfs_platform, tmp_path):
+    platform, mnt = btrfs_platform
+    berth = Berth(platform, tmp_path / "cli")
+    admin = Berth(platform, tmp_path / "cli-admin")
+    backup_token = (platform.data_dir / "controller" / "backup-admin.token").read_text().strip()
+    berth.env["BERTH_CLI_TOKEN"] = backup_token
+
+    admin("apps", "create", APP)
+    out = admin("addons", "create", "postgres", "--plan", "dedicated", "-a", APP,
+                timeout=120).stdout
+    addon = out.strip().splitlines()[-1]
+    volume = f"addon-{addon}"
+    direct = admin("config", "get", "DATABASE_DIRECT_URL", "-a", APP).stdout.strip()
+    url = admin("config", "get", "DATABASE_URL", "-a", APP).stdout.strip()
+    with closing(psycopg2.connect(direct)) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute("CREATE TABLE t (id bigint PRIMARY KEY, pad text)")
+
+    refused = admin("backup", "list", check=False)
+    assert refused.returncode != 0 and "backup admins" in refused.stderr
+
+    listed = berth("backup", "list").stdout
+    assert volume in listed and "Snapshotter btrfs" in listed
+    first = berth("backup", "snapshot", volume).stdout       # adopts the root: before load
+    assert f"{volume}@" in first
+    root = Path(berth.json("backup", "show", volume)["path"])
+    assert btrfs.is_subvolume(root)
+
+    stop, committed, errors = threading.Event(), [0], []
+
+    def writer() -> None:
+        try:
+            with closing(psycopg2.connect(direct)) as conn, conn.cursor() as cur:
+                conn.autocommit = True
+                i = 0
+                while not stop.is_set() and i < 100_000:          # bounded
+                    i += 1
+                    cur.execute("INSERT INTO t VALUES (%s, repeat('x', 100))", (i,))
+                    committed[0] = i
+        except psycopg2.Error as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(1.2)                                    # snapshot names are to the second
+    before = committed[0]
+    started = time.monotonic()
+    made = berth("backup", "snapshot", volume).stdout
+    took = time.monotonic() - started
+    time.sleep(0.5)
+    stop.set()
+    thread.join(timeout=10)
+    after = committed[0]
+    assert not errors, errors
+    assert 0 < before < after
+    name = made.split("Snapshot ")[1].split()[0]
+    at = datetime.strptime(name.split("@")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+    verified = berth("backup", "verify", volume, "--at", at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     timeout=120).stdout
+    assert "files match the manifest" in verified and "PostgreSQL started" in verified
+
+    out = berth("backup", "restore", volume, "--at", at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "--yes", timeout=120).stdout
+    assert f"chosen {name}" in out and "kept as" in out
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with closing(psycopg2.connect(url, connect_timeout=3)) as conn, \
+                    conn.cursor() as cur:
+                cur.execute("SELECT count(*), max(id), count(*) FILTER (WHERE id <= %s) "
+                            "FROM t", (before,))
+                count, top, old = cur.fetchone()
+            break
+        except psycopg2.OperationalError:
+            assert time.monotonic() < deadline, "the restored server did not serve"
+            time.sleep(0.2)
+    assert old == before, "every row committed before the snapshot is there"
+    assert count == top and before <= top <= after, "one consistent instant, no gaps"
+    shown = berth.json("backup", "show", volume)
+    assert len(shown["snapshots"]) == 3          # first, under load, the replaced data
+    print(f"\nberth backup snapshot under writes: {took:.2f} s wall (CLI included); "
+          f"{before} rows before, {top} restored, {after} at the end")
