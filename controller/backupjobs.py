@@ -2,8 +2,9 @@
 `backup_snapshot_seconds` and pruned by `backup_policy` every `backup_prune_seconds`
 (controller/backups.py knows the volumes; backup/ does the work).
 
-The tasks run on the job workers' app (controller.jobs imports this module when it is
-configured, and adds `schedule()` to celery beat's). A volume another job holds is
+The tasks run on the job workers' app (`python -m controller.jobs worker|beat` imports
+this module after configuring the app and calls `install`, which adds `schedule()` to
+celery beat's). A volume another job holds is
 skipped, not waited for (the next run takes it); one volume's failure is logged and
 the others go on. The beat entries expire before the next run, so a backlog of missed
 runs (workers down for a day) is not replayed as a burst of snapshots.
@@ -38,6 +39,12 @@ def schedule(s: SimpleNamespace) -> dict[str, dict[str, Any]]:
         "backup-prune": {"task": PRUNE_ALL, "schedule": prune,
                          "options": {"expires": prune}},
     }
+
+
+def install(s: SimpleNamespace) -> None:
+    """After controller.jobs.configure, in the workers and beat: these tasks are
+    registered by this module's import, and their entries join beat's schedule."""
+    app.conf.beat_schedule.update(schedule(s))
 
 
 def catalog() -> Catalog:

@@ -83,8 +83,6 @@ def configure(settings: SimpleNamespace) -> Celery:
                                                "schedule": settings.quota_check_seconds},
                               "check-ha": {"task": CHECK_HA, "schedule":
                                            getattr(settings, "ha_check_seconds", 5.0)}}
-    from controller import backupjobs  # registers the backup tasks; their schedule:
-    app.conf.beat_schedule.update(backupjobs.schedule(settings))
     return app
 
 
@@ -396,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
             raise BerthError("the controller setting broker_url is empty",
                              "point it at the platform's Redis (`berth up` starts one)")
     configure(s)
+    from controller import backupjobs  # the backup tasks and their beat schedule
+    backupjobs.install(s)
     logging.basicConfig(level=s.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.what == "stop-servers":

@@ -51,9 +51,13 @@ def platform(make_btrfs):  # noqa: F811 - the fixture imported above
         prov.stop_all()
 
 
-def test_beat_schedule_has_the_backup_jobs():
+def test_beat_schedule_has_the_backup_jobs(monkeypatch, tmp_path):
     s = SPEC.load(None)
-    jobs.configure(s)
+    s.broker_url, s.addons_dir = "redis://127.0.0.1:1/0", str(tmp_path / "addons")
+    monkeypatch.setattr(SPEC, "load", lambda path=None: s)
+    monkeypatch.setattr(jobs.app, "start", lambda argv: None)   # beat itself not run
+    monkeypatch.setattr(jobs.logging, "basicConfig", lambda **kw: None)
+    jobs.main(["beat"])             # what `python -m controller.jobs beat` does first
     sched = jobs.app.conf.beat_schedule
     assert sched["backup-snapshots"]["task"] == backupjobs.SNAPSHOT_ALL
     assert sched["backup-prune"]["schedule"] == s.backup_prune_seconds
