@@ -45,16 +45,22 @@ class Pulled:
     seconds: float
 
 
-def _rsync(args: list[str | Path], *, password_file: Path | None, timeout: float) -> str:
+def _rsync(args: list[str | Path], *, password_file: Path | None, timeout: float,
+           address: str | None = None) -> str:
+    """`address`: the offsite host's own address, the one the served host's module
+    allows (rsync --address binds the outgoing socket to it)."""
     extra: list[str | Path] = [f"--password-file={password_file}"] if password_file else []
+    if address:
+        extra.append(f"--address={address}")
     return command.run(["rsync", *extra, *args], timeout=timeout,
                        hint="is the served host's read-only module reachable?").stdout
 
 
 def list_remote(source: str, *, password_file: Path | None = None,
-                timeout: float = 60) -> list[str]:
+                timeout: float = 60, address: str | None = None) -> list[str]:
     """Snapshot names in the served host's module (`rsync://host:port/module`)."""
-    out = _rsync(["--list-only", f"{source}/"], password_file=password_file, timeout=timeout)
+    out = _rsync(["--list-only", f"{source}/"], password_file=password_file, timeout=timeout,
+                 address=address)
     names = [line.split()[-1] for line in out.splitlines() if line.strip()]
     return sorted(n for n in names if NAME.match(n))
 
@@ -69,7 +75,7 @@ def complete_copies(copies: Path, volume: str | None = None) -> list[Path]:
 
 
 def pull(source: str, name: str, copies: Path, *, password_file: Path | None = None,
-         timeout: float = 3600) -> Pulled:
+         timeout: float = 3600, address: str | None = None) -> Pulled:
     """Pull snapshot `name` into `copies/name`, link-dest against the newest complete
     copy of its volume, and verify it against the served side's manifest."""
     volume, _ = parse_name(name)
@@ -89,11 +95,11 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
     if previous is not None:
         args.append(f"--link-dest={previous.resolve()}")
     out = _rsync([*args, f"{source}/{name}/", f"{partial}/"], password_file=password_file,
-                 timeout=timeout)
+                 timeout=timeout, address=address)
     received = int(m.group(1).replace(",", "")) if (m := RECEIVED.search(out)) else 0
     try:
         _rsync(["--no-motd", f"{source}/{name}.manifest.json", partial_manifest],
-               password_file=password_file, timeout=timeout)
+               password_file=password_file, timeout=timeout, address=address)
     except CommandFailed as exc:
         raise ManifestMissing(f"the served host has no manifest for {name}",
                               "write it there after the snapshot (backup.manifest.write), "
@@ -112,7 +118,7 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
                     extra={"copy": str(final), "why": exc.message})
         out = _rsync(["-a", "-H", "--numeric-ids", "--delete", "--stats", "--checksum",
                       f"{source}/{name}/", f"{final}/"], password_file=password_file,
-                     timeout=timeout)
+                     timeout=timeout, address=address)
         received += int(m.group(1).replace(",", "")) if (m := RECEIVED.search(out)) else 0
         manifest.verify(final)
     seconds = time.monotonic() - started
@@ -122,15 +128,16 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
 
 
 def pull_new(source: str, copies: Path, *, password_file: Path | None = None,
-             timeout: float = 3600) -> list[Pulled]:
+             timeout: float = 3600, address: str | None = None) -> list[Pulled]:
     """Every snapshot the served host has and this side holds no complete copy of,
     oldest first (so each links against the one before)."""
     have = {p.name for p in complete_copies(copies)}
-    todo = [n for n in list_remote(source, password_file=password_file, timeout=timeout)
+    todo = [n for n in list_remote(source, password_file=password_file, timeout=timeout,
+                                   address=address)
             if n not in have]
     todo.sort(key=lambda n: parse_name(n)[1])
-    return [pull(source, n, copies, password_file=password_file, timeout=timeout)
-            for n in todo]
+    return [pull(source, n, copies, password_file=password_file, timeout=timeout,
+                 address=address) for n in todo]
 
 
 # -- btrfs flavour: the served host's forced command (backup/forced.py) --------------

@@ -192,8 +192,10 @@ def prune(dry_run: bool, volume: str | None, as_json: bool) -> None:
               help="This host's directory of copies.")
 @click.option("--password-file", type=click.Path(path_type=Path, exists=True),
               help="The rsync module's password file.")
+@click.option("--address", help="This (offsite) host's own address to pull from, the one "
+              "the served host's module allows (rsync flavour).")
 def pull(source: str | None, forced_command: str | None, copies: Path,
-         password_file: Path | None) -> None:
+         password_file: Path | None, address: str | None) -> None:
     """On the offsite host: pull every new snapshot, verify each against its manifest.
     An interrupted pull never replaces a complete copy."""
     from backup import btrfs, offsite
@@ -220,15 +222,16 @@ def pull(source: str | None, forced_command: str | None, copies: Path,
         assert source is not None
         step("Pulling with rsync --link-dest (unchanged files are links to the last copy)")
         have = {p.name for p in offsite.complete_copies(copies)}
-        todo = [n for n in offsite.list_remote(source, password_file=password_file)
-                if n not in have]
+        todo = [n for n in offsite.list_remote(source, password_file=password_file,
+                                               address=address) if n not in have]
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("pulling", total=len(todo))
             for name in sorted(todo, key=lambda n: n.rsplit("@", 1)[1]):
                 bar.update(task, description=name)
-                pulled.append(offsite.pull(source, name, copies, password_file=password_file))
+                pulled.append(offsite.pull(source, name, copies, password_file=password_file,
+                                           address=address))
                 bar.advance(task)
     for p in pulled:
         step(f"{p.name}: {p.bytes_received / 1e6:.2f} MB in {p.seconds:.2f} s, verified"

@@ -12,13 +12,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from backup import manifest
-from tests.integration.test_backup_offsite import T0, served  # noqa: F401
+from backup.snapshots import Snapshots
+from backup.volumes import LinkDestSnapshotter, VolumeStore
+from dbprovision.ports import free_port, listening
+from tests.integration.test_backup_offsite import T0
+
+OFFSITE_ADDRESS = "127.0.0.5"          # the offsite host's own address
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFSITE_USER = "berth-offsite"
@@ -38,6 +45,37 @@ pytestmark = [
 ]
 
 
+@pytest.fixture
+def served() -> Iterator[tuple[Snapshots, str, Path]]:
+    """A served host's snapshots behind a read-only rsync module that allows only the
+    offsite host's address (started here, stopped by its PID)."""
+    root = Path(tempfile.mkdtemp(prefix="berth-served-", dir="/var/tmp"))
+    root.chmod(0o711)
+    store = VolumeStore(root / "served", LinkDestSnapshotter())
+    port = free_port("127.0.0.1")
+    conf = root / "rsyncd.conf"
+    conf.write_text(f"use chroot = no\n[snapshots]\n  path = {store.snapshots_dir}\n"
+                    "  read only = yes\n  list = yes\n  uid = root\n  gid = root\n"
+                    f"  hosts allow = {OFFSITE_ADDRESS}\n  hosts deny = *\n")
+    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                               "--address=127.0.0.1", f"--port={port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not listening("127.0.0.1", port):
+            assert daemon.poll() is None and time.monotonic() < deadline, "rsyncd did not start"
+            time.sleep(0.02)
+        yield Snapshots(store), f"rsync://127.0.0.1:{port}/snapshots", root
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(timeout=5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
     entry = pwd.getpwnam(user)
     return subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
@@ -46,7 +84,7 @@ def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
                           cwd="/", capture_output=True, text=True, timeout=120)
 
 
-def test_offsite_user_pulls_twice_and_the_served_side_cannot_touch_the_copies(served):  # noqa: F811
+def test_offsite_user_pulls_twice_and_the_served_side_cannot_touch_the_copies(served):
     snaps, source, _ = served
     vol = snaps.store.create("app9-data")
     (vol.path / "big.bin").write_bytes(os.urandom(4 << 20))
@@ -61,7 +99,11 @@ def test_offsite_user_pulls_twice_and_the_served_side_cannot_touch_the_copies(se
         home.chmod(0o700)
         copies = home / "copies"
         pull = [sys.executable, "-m", "cli.main", "backup", "pull", "--from", source,
-                "--copies", str(copies)]
+                "--copies", str(copies), "--address", OFFSITE_ADDRESS]
+        # the module serves the offsite host's address only
+        elsewhere = as_user(OFFSITE_USER, *pull[:-2])
+        assert elsewhere.returncode != 0 and "Error:" in elsewhere.stderr
+        assert not copies.exists() or not any(copies.iterdir())
         first = as_user(OFFSITE_USER, *pull)
         assert first.returncode == 0, first.stdout + first.stderr
         assert f"{s1.name}: " in first.stdout and "verified" in first.stdout
@@ -89,8 +131,9 @@ def test_offsite_user_pulls_twice_and_the_served_side_cannot_touch_the_copies(se
             assert tried.returncode != 0 and "Permission denied" in tried.stderr, argv
         assert (copies / s1.name).exists() and not (copies / "planted").exists()
         # and the module the served host exposes is read-only: nothing goes up it
-        up = subprocess.run(["rsync", "-a", str(copies / s2.name / "small.txt"),
-                             f"{source}/planted"], capture_output=True, text=True, timeout=30)
+        up = subprocess.run(["rsync", f"--address={OFFSITE_ADDRESS}", "-a",
+                             str(copies / s2.name / "small.txt"), f"{source}/planted"],
+                            capture_output=True, text=True, timeout=30)
         assert up.returncode != 0 and "read only" in (up.stderr + up.stdout).lower()
     finally:
         shutil.rmtree(home, ignore_errors=True)
