@@ -554,10 +554,13 @@ class Handler(BaseHTTPRequestHandler):
         addon, release = self.c.store.change_addon(
             addon_id, lambda a: a.report(str(body.get("op", "")), outcome,
                                          step=str(body.get("step") or ""), **fields),
-            f"Attach {addon_id}" if body.get("op") == "provision" else
-            f"Rotate {addon_id} credentials")
-        if outcome != "step":
+            {"provision": f"Attach {addon_id}",
+             addon_rules.MOVED: f"Follow {addon_id} to its new nodes"}.get(
+                str(body.get("op")), f"Rotate {addon_id} credentials"))
+        if outcome != "step" and (body.get("op") != addon_rules.MOVED or release):
             what = {"done": addon.state.value, "failed": "failed"}[outcome]
+            if body.get("op") == addon_rules.MOVED:
+                what = addon.step or "its nodes changed"
             error = (addon.error or {}).get("message") if outcome == "failed" else None
             self.c.addon_log(addon.app, f"addon {addon_id} {body.get('op')}: {what}"
                              + (f" ({error})" if error else "")

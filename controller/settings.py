@@ -44,7 +44,7 @@ SPEC = Spec("controller", [
     Setting("platform_token", str, "", "Shared secret job workers present to report on addons; empty makes one (<data_dir>/platform.token)."),
     Setting("job_retry_seconds", float, 30.0, "An addon job with no word from a worker for this long is sent again (its tasks are idempotent).", check=positive),
     Setting("quota_check_seconds", float, 60.0, "How often celery beat has the shared databases' storage measured against their quotas.", check=positive),
-    Setting("ha_check_seconds", float, 5.0, "How often celery beat has each postgres ha addon's primary checked (3 failed checks 0.5 s apart promote its standby; a standby failing as many lets the primary commit alone).", check=positive),
+    Setting("ha_check_seconds", float, 5.0, "How often celery beat has each ha addon checked: a postgres primary failing 3 checks 0.5 s apart has its standby promoted (a standby failing as many lets the primary commit alone) and the old primary rebuilt as the standby; where the nodes now are (REDIS_URL after a Sentinel failover, DATABASE_READ_URL) reaches the app as a new release.", check=positive),
     Setting("addons_dir", str, "./.berth-data/addons", "Job workers: where the addon servers' data and final dumps live (dbprovision's data dir)."),
     Setting("addon_address", str, LOOPBACK, "Job workers: the address addon servers listen on (loopback only here).", check=loopback),
     Setting("addon_pg_port", int, 0, "Job workers: the shared PostgreSQL server's port; 0 lets the provisioner pick and keep one.", min=0, max=65535),
