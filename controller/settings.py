@@ -26,6 +26,8 @@ SPEC = Spec("controller", [
     endpoint("stats", "Stats XSUB balancers and runners publish to."),
     endpoint("stats_out", "Stats XPUB operators subscribe to."),
     endpoint("attach", "Attach ROUTER runners connect to: the streams of one-off runs."),
+    endpoint("locks", "Locks ROUTER lease holders (messaging/locks.py) connect to."),
+    endpoint("lock_events", "Lease events PUB (acquired, released, expired)."),
     Setting("run_max_seconds", float, 3600.0, "Longest an attached one-off run (`berth run`) may take before it is ended.", check=positive),
     Setting("run_detached_max_seconds", float, 86400.0, "Longest a detached one-off run (`berth run --detach`) may take.", check=positive),
     Setting("default_max_body_mb", int, 100, "Request body limit for apps that set none (413 beyond).", min=1),

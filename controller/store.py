@@ -70,6 +70,16 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX addons_app ON addons (app)",
         "ALTER TABLE releases ADD COLUMN addon_keys TEXT",
     ],
+    [
+        # named leases (controller/locks.py): a row per name ever granted, so its fence
+        # only grows; owner NULL when free. And tenancy: the team a token acts for and
+        # the team an app belongs to (NULL: the platform's admins)
+        "CREATE TABLE leases (name VARCHAR(200) PRIMARY KEY, owner VARCHAR(200), "
+        "fence INTEGER NOT NULL, ttl DOUBLE PRECISION NOT NULL, "
+        "expires_at DOUBLE PRECISION NOT NULL)",
+        "ALTER TABLE tokens ADD COLUMN team VARCHAR(64)",
+        "ALTER TABLE apps ADD COLUMN team VARCHAR(64)",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
@@ -159,6 +169,22 @@ class Store:
 
     def has_tokens(self) -> bool:
         return bool(self._q("SELECT 1 FROM tokens"))
+
+    # -- leases (controller/locks.py keeps them in memory and writes through) ----
+    def leases(self) -> list[tuple[str, str | None, int, float, float]]:
+        """(name, owner or None, fence, ttl, expires_at) of every name ever granted."""
+        return [(str(r[0]), r[1], int(r[2]), float(r[3]), float(r[4])) for r in self._q(
+            "SELECT name, owner, fence, ttl, expires_at FROM leases")]
+
+    def save_lease(self, name: str, owner: str | None, fence: int, ttl: float,
+                   expires_at: float) -> None:
+        with self._tx():
+            if self._q("SELECT 1 FROM leases WHERE name = ?", name):
+                self._q("UPDATE leases SET owner = ?, fence = ?, ttl = ?, expires_at = ? "
+                        "WHERE name = ?", owner, fence, ttl, expires_at, name)
+            else:
+                self._q("INSERT INTO leases (name, owner, fence, ttl, expires_at) "
+                        "VALUES (?, ?, ?, ?, ?)", name, owner, fence, ttl, expires_at)
 
     # -- apps ---------------------------------------------------------------
     def create_app(self, name: str) -> dict[str, Any]:
