@@ -1,8 +1,8 @@
 """`python -m balancer --config FILE.yaml`: run the balancer (a master that binds
 the port and supervises `processes` workers; see master.py).
 
-`--worker` runs one worker and is how the master starts them: daemon.py on
-eventlet, aio_daemon.py with `engine: asyncio`, both driven the same way. The
+`--worker` runs one worker and is how the master starts them: daemon.py on the
+configured engine (engines.py: asyncio or eventlet). The
 master passes the inherited listening socket (`--listen-fd`), a pipe to say
 "ready" on (`--ready-fd`) and, on a reload, `--wait-routes`. A worker run by hand
 without `--listen-fd` binds the port itself (SO_REUSEPORT).
@@ -60,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 def _worker(settings: Any, args: argparse.Namespace) -> int:
     doing = "start the balancer worker"
     with reporting(START, doing=doing):
-        balancer: Any
-        if settings.engine == "asyncio":
-            from balancer.aio_daemon import Balancer as AioBalancer
-            balancer = AioBalancer(settings)
-        else:
-            from balancer.daemon import Balancer  # imports eventlet
-            balancer = Balancer(settings)
-    import zmq  # after the engine (eventlet patches first); the master never loads it
+        from balancer import engines
+        engine = engines.load(settings)     # eventlet, when named, is imported first
+        from balancer.daemon import Balancer
+        balancer = Balancer(settings, engine)
+    import zmq
 
     with reporting(START, wrap=(OSError, zmq.ZMQError), doing=doing):
         balancer.start(args.listen_fd, wait_routes=args.wait_routes,

@@ -1,9 +1,8 @@
 """HTTP/1.1 message heads and framing decisions, without I/O (sans-IO).
 
 Everything here takes bytes and returns values or raises BadRequest: where a head
-ends, what it says, how long its body is, what to forward. The I/O layer
-(proxy.py) only moves bytes according to these decisions, so the same rules can
-later drive another engine.
+ends, what it says, how long its body is, what to forward. The exchange
+(exchange.py, on either engine) only moves bytes according to these decisions.
 
 Strictness (RFC 9112) is deliberate: a proxy that reads a message differently from
 the backend behind it is how requests get smuggled, so anything ambiguous is a 400

@@ -13,12 +13,18 @@ never takes an accept queue (and the connections waiting in it) with it.
 Signals (handlers only enqueue; run() dispatches):
 - SIGHUP: reload. New workers start (they read the config file again), wait for
   their first route table, then say they are ready; only then are the old workers
-  sent SIGTERM, and they finish their in-flight requests. If the new workers are
-  not ready within reload_timeout they are stopped and the old ones keep serving.
+  sent SIGTERM, and they finish their in-flight requests. The loop goes on
+  meanwhile (reaping, signals): the reload is a state it looks at each turn. If a
+  new worker exits (a bad setting in the file: exit 2) or the new workers are not
+  ready within reload_timeout, the reload is abandoned, said once, and the old
+  workers keep serving.
 - SIGTERM/SIGINT: stop. Every worker gets SIGTERM, stops accepting and finishes its
   in-flight requests (bounded by shutdown_timeout); the master exits 0.
 A worker that dies on its own is started again, after a backoff that doubles while
-it keeps dying young.
+it keeps dying young. A worker that exits on a configuration error (exit 2), or
+dies young MAX_YOUNG_DEATHS times running, is FATAL: the master says so once,
+stops the other workers and exits 2, rather than restart it forever (a slot left
+without a worker would hold the connections the kernel gives its socket).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from types import SimpleNamespace
 
 from balancer.listener import check_loopback, listening_socket
 from config import SettingsError
+from config.report import SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ START_TIMEOUT = 30.0     # seconds a first worker has to start accepting
 KILL_GRACE = 5.0         # past shutdown_timeout, a retiring worker is killed
 YOUNG = 5.0              # a worker dying within this many seconds died young
 MAX_BACKOFF = 30.0
+MAX_YOUNG_DEATHS = 5     # young deaths in a row that make a slot FATAL
+TICK = 0.05              # seconds the loop waits between two turns
 
 
 @dataclass
@@ -58,6 +67,14 @@ class Worker:
         return self.proc.pid
 
 
+@dataclass
+class Reload:
+    """A reload under way: `new` workers loading routes, `old` ones serving."""
+    old: list[Worker]
+    new: list[Worker]
+    deadline: float
+
+
 class Master:
     def __init__(self, settings: SimpleNamespace, config_path: str | None) -> None:
         self.s = settings
@@ -68,6 +85,9 @@ class Master:
         self.stopping = False
         self.backoff: dict[int, float] = {}        # slot -> seconds before restart
         self.restart_at: dict[int, float] = {}     # slot -> when to restart it
+        self.young_deaths: dict[int, int] = {}     # slot -> young deaths in a row
+        self.reload: Reload | None = None
+        self.exit_code = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -112,29 +132,57 @@ class Master:
                     self.handle_hup()
                 elif signum in (signal.SIGTERM, signal.SIGINT):
                     self.handle_term()
+            if self.reload is not None:
+                self._reload_step()
             self._reap()
             if self.stopping and not self.workers:
                 break
             self._restart_due()
-            time.sleep(0.05)
+            if self.reload is not None:
+                self._poll_ready(self.reload.new, TICK)
+            else:
+                time.sleep(TICK)
         for sock in self.sockets:
             sock.close()
-        log.info("balancer master stopped")
-        return 0
+        log.info("balancer master stopped", extra={"code": self.exit_code})
+        return self.exit_code
 
     def handle_hup(self) -> None:
-        """Reload: new workers first, old ones retire once the new are ready."""
+        """Reload: new workers first, old ones retire once the new are ready
+        (_reload_step, each turn of the loop)."""
+        if self.reload is not None:
+            log.warning("reload already under way; this one is ignored")
+            return
         old = [w for w in self.workers if w.retiring_since is None]
         new = [self._spawn(slot, wait_routes=True) for slot in range(len(self.sockets))]
         self.workers.extend(new)
+        self.reload = Reload(old, new, time.monotonic() + float(self.s.reload_timeout))
         log.info("reload: new workers started, waiting for their routes",
                  extra={"new": " ".join(str(w.pid) for w in new)})
-        if self._wait_ready(new, float(self.s.reload_timeout)):
-            self._terminate(old)
+
+    def _reload_step(self) -> None:
+        """Finish the reload under way when its new workers are all ready; abandon
+        it when one of them exited or the time ran out."""
+        reload = self.reload
+        assert reload is not None
+        if all(w.ready for w in reload.new):
+            self.reload = None
+            self._terminate(reload.old)
             log.info("reload: new workers ready; old ones finish in-flight requests",
-                     extra={"old": " ".join(str(w.pid) for w in old)})
+                     extra={"old": " ".join(str(w.pid) for w in reload.old)})
+            return
+        exited = [w for w in reload.new if w.proc.poll() is not None]
+        if not exited and time.monotonic() < reload.deadline:
+            return
+        self.reload = None
+        self._terminate(reload.new)
+        if exited:
+            code = exited[0].proc.returncode
+            why = ("a new worker refused the settings" if code == SETTINGS
+                   else "a new worker exited")
+            log.error(f"reload abandoned: {why} (see its error above); the old ones "
+                      "keep serving", extra={"worker_pid": exited[0].pid, "code": code})
         else:
-            self._terminate(new)
             log.error("reload abandoned: new workers were not ready in time; the old "
                       "ones keep serving", extra={"timeout": self.s.reload_timeout})
 
@@ -143,7 +191,12 @@ class Master:
             return
         log.info("stop signal: workers finish their in-flight requests",
                  extra={"workers": len(self.workers)})
+        self._stop_all()
+
+    def _stop_all(self) -> None:
         self.stopping = True
+        self.reload = None
+        self.restart_at.clear()
         self._terminate(self.workers)
         for sock in self.sockets:     # no new connection will be accepted now
             sock.close()
@@ -169,24 +222,37 @@ class Master:
         return Worker(slot, proc, ready_r)
 
     def _wait_ready(self, workers: list[Worker], timeout: float) -> bool:
-        """Until each worker wrote to its ready pipe; False when one closed it
-        without (it died) or the time ran out."""
+        """Until each worker wrote to its ready pipe (used at start only, before
+        the loop runs); False when one closed it without (it died) or the time ran
+        out."""
         deadline = time.monotonic() + timeout
-        pending = {w.ready_fd: w for w in workers if not w.ready and w.ready_fd is not None}
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while True:
+            state = self._poll_ready(workers, min(max(0.0, deadline - time.monotonic()), 0.5))
+            if state is not None:
+                return state
+            if time.monotonic() >= deadline:
                 return False
-            readable, _, _ = select.select(list(pending), [], [], min(remaining, 0.5))
+
+    def _poll_ready(self, workers: list[Worker], timeout: float) -> bool | None:
+        """Read the ready pipes that have something within `timeout` seconds: True
+        when every worker is ready, False when one closed its pipe without a word
+        (it is exiting), None while some are still loading."""
+        pending = {w.ready_fd: w for w in workers if not w.ready and w.ready_fd is not None}
+        if pending:
+            readable, _, _ = select.select(list(pending), [], [], timeout)
             for fd in readable:
-                worker = pending.pop(fd)
+                worker = pending[fd]
                 data = os.read(fd, 64)
                 os.close(fd)
                 worker.ready_fd = None
                 if not data:
                     return False
                 worker.ready = True
-        return all(w.ready for w in workers)
+        if all(w.ready for w in workers):
+            return True
+        if any(w.ready_fd is None and not w.ready for w in workers):
+            return False
+        return None
 
     def _terminate(self, workers: list[Worker]) -> None:
         now = time.monotonic()
@@ -215,14 +281,32 @@ class Master:
                 log.info("worker stopped", extra={"worker_pid": worker.pid,
                                                   "code": code})
                 continue
-            # a crash: start it again, later the younger it died
+            if self.reload is not None and worker in self.reload.new:
+                continue        # _reload_step abandons the reload
             young = now - worker.started < YOUNG
+            deaths = self.young_deaths[worker.slot] = \
+                self.young_deaths.get(worker.slot, 0) + 1 if young else 0
+            if code == SETTINGS or deaths >= MAX_YOUNG_DEATHS:
+                self._fatal(worker, code, deaths)
+                return
+            # a crash: start it again, later the younger it died
             backoff = min(MAX_BACKOFF, self.backoff.get(worker.slot, 0.5) * 2) \
                 if young else 0.5
             self.backoff[worker.slot] = backoff
             self.restart_at[worker.slot] = now + (backoff if young else 0.0)
             log.error("worker died; starting another", extra={
                 "worker_pid": worker.pid, "code": code, "in_seconds": backoff})
+
+    def _fatal(self, worker: Worker, code: int, deaths: int) -> None:
+        """A worker that cannot run with these settings: say so once, stop the
+        others and exit 2, rather than restart it in a loop."""
+        why = ("it exited on a configuration error" if code == SETTINGS
+               else f"it died {deaths} times in a row within {YOUNG:g} s of starting")
+        log.error(f"worker FATAL: {why}; not restarting it, the balancer stops "
+                  "(fix the settings and start it again)",
+                  extra={"worker_pid": worker.pid, "slot": worker.slot, "code": code})
+        self.exit_code = SETTINGS
+        self._stop_all()
 
     def _restart_due(self) -> None:
         now = time.monotonic()

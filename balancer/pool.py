@@ -3,7 +3,7 @@ down (with exponential backoff), and the idle keep-alive connections per backend
 
 Choice is "least outstanding of two random choices": cheap, and it avoids the herd
 that pure least-outstanding sends to a backend that just came back. Connections
-are opaque objects here; proxy.py opens, checks and closes them.
+are opaque objects here; exchange.py opens, checks and closes them.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Route replication over real ZeroMQ sockets: each engine's route subscriber (the
-eventlet RouteSubscriber with green sockets in this process's hub, and the asyncio
-AioRouteSubscriber with its loop in a thread) against a ClonePublisher in a thread."""
+"""Route replication over real ZeroMQ sockets: the one RouteSubscriber on each
+engine (eventlet, green sockets in this process's hub; asyncio, its loop in a
+thread) against a ClonePublisher in a thread."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +18,8 @@ warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 import eventlet  # noqa: E402
 from eventlet.green import zmq as gzmq  # noqa: E402
 
-from balancer.aio_subscriber import AioRouteSubscriber  # noqa: E402
+from balancer.aio import AioEngine  # noqa: E402
+from balancer.green import GreenEngine, drive  # noqa: E402
 from balancer.subscriber import RouteSubscriber  # noqa: E402
 from messaging import channels  # noqa: E402
 from messaging.clone import ClonePublisher  # noqa: E402
@@ -105,7 +106,8 @@ class EventletReplica:
     def __init__(self, pub: Publisher, drop=None) -> None:
         self.changes: list = []
         self.ctx = gzmq.Context()
-        self.sub = RouteSubscriber(self.ctx, pub.routes, pub.snapshots, "bal-test",
+        self.sub = RouteSubscriber(GreenEngine(), self.ctx, pub.routes, pub.snapshots,
+                                   "bal-test",
                                    lambda table: self.changes.append(dict(table)),
                                    snapshot_timeout=0.3, drop=drop)
         self.sub.start()
@@ -119,13 +121,13 @@ class EventletReplica:
         eventlet.sleep(seconds)
 
     def stop(self) -> None:
-        self.sub.stop()
+        drive(self.sub.stop())
         self.ctx.term()
 
 
 class AsyncioReplica:
-    """The asyncio AioRouteSubscriber over zmq.asyncio, its loop in a thread; the
-    test reads the replica through that loop."""
+    """The RouteSubscriber on the asyncio engine, over zmq.asyncio, its loop in a
+    thread; the test reads the replica through that loop."""
 
     def __init__(self, pub: Publisher, drop=None) -> None:
         self.changes: list = []
@@ -133,9 +135,10 @@ class AsyncioReplica:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.ctx = zmqa.Context()
-        self.sub = AioRouteSubscriber(self.ctx, pub.routes, pub.snapshots, "bal-test",
-                                      lambda table: self.changes.append(dict(table)),
-                                      snapshot_timeout=0.3, drop=drop)
+        self.sub = RouteSubscriber(AioEngine(use_uvloop=False), self.ctx, pub.routes,
+                                   pub.snapshots, "bal-test",
+                                   lambda table: self.changes.append(dict(table)),
+                                   snapshot_timeout=0.3, drop=drop)
         self._call(self._start())
 
     async def _start(self) -> None:

@@ -1,6 +1,8 @@
-"""One TCP connection as awaitable reads and writes, for the asyncio engine.
+"""The asyncio engine (engine: asyncio, on uvloop when installed): protocols,
+tasks and the loop's timers under the balancer's shared coroutines (see
+engines.py).
 
-A small asyncio.Protocol instead of asyncio streams: reads hand back whatever
+A connection is a small asyncio.Protocol instead of asyncio streams: reads hand back whatever
 arrived (like a socket recv), a read that finds data buffered returns without
 suspending, and a timeout costs one timer handle instead of a wait_for task
 wrapper. Flow control both ways: reading pauses past READ_HIGH buffered bytes,
@@ -9,7 +11,14 @@ and a write waits when the transport says its buffer is full.
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from messaging.envelope import Message, recv_async, send_async
 
 READ_HIGH = 1 << 18      # buffered bytes past which the transport stops reading
 
@@ -125,6 +134,12 @@ class Stream(asyncio.Protocol):
         if self.write_paused:
             await self.drain(timeout)
 
+    def has_bytes(self) -> bool:
+        return bool(self.chunks)
+
+    def finish(self) -> None:
+        self.close()
+
     def reusable(self) -> bool:
         """An idle pooled connection is usable if it has neither closed nor sent
         anything unasked."""
@@ -132,9 +147,120 @@ class Stream(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            self.transport.close()     # after what is queued
 
     def abort(self) -> None:
         """Drop the connection now, unsent bytes too (like shutdown(SHUT_RDWR))."""
         if self.transport is not None:
             self.transport.abort()
+
+
+class ServerStream(Stream):
+    """An accepted client connection: counted by `accept` when made, then served
+    by `handle` in its own task."""
+
+    def __init__(self, accept: Callable[[Stream, tuple[str, int]], Any],
+                 handle: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+        super().__init__()
+        self._accept = accept
+        self._handle = handle
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        conn = self._accept(self, (peer[0], peer[1]) if peer else ("", 0))
+        asyncio.get_running_loop().create_task(self._handle(conn))
+
+
+class AioTask:
+    __slots__ = ("task",)
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+    async def join(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            await self.task
+        else:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+
+class AioServer:
+    def __init__(self, server: asyncio.Server) -> None:
+        self.server = server
+
+    async def start(self) -> None:
+        await self.server.start_serving()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def loop_factory(use_uvloop: bool = True
+                 ) -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
+    """uvloop's loop when wanted and importable, else the standard one; and its name."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop, "uvloop"
+    return asyncio.new_event_loop, "asyncio"
+
+
+class AioEngine:
+    name = "asyncio"
+
+    def __init__(self, use_uvloop: bool = True) -> None:
+        factory, self.loop_name = loop_factory(use_uvloop)
+        self.runner = asyncio.Runner(loop_factory=factory)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> AioTask:
+        return AioTask(asyncio.get_running_loop().create_task(coro))
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_later(delay, fn)
+
+    async def connect(self, host: str, port: int, timeout: float) -> Stream:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            _, stream = await loop.create_connection(Stream, host, port)
+        return stream
+
+    async def listen(self, sock: socket.socket,
+                     accept: Callable[[Stream, tuple[str, int]], Any],
+                     handle: Callable[[Any], Coroutine[Any, Any, None]]) -> AioServer:
+        sock.setblocking(False)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ServerStream(accept, handle), sock=sock, backlog=1024,
+            start_serving=False)
+        return AioServer(server)
+
+    def on_signal(self, signum: int, handler: Callable[[int], None]) -> None:
+        asyncio.get_running_loop().add_signal_handler(signum, handler, signum)
+
+    def zmq_context(self) -> zmq.asyncio.Context:
+        return zmq.asyncio.Context()
+
+    def plain_context(self, ctx: Any) -> zmq.Context:
+        return zmq.Context.shadow(ctx.underlying)
+
+    async def zmq_recv(self, sock: Any) -> tuple[bytes, Message]:
+        return await recv_async(sock)
+
+    async def zmq_send(self, sock: Any, msg: Message) -> None:
+        await send_async(sock, msg)
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.runner.run(coro)
+
+    def close(self) -> None:
+        self.runner.close()
