@@ -24,13 +24,6 @@ class Unauthorized(BerthError):
     status = 401
 
 
-class Forbidden(BerthError):
-    """A valid token without the role the endpoint needs."""
-
-    code = "forbidden"
-    status = 403
-
-
 class TooLarge(BerthError):
     code = "too_large"
     status = 413
@@ -86,3 +79,8 @@ class ReleasePhaseFailed(BerthError):
 
     code = "release_failed"
     status = 422
+
+
+class Forbidden(BerthError):
+    code = "forbidden"
+    status = 403

@@ -1,5 +1,5 @@
 """The backup endpoints and `berth backup`: only the backup-admin role gets in (an
-ordinary token is refused with 403, none with 401), and through the real CLI a
+app team's token and the platform's admin token are refused with 403, none with 401), and through the real CLI a
 volume is listed with its snapshotter and what it cannot guarantee, snapshotted,
 restored in place by time, verified and pruned (dry run). The API runs on a real
 store and a loopback port; the volume is an app data dir on this (non-btrfs) disk,
@@ -43,6 +43,7 @@ def api(tmp_path) -> Iterator[SimpleNamespace]:
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", admin=store.add_token("admin"),
                               backup=store.add_token(BACKUP_ADMIN),
+                              team=store.create_token("blog-deploy", "blog"),
                               data=apps / "blog" / "data", tmp=tmp_path)
     finally:
         server.stop()
@@ -76,10 +77,11 @@ def test_only_backup_admins_reach_the_backup_endpoints(api):
                                ("POST", "/v1/backups/app-blog/restore", {}),
                                ("POST", "/v1/backups/app-blog/verify", {}),
                                ("POST", "/v1/backups/prune", {"dry_run": True})):
-        status, raw = call(api, path, api.admin, method, body)
-        assert status == 403, (path, raw)
-        err = json.loads(raw)["error"]
-        assert err["code"] == "forbidden" and "backup-admin.token" in err["hint"]
+        for token in (api.admin, api.team):      # the platform's admin, an app's team
+            status, raw = call(api, path, token, method, body)
+            assert status == 403, (path, raw)
+            err = json.loads(raw)["error"]
+            assert err["code"] == "forbidden" and "backup-admin.token" in err["hint"]
         assert call(api, path, None, method, body)[0] == 401
         assert call(api, path, "not-a-token", method, body)[0] == 401
     assert not (api.tmp / "runner" / "backups" / "snapshots").exists() or \
