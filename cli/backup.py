@@ -129,8 +129,13 @@ def _follow(lines: Iterator[str], total: int, title: str) -> dict[str, Any]:
               "'14:00 yesterday', '3 hours ago', '2026-11-30T14:00Z' (default: newest).")
 @click.option("--into", help="Restore into a new volume of this name (the live one "
               "stays as it is) instead of in place.")
+@click.option("--from-copies", type=click.Path(path_type=Path),
+              help="Restore from the verified offsite copies in this directory (on the "
+              "controller's host: brought back from the offsite host) instead of the "
+              "local snapshots.")
 @click.option("--yes", is_flag=True, help="Do not ask before replacing the live data.")
-def restore(volume: str, at_text: str | None, into: str | None, yes: bool) -> None:
+def restore(volume: str, at_text: str | None, into: str | None, from_copies: Path | None,
+            yes: bool) -> None:
     """Put VOLUME back as of --at: in place (its consumers stopped, the current data
     kept as a snapshot, the copy swapped in, the consumers started) or --into a new
     volume."""
@@ -139,7 +144,9 @@ def restore(volume: str, at_text: str | None, into: str | None, yes: bool) -> No
         click.confirm(f"Replace {volume}'s live data (it is kept as a snapshot)?",
                       abort=True)
     lines = Client().stream(f"/v1/backups/{volume}/restore", "POST",
-                            {"at": at, "into": into})
+                            {"at": at, "into": into,
+                             "from_copies": str(from_copies.resolve()) if from_copies
+                             else None})
     done = _follow(lines, RESTORE_STEPS if into is None else 3, f"restoring {volume}")
     step(f"Restored {done['volume']} from {done['source']} in {done['seconds']:.2f} s "
          f"at {done['path']}")

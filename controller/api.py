@@ -765,18 +765,20 @@ class Handler(BoundedHandler):
 
     @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/restore")
     def backup_restore(self, name: str) -> None:
-        """{at?: ISO UTC, into?: new volume}: NDJSON lines {step} then {done} or {error}."""
+        """{at?: ISO UTC, into?: new volume, from_copies?: a dir of verified offsite
+        copies on this host}: NDJSON lines {step} then {done} or {error}."""
         body = self._body()
         cat = self.server.backups()
         pv = cat.volume(name)
         at, into = _when(body.get("at")), body.get("into") or None
+        copies = Path(str(body["from_copies"])) if body.get("from_copies") else None
         stop = start = None
         if pv.kind == "app-data" and into is None:
             stop, start = self._app_consumers(pv.owner)
 
         def work(progress: Callable[[str], None]) -> dict[str, Any]:
-            done = cat.restore(name, at, into=into, stop=stop, start=start,
-                               progress=progress)
+            done = cat.restore(name, at, into=into, from_copies=copies, stop=stop,
+                               start=start, progress=progress)
             return {"volume": done.volume.name, "path": str(done.volume.path),
                     "source": done.source.name, "kept": done.kept.name if done.kept else None,
                     "seconds": round(done.seconds, 3)}

@@ -39,12 +39,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backup import btrfs, manifest
+from backup import btrfs, manifest, offsite
 from backup.errors import BackupError
 from backup.pgverify import drop_stale_locks, verify_postgres
 from backup.restore import Restored, as_of, exchange, restore_in_place, restore_into
 from backup.retention import Policy
-from backup.snapshots import Hook, PgDump, PostgresCheckpoint, RedisAofRewrite, Snapshot, Snapshots
+from backup.snapshots import (
+    Hook,
+    PgDump,
+    PostgresCheckpoint,
+    RedisAofRewrite,
+    Snapshot,
+    Snapshots,
+    parse_name,
+)
 from backup.volumes import BtrfsSnapshotter, LinkDestSnapshotter, Snapshotter, Volume, VolumeStore
 from dbprovision import command
 from dbprovision.pgdedicated import PgDedicated
@@ -293,20 +301,35 @@ class Catalog:
 
     # -- restore, verify ----------------------------------------------------------------
 
-    def choose(self, name: str, at: datetime | None) -> tuple[PlatformVolume, Snapshot]:
+    def choose(self, name: str, at: datetime | None, from_copies: Path | None = None
+               ) -> tuple[PlatformVolume, Snapshot]:
+        """The newest snapshot at or before `at`: of the volume's own, or of the
+        complete (verified) copies of it in `from_copies` (copies brought back from the
+        offsite host)."""
         pv = self.volume(name)
-        snaps = self.snapshots(pv).list(pv.name)
+        if from_copies is None:
+            snaps = self.snapshots(pv).list(pv.name)
+        else:
+            if not from_copies.is_dir():
+                raise NoVolume(f"no directory of copies at {from_copies}",
+                               "give the directory `berth backup pull` filled, brought "
+                               "to this host")
+            snaps = [Snapshot(parse_name(p.name)[1], pv.name, p)
+                     for p in offsite.complete_copies(from_copies, pv.name)]
         return pv, as_of(snaps, at or self.clock())
 
     def restore(self, name: str, at: datetime | None = None, *, into: str | None = None,
+                from_copies: Path | None = None,
                 stop: Callable[[], None] | None = None,
                 start: Callable[[], None] | None = None,
                 progress: Progress = lambda step: None) -> Restored:
         """In place (the consumers stopped, the current data kept as a snapshot, the
         chosen snapshot swapped in, the consumers started), or `into` a new volume of
         that name in the volume's backup dir. `stop`/`start` are the consumers (an
-        app's instances, given by the controller); a server's are its own."""
-        pv, snap = self.choose(name, at)
+        app's instances, given by the controller); a server's are its own. With
+        `from_copies`, from a verified offsite copy; its files are given back to the
+        volume's owner (a pull by the offsite host's own user does not keep owners)."""
+        pv, snap = self.choose(name, at, from_copies)
         progress(f"chosen {snap.name}")
         with self.busy(pv):
             if manifest.manifest_path(snap.path).exists() and \
@@ -317,6 +340,10 @@ class Catalog:
             if into is not None:
                 progress(f"copying {snap.name} into the new volume {into}")
                 return restore_into(snaps, snap.path, into)
+            if from_copies is not None and pv.kind == "postgres-tenant":
+                raise BackupError("a shared tenant is restored from its local snapshots",
+                                  "restore the copy --into a new volume, then pg_restore "
+                                  "its dump")
             if pv.kind == "postgres-tenant":
                 assert pv.record is not None
                 from backup.restore import restore_tenant_dump
@@ -328,7 +355,14 @@ class Catalog:
             if pv.kind in ("postgres", "redis"):
                 server = self._server(pv)
                 stop, start = server.stop, server.ensure_running
-            fixup = drop_stale_locks if pv.kind == "postgres" else (lambda path: None)
+            owner = pv.path.stat()
+
+            def fixup(path: Path) -> None:
+                if from_copies is not None:
+                    command.run(["chown", "-R", f"{owner.st_uid}:{owner.st_gid}", path],
+                                timeout=3600)
+                if pv.kind == "postgres":
+                    drop_stale_locks(path)
 
             def stopping() -> None:
                 progress("stopping the consumers")

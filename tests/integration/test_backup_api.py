@@ -1,9 +1,10 @@
 """The backup endpoints and `berth backup`: only the backup-admin role gets in (an
-app team's token and the platform's admin token are refused with 403, none with 401), and through the real CLI a
-volume is listed with its snapshotter and what it cannot guarantee, snapshotted,
-restored in place by time, verified and pruned (dry run). The API runs on a real
-store and a loopback port; the volume is an app data dir on this (non-btrfs) disk,
-so the rsync --link-dest fallback is the one in use."""
+app team's token and the platform's admin token are refused with 403, none with
+401), and through the real CLI a volume is listed with its snapshotter and what it
+cannot guarantee, snapshotted, restored in place by time (and from a verified offsite
+copy), verified and pruned (dry run). The API runs on a real store and a loopback
+port; the volume is an app data dir on this (non-btrfs) disk, so the rsync
+--link-dest fallback is the one in use."""
 from __future__ import annotations
 
 import json
@@ -126,3 +127,30 @@ def test_backup_cli_lists_snapshots_restores_by_time_verifies_prunes(api):
     assert "dry run: nothing deleted" in dry and "keep app-blog@" in dry and "newest" in dry
     assert len(json.loads(berth(api, api.backup, "show", "app-blog", "--json").stdout)
                ["snapshots"]) == 2, "the replaced data was kept as a snapshot"
+
+
+def test_restore_from_a_verified_offsite_copy_gives_the_files_back_to_their_owner(api):
+    """A copy brought back from the offsite host (pulled as its own user, so owned by
+    it): restored in place only once verified, its files given back to the volume's
+    owner; a copy that no longer matches its manifest is not offered."""
+    from backup import manifest
+    (api.data / "notes.txt").write_text("copied")
+    name = berth(api, api.backup, "snapshot", "app-blog").stdout.split("Snapshot ")[1].split()[0]
+    snapshot = api.tmp / "runner" / "backups" / "snapshots" / name
+    copies = api.tmp / "brought-back"
+    copies.mkdir()
+    subprocess.run(["cp", "-a", str(snapshot), str(copies / name)], check=True)
+    subprocess.run(["cp", "-a", str(manifest.manifest_path(snapshot)), str(copies)], check=True)
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(copies / name)], check=True)
+    (api.data / "notes.txt").write_text("live")
+
+    unverified = berth(api, api.backup, "restore", "app-blog", "--from-copies", str(copies),
+                       "--yes", check=False)
+    assert unverified.returncode != 0 and "no snapshot at or before" in unverified.stderr
+    manifest.verify(copies / name)
+    out = berth(api, api.backup, "restore", "app-blog", "--from-copies", str(copies),
+                "--yes").stdout
+    assert f"chosen {name}" in out
+    assert (api.data / "notes.txt").read_text() == "copied"
+    owner = api.data.stat().st_uid
+    assert all(p.stat().st_uid == owner for p in api.data.rglob("*"))
