@@ -1,6 +1,6 @@
 """`--at` for restores: the time a person says, as an aware UTC datetime.
 
-    now | 2026-11-30T14:00Z | 2026-11-30 14:00[:ss] [+01:00] | 14:00 yesterday |
+    now | 2026-11-30T14:00Z | 20261130T140000Z | 2026-11-30 14:00[:ss] [+01:00] | 14:00 yesterday |
     yesterday 14:00 | yesterday at 2pm | today 09:30 | 3 hours ago | 90m ago | 2d ago
 
 A time without an offset is in the local time zone (of `now`, the CLI's machine)
@@ -44,8 +44,10 @@ def parse_at(text: str, now: datetime | None = None) -> datetime:
             raise BadTime(f"--at {text!r}: unknown unit {m.group(2)!r}")
         return (now - timedelta(seconds=int(m.group(1)) * unit)).astimezone(UTC)
     try:
-        iso = datetime.fromisoformat(words.upper().replace(" ", "T", 1)
-                                     if re.match(r"^\d{4}-\d\d-\d\d", words) else words)
+        text_iso = words.upper()        # also ISO basic, as in snapshot names
+        if re.match(r"^\d{4}-\d\d-\d\d ", text_iso):
+            text_iso = text_iso.replace(" ", "T", 1)
+        iso = datetime.fromisoformat(text_iso)
         return (iso if iso.tzinfo else iso.replace(tzinfo=zone)).astimezone(UTC)
     except ValueError:
         pass

@@ -124,3 +124,72 @@ def test_dedicated_postgres_snapshot_under_load_and_restore_through_the_cli(
     assert len(shown["snapshots"]) == 3          # first, under load, the replaced data
     print(f"\nberth backup snapshot under writes: {took:.2f} s wall (CLI included); "
           f"{before} rows before, {top} restored, {after} at the end")
+
+
+NOTES_PY = '''\
+import os
+from pathlib import Path
+from flask import Flask, request
+
+app = Flask(__name__)
+NOTE = Path(os.environ["BERTH_DATA_DIR"]) / "note.txt"
+
+
+@app.get("/note")
+def read():
+    return NOTE.read_text() if NOTE.exists() else "(none)"
+
+
+@app.post("/note")
+def write():
+    NOTE.write_text(request.get_data(as_text=True))
+    return "ok"
+'''
+
+
+@pytest.mark.timeout(400)
+def test_app_data_dir_restored_in_place_with_its_instances_stopped_and_started(
+        btrfs_platform, tmp_path):
+    """The same for an app's data dir: `berth backup restore app-<app>` scales the app
+    to 0, waits until no instance is reported, swaps the data in and scales it back;
+    the app then serves what was in the snapshot."""
+    import http.client
+
+    platform, _ = btrfs_platform
+    berth = Berth(platform, tmp_path / "cli")
+    admin = Berth(platform, tmp_path / "cli-admin")
+    berth.env["BERTH_CLI_TOKEN"] = \
+        (platform.data_dir / "controller" / "backup-admin.token").read_text().strip()
+    src = tmp_path / "notes"
+    src.mkdir()
+    (src / "app.py").write_text(NOTES_PY)
+    (src / "requirements.txt").write_text("flask>=3\ngunicorn>=23\n")
+    (src / "Procfile").write_text("web: gunicorn app:app --workers 1\n")
+    admin("apps", "create", "notes")
+    admin("push", str(src), "-a", "notes", timeout=300)
+
+    def note(body: str | None = None) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", platform.ports.balancer, timeout=10)
+        try:
+            conn.request("POST" if body is not None else "GET", "/note", body=body,
+                         headers={"Host": "notes.localhost"})
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            assert resp.status == 200, (resp.status, text)
+            return text
+        finally:
+            conn.close()
+
+    admin.wait_for(lambda: note("kept") == "ok", 60, "the app serving")
+    made = berth("backup", "snapshot", "app-notes").stdout
+    name = made.split("Snapshot ")[1].split()[0]
+    time.sleep(1.1)
+    assert note("later") == "ok" and note() == "later"
+
+    out = berth("backup", "restore", "app-notes", "--at", name.split("@")[1], "--yes",
+                timeout=180).stdout
+    assert "stopping the consumers" in out and "starting the consumers" in out
+    assert admin.wait_for(lambda: note() == "kept", 90, "the app serving the restored data")
+    shown = berth.json("backup", "show", "app-notes")
+    assert shown["snapshotter"] == "rsync-link-dest"      # the runner's apps dir: not btrfs
+    assert len(shown["snapshots"]) == 2

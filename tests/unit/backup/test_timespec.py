@@ -24,6 +24,7 @@ NOW = datetime(2026, 12, 1, 2, 30, tzinfo=PARIS)        # 01:30 UTC
     ("2 days ago", datetime(2026, 11, 29, 1, 30, tzinfo=UTC)),
     ("2026-11-30 14:00", datetime(2026, 11, 30, 13, 0, tzinfo=UTC)),
     ("2026-11-30T14:00Z", datetime(2026, 11, 30, 14, 0, tzinfo=UTC)),
+    ("20261130T140005Z", datetime(2026, 11, 30, 14, 0, 5, tzinfo=UTC)),   # a snapshot's
     ("2026-11-30T14:00:05+02:00", datetime(2026, 11, 30, 12, 0, 5, tzinfo=UTC)),
 ])
 def test_times_people_say(text, expected):
