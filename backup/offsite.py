@@ -12,6 +12,11 @@ complete only then (manifest.is_complete). rsync's quick check can take a file
 rewritten at the same size and mtime tick as unchanged; the manifest catches that and
 one `--checksum` pass fixes it. A pull that fails or is interrupted leaves
 at most a `.partial`, removed at the next pull; a complete copy is never replaced.
+
+Verifying a copy reads only what it does not share with the previous complete copy
+(manifest.verify's `trusted`: hard links here, cloned extents in the btrfs flavour):
+bytes already verified are not hashed again at every pull. `rehash=True` reads
+everything (do it now and then, or run btrfs scrub, for rot in what copies share).
 """
 from __future__ import annotations
 
@@ -75,7 +80,7 @@ def complete_copies(copies: Path, volume: str | None = None) -> list[Path]:
 
 
 def pull(source: str, name: str, copies: Path, *, password_file: Path | None = None,
-         timeout: float = 3600, address: str | None = None) -> Pulled:
+         timeout: float = 3600, address: str | None = None, rehash: bool = False) -> Pulled:
     """Pull snapshot `name` into `copies/name`, link-dest against the newest complete
     copy of its volume, and verify it against the served side's manifest."""
     volume, _ = parse_name(name)
@@ -108,7 +113,7 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
     os.rename(partial_manifest, manifest.manifest_path(final))
     manifest.stamp_path(final).unlink(missing_ok=True)
     try:
-        manifest.verify(final)
+        manifest.verify(final, trusted=None if rehash else previous)
     except ManifestMismatch as exc:
         # rsync's quick check (size + mtime) links a file rewritten at the same size
         # within one timestamp tick; the manifest caught it. One more pass comparing
@@ -120,7 +125,7 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
                       f"{source}/{name}/", f"{final}/"], password_file=password_file,
                      timeout=timeout, address=address)
         received += int(m.group(1).replace(",", "")) if (m := RECEIVED.search(out)) else 0
-        manifest.verify(final)
+        manifest.verify(final, trusted=None if rehash else previous)
     seconds = time.monotonic() - started
     log.info("copy pulled", extra={"copy": str(final), "previous": str(previous or ""),
                                    "bytes": received, "seconds": round(seconds, 3)})
@@ -128,7 +133,8 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
 
 
 def pull_new(source: str, copies: Path, *, password_file: Path | None = None,
-             timeout: float = 3600, address: str | None = None) -> list[Pulled]:
+             timeout: float = 3600, address: str | None = None,
+             rehash: bool = False) -> list[Pulled]:
     """Every snapshot the served host has and this side holds no complete copy of,
     oldest first (so each links against the one before)."""
     have = {p.name for p in complete_copies(copies)}
@@ -137,7 +143,7 @@ def pull_new(source: str, copies: Path, *, password_file: Path | None = None,
             if n not in have]
     todo.sort(key=lambda n: parse_name(n)[1])
     return [pull(source, n, copies, password_file=password_file, timeout=timeout,
-                 address=address) for n in todo]
+                 address=address, rehash=rehash) for n in todo]
 
 
 # -- btrfs flavour: the served host's forced command (backup/forced.py) --------------
@@ -147,7 +153,8 @@ Remote = Callable[[list[str]], list[str]]
 `lambda req: ["ssh", "-i", key, "-o", "BatchMode=yes", "backup@served", *req]`."""
 
 
-def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600) -> list[Pulled]:
+def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600,
+               rehash: bool = False) -> list[Pulled]:
     """Every read-only snapshot the served host lists that `copies` (on btrfs) holds
     no complete copy of, oldest first, each incremental against the newest complete
     copy of its volume, received, given the served side's manifest, verified."""
@@ -170,7 +177,7 @@ def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600) -> list[P
         partial.write_text(body)
         os.rename(partial, target)
         manifest.stamp_path(final).unlink(missing_ok=True)
-        manifest.verify(final)
+        manifest.verify(final, trusted=None if rehash else previous)
         log.info("copy pulled", extra={"copy": str(final), "previous": str(previous or ""),
                                        "bytes": moved, "seconds": round(seconds, 3)})
         out.append(Pulled(name, final, previous, moved, seconds))

@@ -201,8 +201,10 @@ def prune(dry_run: bool, volume: str | None, as_json: bool) -> None:
               help="The rsync module's password file.")
 @click.option("--address", help="This (offsite) host's own address to pull from, the one "
               "the served host's module allows (rsync flavour).")
+@click.option("--rehash", is_flag=True, help="Hash every file of each new copy, also "
+              "those sharing blocks with the previous verified copy.")
 def pull(source: str | None, forced_command: str | None, copies: Path,
-         password_file: Path | None, address: str | None) -> None:
+         password_file: Path | None, address: str | None, rehash: bool) -> None:
     """On the offsite host: pull every new snapshot, verify each against its manifest.
     An interrupted pull never replaces a complete copy."""
     from backup import btrfs, offsite
@@ -224,7 +226,7 @@ def pull(source: str | None, forced_command: str | None, copies: Path,
             return [*template, *request]
         step("Pulling with btrfs send/receive (incremental against the newest copy)")
         with console.status("receiving and verifying"):
-            pulled = offsite.pull_btrfs(remote, copies)
+            pulled = offsite.pull_btrfs(remote, copies, rehash=rehash)
     else:
         assert source is not None
         step("Pulling with rsync --link-dest (unchanged files are links to the last copy)")
@@ -238,7 +240,7 @@ def pull(source: str | None, forced_command: str | None, copies: Path,
             for name in sorted(todo, key=lambda n: n.rsplit("@", 1)[1]):
                 bar.update(task, description=name)
                 pulled.append(offsite.pull(source, name, copies, password_file=password_file,
-                                           address=address))
+                                           address=address, rehash=rehash))
                 bar.advance(task)
     for p in pulled:
         step(f"{p.name}: {p.bytes_received / 1e6:.2f} MB in {p.seconds:.2f} s, verified"
