@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from controller import addons as addon_rules
 from controller import attach, slugcheck
 from controller.addons import Addon, AddonState
-from controller.backups import BACKUP_ADMIN, Catalog
+from controller.backups import BACKUP_ADMIN, Catalog, forget_formation, remember_formation
 from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
 from controller.httpserver import BoundedHandler, BoundedHTTPServer, ServerLimits
 from controller.logstore import format_line
@@ -796,16 +796,27 @@ class Handler(BoundedHandler):
         """Run a long backup step here, streaming its steps as NDJSON as they come."""
         self._stream_start("application/x-ndjson")
 
-        def progress(step: str) -> None:
-            self._chunk(json.dumps({"step": step}) + "\n")
+        gone = [False]
+
+        def send(event: dict[str, Any]) -> None:
+            """A client that went away does not stop the job half-way (its consumers
+            stopped): the job goes on, unwatched."""
+            if gone[0]:
+                return
+            try:
+                self._chunk(json.dumps(event) + "\n")
+            except OSError:
+                gone[0] = True
+                log.warning("backup job's client went away; the job goes on")
         try:
-            self._chunk(json.dumps({"done": work(progress)}) + "\n")
+            send({"done": work(lambda step: send({"step": step}))})
         except BerthError as exc:
-            self._chunk(json.dumps({"error": exc.to_dict()}) + "\n")
+            send({"error": exc.to_dict()})
         except Exception as exc:
             log.exception("backup job failed")
-            self._chunk(json.dumps({"error": internal(exc).to_dict()}) + "\n")
-        self._stream_end()
+            send({"error": internal(exc).to_dict()})
+        if not gone[0]:
+            self._stream_end()
 
     def _app_consumers(self, app: str) -> tuple[Callable[[], None], Callable[[], None]]:
         """An app's instances as a restore's consumers: scaled to 0 (and waited for
@@ -814,14 +825,14 @@ class Handler(BoundedHandler):
         maximum = self.c.settings.max_per_process_type
 
         def stop() -> None:
-            if saved:
+            if saved:       # written down first: a restarted controller scales it back
+                remember_formation(self.c.data_dir, app, saved)
                 self.c.store.scale(app, {proc: 0 for proc in saved}, maximum)
                 self.c.wake()
             deadline = time.monotonic() + APP_STOP_SECONDS
             while self.c.instances(app):
                 if time.monotonic() > deadline:
-                    self.c.store.scale(app, saved, maximum)
-                    self.c.wake()
+                    start()
                     raise BerthError(f"{app}'s instances did not stop within "
                                      f"{APP_STOP_SECONDS:g} s; nothing was restored",
                                      "see `berth ps` and the runner's log; try again",
@@ -832,6 +843,7 @@ class Handler(BoundedHandler):
             if saved:
                 self.c.store.scale(app, saved, maximum)
                 self.c.wake()
+                forget_formation(self.c.data_dir, app)
         return stop, start
 
     @route("GET", r"/v1/slugs/([^/]+)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -370,8 +371,10 @@ class Catalog:
                 progress("keeping the current data as a snapshot; swapping")
 
             def starting() -> None:
-                progress("starting the consumers")
-                (start or (lambda: None))()
+                try:
+                    progress("starting the consumers")
+                finally:            # whatever happened, they run again
+                    (start or (lambda: None))()
 
             done = restore_in_place(snaps, pv.volume, snap.path, stop=stopping,
                                     start=starting, fixup=fixup, now=self.clock())
@@ -439,3 +442,26 @@ def _provisioner_for(s: Any) -> Callable[[], Provisioner]:
                                     s.addon_pg_port, s.addon_redis_port))
         return made[0]
     return get
+
+
+# -- an app's formation while a restore has it at 0 ------------------------------------
+
+def remember_formation(data_dir: Path, app: str, formation: dict[str, int]) -> None:
+    """Written before an in-place restore scales `app` to 0, removed when it is scaled
+    back: a controller that dies in between scales it back when it starts."""
+    d = data_dir / "restoring"
+    d.mkdir(mode=0o700, exist_ok=True)
+    tmp = d / f".{app}.json"
+    tmp.write_text(json.dumps(formation))
+    os.replace(tmp, d / f"{app}.json")
+
+
+def forget_formation(data_dir: Path, app: str) -> None:
+    (data_dir / "restoring" / f"{app}.json").unlink(missing_ok=True)
+
+
+def interrupted_restores(data_dir: Path) -> dict[str, dict[str, int]]:
+    """{app: formation} of the restores a dead controller left with the app at 0."""
+    d = data_dir / "restoring"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} \
+        if d.is_dir() else {}

@@ -139,9 +139,19 @@ class Controller:
             path.chmod(0o600)
         return path
 
+    def resume_interrupted_restores(self) -> None:
+        """Apps a restore scaled to 0 when this controller died: scaled back."""
+        from controller.backups import forget_formation, interrupted_restores
+        for app, formation in interrupted_restores(self.data_dir).items():
+            log.warning("restore interrupted: scaling back", extra={"app": app,
+                                                                    "formation": formation})
+            self.store.scale(app, formation, self.settings.max_per_process_type)
+            forget_formation(self.data_dir, app)
+
     def start(self) -> None:
         self.ensure_admin_token()
         self.ensure_backup_admin_token()
+        self.resume_interrupted_restores()
         self.ctx = zmq.Context()
         s = self.settings
         self.locks = LockServer(self.ctx, s.locks_endpoint, s.lock_events_endpoint,
