@@ -11,7 +11,9 @@ controller's watchdog frees the record for the next worker)::
             step()
 
 `hold` renews the lease from a thread every third of its TTL and releases it at the
-end; `acquire`/`renew`/`release` are the single requests. Every request waits at
+end; `acquire`/`renew`/`release` are the single requests. `LeaseEvents` follows the
+lock_events channel (acquired, released, expired): a retrier redoes the work of a
+lease that `expired`, since its holder died before finishing it. Every request waits at
 most `timeout` seconds for its lock_reply (LocksUnavailable after). A client is
 thread-safe: one lock serializes its socket.
 """
@@ -164,3 +166,36 @@ class Holding:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+class LeaseEvents:
+    """The lock_events channel: what happened to leases, as (event, lease)."""
+
+    def __init__(self, endpoint: str, *, ctx: zmq.Context | None = None) -> None:
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self._sock = channels.connect(self.ctx, "lock_events", endpoint)
+
+    def next(self, timeout: float) -> tuple[str, Lease] | None:
+        """The next event within `timeout` seconds, or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                return None
+            try:
+                _, msg = envelope.recv(self._sock, zmq.NOBLOCK)
+                return str(msg["event"]), Lease.from_wire(msg["lease"])
+            except (zmq.Again, ProtocolError):
+                continue
+
+    def close(self) -> None:
+        self._sock.close(0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> LeaseEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -7,10 +7,7 @@ import subprocess
 import sys
 import time
 
-import zmq
-
-from messaging import channels, envelope
-from messaging.shapes import Lease
+from messaging.locks import LeaseEvents
 from tests.e2e.conftest import ROOT, copy_example
 
 SLOW_RELEASE = "release: sleep 3\nweb: gunicorn app:app\n"
@@ -20,9 +17,7 @@ def test_two_pushes_of_one_app_deploy_one_after_the_other(berth, tmp_path):
     berth("apps", "create", "serial")
     app = copy_example(tmp_path / "serial")
     (app / "Procfile").write_text(SLOW_RELEASE)
-    ctx = zmq.Context()
-    sub = channels.connect(ctx, "lock_events",
-                           f"tcp://127.0.0.1:{berth.platform.ports.lock_events}")
+    sub = LeaseEvents(f"tcp://127.0.0.1:{berth.platform.ports.lock_events}")
     time.sleep(0.3)
     try:
         pushes = [subprocess.Popen([sys.executable, "-m", "cli.main", "push", str(app), "-a",
@@ -32,14 +27,12 @@ def test_two_pushes_of_one_app_deploy_one_after_the_other(berth, tmp_path):
         outs = [p.communicate(timeout=300) for p in pushes]
         assert [p.returncode for p in pushes] == [0, 0], outs
         events = []
-        while sub.poll(1000):
-            _, msg = envelope.recv(sub)
-            lease = Lease.from_wire(msg["lease"])
+        while (got := sub.next(1.0)) is not None:
+            event, lease = got
             if lease.name == "deploy/serial":
-                events.append((msg["event"], lease.owner, lease.fence))
+                events.append((event, lease.owner, lease.fence))
     finally:
-        sub.close(0)
-        ctx.term()
+        sub.close()
     # acquired, released, acquired, released: never two holders at once
     assert [e[0] for e in events] == ["acquired", "released"] * 2, events
     assert events[0][1:] == events[1][1:] and events[2][1:] == events[3][1:]

@@ -12,11 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import zmq
 
-from messaging import channels, envelope
 from messaging.errors import LeaseBusy, LeaseLost
-from messaging.locks import LockClient
+from messaging.locks import LeaseEvents, LockClient
 from messaging.shapes import Lease
 from tests.integration.controllerproc import ROOT, ControllerProc, running_controller
 from tests.integration.lockworker import TTL
@@ -52,16 +50,10 @@ def test_leases_are_exclusive_renewed_and_released(ctl: ControllerProc) -> None:
             a.acquire("deploy/y", ttl=10**6)
 
 
-def _events(ctl: ControllerProc, ctx: zmq.Context) -> zmq.Socket:
-    sub = channels.connect(ctx, "lock_events", ctl.lock_events_endpoint)
-    time.sleep(0.3)                                     # the slow joiner
-    return sub
-
-
-def _next_event(sub: zmq.Socket, timeout: float) -> tuple[str, Lease]:
-    assert sub.poll(int(timeout * 1000)), f"no lease event within {timeout}s"
-    _, msg = envelope.recv(sub)
-    return msg["event"], Lease.from_wire(msg["lease"])
+def _next_event(events: LeaseEvents, timeout: float) -> tuple[str, Lease]:
+    got = events.next(timeout)
+    assert got is not None, f"no lease event within {timeout}s"
+    return got
 
 
 def _worker(ctl: ControllerProc, out: Path, mode: str, owner: str) -> subprocess.Popen[bytes]:
@@ -82,8 +74,8 @@ def test_a_holder_killed_mid_work_loses_its_lease_and_the_work_is_retried_once(
         ctl: ControllerProc, tmp_path: Path) -> None:
     out = tmp_path / "work"
     out.mkdir()
-    ctx = zmq.Context()
-    sub = _events(ctl, ctx)
+    sub = LeaseEvents(ctl.lock_events_endpoint)
+    time.sleep(0.3)                                     # the slow joiner
     procs: list[subprocess.Popen[bytes]] = []
     try:
         first = _worker(ctl, out, "hang", "worker-a")
@@ -125,8 +117,7 @@ def test_a_holder_killed_mid_work_loses_its_lease_and_the_work_is_retried_once(
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
-        sub.close(0)
-        ctx.term()
+        sub.close()
 
 
 def test_leases_survive_a_controller_restart(tmp_path: Path) -> None:
