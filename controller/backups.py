@@ -59,6 +59,7 @@ from dbprovision import command
 from dbprovision.pgdedicated import PgDedicated
 from dbprovision.ports import free_port
 from dbprovision.redisdedicated import RedisDedicated
+from dbprovision.redisserver import RedisServer
 
 if TYPE_CHECKING:
     from dbprovision.records import AddonRecord
@@ -71,6 +72,10 @@ BACKUP_ADMIN = "backup-admin"
 
 Progress = Callable[[str], None]
 """Told each step as it starts (the API streams them to `berth backup restore`)."""
+
+
+SERVER_KINDS = ("postgres", "redis", "postgres-shared", "redis-shared")
+SHARED_KINDS = ("postgres-shared", "redis-shared")
 
 
 class BackupBusy(BackupError):
@@ -96,6 +101,12 @@ class PlatformVolume:
     store_root: Path
     record: AddonRecord | None = None
     notes: list[str] = field(default_factory=list)
+    lock: str | None = None     # the provisioner's lock held while working on it
+
+    @property
+    def server_kind(self) -> bool:
+        """A server's whole root (stopped and started around adoption and restore)."""
+        return self.kind in SERVER_KINDS
 
     @property
     def volume(self) -> Volume:
@@ -145,6 +156,14 @@ class Catalog:
                 pv = self._addon_volume(prov, record)
                 if pv is not None:
                     found.append(pv)
+            # the shared servers whole: every tenant at one instant (disaster recovery;
+            # one tenant comes back from its own addon-<id> volume)
+            if prov.pg.initialized():
+                found.append(PlatformVolume("postgres-shared", "postgres-shared", "shared",
+                                            prov.pg.root, self.backup_dir, lock="servers"))
+            if prov.redis.configured():
+                found.append(PlatformVolume("redis-shared", "redis-shared", "shared",
+                                            prov.redis.root, self.backup_dir, lock="servers"))
         return found
 
     def _addon_volume(self, prov: Provisioner, record: AddonRecord) -> PlatformVolume | None:
@@ -154,7 +173,7 @@ class Catalog:
         if (record.engine, record.plan) == ("postgres", "shared"):
             path = self.backup_dir / "volumes" / name
             return PlatformVolume(name, "postgres-tenant", record.addon_id, path,
-                                  self.backup_dir, record)
+                                  self.backup_dir, record, lock=record.name)
         if record.plan == "dedicated":
             server = prov._dedicated(record)     # the provisioner knows the root
             root = server.root if isinstance(server, PgDedicated) else \
@@ -162,7 +181,7 @@ class Catalog:
             if root is None:
                 return None
             return PlatformVolume(name, record.engine, record.addon_id, root,
-                                  self.backup_dir, record)
+                                  self.backup_dir, record, lock=record.name)
         return None                         # ha, shared redis: not yet
 
     def volume(self, name: str) -> PlatformVolume:
@@ -211,8 +230,8 @@ class Catalog:
             except BlockingIOError:
                 raise BackupBusy(f"volume {pv.name} is busy with another backup job") \
                     from None
-            if pv.record is not None:
-                with self.provisioner().records.lock(pv.record.name):
+            if pv.lock is not None:
+                with self.provisioner().records.lock(pv.lock):
                     yield
             else:
                 yield
@@ -249,7 +268,7 @@ class Catalog:
         root on btrfs, adopted once)."""
         if pv.kind == "postgres-tenant" and not pv.path.exists():
             snaps.store.create(pv.name)
-        elif pv.kind in ("postgres", "redis") and \
+        elif pv.server_kind and \
                 snaps.store.snapshotter.kind == "btrfs" and not btrfs.is_subvolume(pv.path):
             self._adopt(pv)
 
@@ -273,29 +292,39 @@ class Catalog:
             exchange(staging, pv.path)
             command.run(["rm", "-rf", "--one-file-system", staging], timeout=3600)
         finally:
-            server.ensure_running()
+            server.start()
         log.info("volume adopted as a subvolume", extra={
             "volume": pv.name, "path": str(pv.path),
             "seconds": round(time.monotonic() - started, 3)})
 
-    def _server(self, pv: PlatformVolume) -> PgDedicated | RedisDedicated:
+    def _server(self, pv: PlatformVolume) -> _Server:
+        """The server whose root `pv` is: how to stop, start and quiesce it."""
+        prov = self.provisioner()
+        if pv.kind == "postgres-shared":
+            cluster = prov.pg
+            return _Server(cluster.stop, cluster.start,
+                           lambda: [PostgresCheckpoint(cluster.connect)]
+                           if cluster.is_running() else [])
+        if pv.kind == "redis-shared":
+            redis = prov.redis
+            return _Server(redis.stop, redis.start,
+                           lambda: [_RedisHook(redis)] if redis.is_running() else [])
         assert pv.record is not None
-        server = self.provisioner()._dedicated(pv.record)
-        assert isinstance(server, (PgDedicated, RedisDedicated))
-        return server
+        server = prov._dedicated(pv.record)      # the provisioner knows the servers
+        if isinstance(server, PgDedicated):
+            pg = server
+            return _Server(pg.stop, pg.ensure_running,
+                           lambda: [PostgresCheckpoint(pg.cluster.connect)]
+                           if pg.cluster.is_running() else [])
+        assert isinstance(server, RedisDedicated)
+        red = server
+        return _Server(red.stop, red.ensure_running,
+                       lambda: [_RedisHook(red.server)] if red.server.is_running() else [])
 
     def _hooks(self, pv: PlatformVolume) -> list[Hook]:
-        if pv.kind == "postgres":
-            server = self._server(pv)
-            assert isinstance(server, PgDedicated)
-            if server.cluster.is_running():
-                return [PostgresCheckpoint(server.cluster.connect)]
-        elif pv.kind == "redis":
-            server = self._server(pv)
-            assert isinstance(server, RedisDedicated)
-            if server.server.is_running():
-                return [_RedisHook(server)]
-        elif pv.kind == "postgres-tenant":
+        if pv.server_kind:
+            return self._server(pv).hooks()
+        if pv.kind == "postgres-tenant":
             assert pv.record is not None
             return [PgDump(self.provisioner().pg, pv.record.name)]
         return []
@@ -353,16 +382,21 @@ class Catalog:
                 restore_tenant_dump(self.provisioner().pg, pv.record.name,
                                     snap.path / f"{pv.record.name}.dump")
                 return Restored(pv.volume, snap.path, None, time.monotonic() - started)
-            if pv.kind in ("postgres", "redis"):
+            if pv.kind in SHARED_KINDS:
+                raise BackupError(f"{pv.name} in place would take every tenant of the "
+                                  "shared server back in time",
+                                  "restore it --into a new volume, or one tenant from its "
+                                  "own addon-<id> volume", status=409)
+            if pv.server_kind:
                 server = self._server(pv)
-                stop, start = server.stop, server.ensure_running
+                stop, start = server.stop, server.start
             owner = pv.path.stat()
 
             def fixup(path: Path) -> None:
                 if from_copies is not None:
                     command.run(["chown", "-R", f"{owner.st_uid}:{owner.st_gid}", path],
                                 timeout=3600)
-                if pv.kind == "postgres":
+                if pv.kind in ("postgres", "postgres-shared"):
                     drop_stale_locks(path)
 
             def stopping() -> None:
@@ -394,7 +428,7 @@ class Catalog:
         else:
             out["files"] = None
             out["note"] = "no manifest (a snapshot taken before manifests were written)"
-        if pv.kind == "postgres":
+        if pv.kind in ("postgres", "postgres-shared"):
             progress("starting PostgreSQL on a scratch copy")
             scratch_dir = self.backup_dir / "scratch"
             scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -417,16 +451,23 @@ class Catalog:
         return out
 
 
+@dataclass(frozen=True)
+class _Server:
+    stop: Callable[[], None]
+    start: Callable[[], None]
+    hooks: Callable[[], list[Hook]]
+
+
 class _RedisHook:
-    """BGREWRITEAOF on the dedicated server's admin connection, waited for."""
+    """BGREWRITEAOF on a redis-server's admin connection, waited for."""
 
     name = "redis-bgrewriteaof"
 
-    def __init__(self, server: RedisDedicated) -> None:
+    def __init__(self, server: RedisServer) -> None:
         self.server = server
 
     def before(self, volume: Volume) -> None:
-        with self.server.server.admin() as client:
+        with self.server.admin() as client:
             RedisAofRewrite(client).before(volume)
 
 

@@ -177,3 +177,53 @@ def test_dedicated_postgres_and_app_data_snapshot_restore_through_the_platform(p
     assert [x.name for x in left] == names[-1:]
     gone = left[0].path.with_name(names[0])
     assert not gone.exists() and not manifest.manifest_path(gone).exists()
+
+
+def test_shared_servers_and_one_tenant_through_the_platform(platform):
+    """The shared servers are volumes too (every tenant at one instant, restored only
+    into a new volume); a shared-PostgreSQL tenant has its own dump volume, and
+    restoring it leaves the other tenant's changes (acceptance 4, through the platform)."""
+    from backup.errors import BackupError
+    prov, _, _ = platform
+    one = prov.provision("pgs1", "postgres", "shared")
+    two = prov.provision("pgs2", "postgres", "shared")
+    prov.provision("rds1", "redis", "shared")
+    for creds, rows in ((one, "a"), (two, "x")):
+        with closing(psycopg2.connect(creds.url)) as conn, conn.cursor() as cur:
+            conn.autocommit = True
+            cur.execute("CREATE TABLE notes (body text)")
+            cur.execute("INSERT INTO notes VALUES (%s)", (rows,))
+    catalog = backupjobs.catalog()
+    kinds = {pv.name: pv.kind for pv in catalog.volumes()}
+    assert kinds["addon-pgs1"] == kinds["addon-pgs2"] == "postgres-tenant"
+    assert kinds["postgres-shared"] == "postgres-shared"
+    assert kinds["redis-shared"] == "redis-shared"
+
+    taken = backupjobs.snapshot_all()
+    assert all("@" in v for v in taken.values()), taken
+    for name in ("postgres-shared", "redis-shared"):
+        assert btrfs.is_subvolume(catalog.volume(name).path), f"{name} adopted"
+    snap = catalog.snapshots(catalog.volume("addon-pgs1")).list("addon-pgs1")[-1]
+    tenant = next(r for r in prov.records.all() if r.addon_id == "pgs1")
+    assert [p.name for p in snap.path.iterdir()] == [f"{tenant.name}.dump"]
+    redis_snap = catalog.snapshots(catalog.volume("redis-shared")).list("redis-shared")[-1]
+    assert (redis_snap.path / "appendonly").is_dir()
+
+    for creds, rows in ((one, "b"), (two, "y")):
+        with closing(psycopg2.connect(creds.url)) as conn, conn.cursor() as cur:
+            conn.autocommit = True
+            cur.execute("INSERT INTO notes VALUES (%s)", (rows,))
+    catalog.restore("addon-pgs1", snap.time)
+    for creds, expected in ((one, ["a"]), (two, ["x", "y"])):
+        with closing(psycopg2.connect(creds.url)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT body FROM notes ORDER BY body")
+            assert [r[0] for r in cur.fetchall()] == expected
+
+    with pytest.raises(BackupError) as refused:
+        catalog.restore("postgres-shared")
+    assert refused.value.status == 409 and "--into" in refused.value.hint
+    checked = catalog.verify("postgres-shared")
+    assert {r.name for r in prov.records.all() if r.engine == "postgres"} <= \
+        set(checked["databases"])
+    into = catalog.restore("postgres-shared", into="pgshared-copy")
+    assert (into.volume.path / "data" / "PG_VERSION").exists()
