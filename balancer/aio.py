@@ -20,7 +20,9 @@ import zmq.asyncio
 
 from messaging.envelope import Message, recv_async, send_async
 
-READ_HIGH = 1 << 18      # buffered bytes past which the transport stops reading
+READ_HIGH = 1 << 19      # buffered bytes past which the transport stops reading
+READ_LOW = 1 << 17       # ... and below which it reads again
+JOIN_MAX = 1 << 16       # buffered pieces up to this size are handed back joined
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -83,8 +85,9 @@ class Stream(asyncio.Protocol):
     # -- awaitable I/O ----------------------------------------------------------------
 
     async def recv(self, timeout: float) -> bytes:
-        """Everything buffered, waiting up to `timeout` seconds for something;
-        b"" at end of stream; TimeoutError past the timeout."""
+        """What is buffered (joined when small, else the first piece), waiting up
+        to `timeout` seconds for something; b"" at end of stream; TimeoutError
+        past the timeout."""
         if not self.chunks:
             if self.eof:
                 return b""
@@ -100,10 +103,14 @@ class Stream(asyncio.Protocol):
             if not self.chunks:
                 return b""
         chunks = self.chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
-        self.buffered = 0
-        if self.read_paused and not self.closed:
+        if len(chunks) == 1 or self.buffered <= JOIN_MAX:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.chunks = []
+            self.buffered = 0
+        else:
+            data = chunks.pop(0)      # large pieces one at a time: no copy to join them
+            self.buffered -= len(data)
+        if self.read_paused and self.buffered <= READ_LOW and not self.closed:
             self.read_paused = False
             self.transport.resume_reading()
         return data

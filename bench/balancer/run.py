@@ -76,9 +76,12 @@ CASES = {c.name: c for c in (
     Case("1m-ka", "/1m", (), BIG, "1 MB body, keep-alive"),
 )}
 TARGETS = ("berth", "berth-asyncio", "haproxy", "nginx", "direct")
-ENGINES = {"berth": "eventlet", "berth-asyncio": "asyncio"}   # balancer targets
+# balancer targets: (engine, native); the native core is used when built (--no-native:
+# not built here), "-py" targets never use it
+ENGINES = {"berth": ("eventlet", True), "berth-asyncio": ("asyncio", True),
+           "berth-asyncio-py": ("asyncio", False)}
 # on request only: floor.py, a bare eventlet relay; aio_floor.py, bare uvloop Protocols
-EXTRA_TARGETS = ("floor", "floor-aio")
+EXTRA_TARGETS = ("floor", "floor-aio", "berth-asyncio-py")
 FLOORS = {"floor": "floor.py", "floor-aio": "aio_floor.py"}
 
 
@@ -373,7 +376,8 @@ class Bench:
         conf = render("berth-balancer.yaml", self.prefix / f"berth-{port}.yaml",
                       port=port, routes_endpoint=c.routes_endpoint,
                       snapshot_endpoint=c.snapshot_endpoint,
-                      logs_endpoint=c.logs_endpoint, engine=ENGINES[target])
+                      logs_endpoint=c.logs_endpoint, engine=ENGINES[target][0],
+                      native=str(ENGINES[target][1]).lower())
         py = sys.executable
         if profiler == "cprofile":
             cmd = [py, "-m", "cProfile", "-o", str(self.prefix / "balancer.prof"),
@@ -621,6 +625,13 @@ def machine() -> str:
     ])
 
 
+def build_native() -> str:
+    """Build the mypyc-compiled balancer core (balancer/native.py) if it is not."""
+    from balancer import native
+    path = native.build()
+    return f"native core (mypyc) for these sources: {path}"
+
+
 def _version(dist: str) -> str:
     try:
         return version(dist)
@@ -655,6 +666,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-target", choices=sorted(ENGINES), default="berth-asyncio",
                    help="which balancer to profile (cProfile sees only the master's "
                         "process: use py-spy, which samples the worker)")
+    p.add_argument("--no-native", action="store_true",
+                   help="do not build the mypyc-compiled core (the balancer then runs "
+                        "pure Python unless a build for these sources exists)")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing wrk/haproxy/nginx")
     p.add_argument("--keep", action="store_true", help="keep configs and logs")
@@ -700,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         need_berth = any(t in ENGINES for t in args.target_list) or args.profile
         if need_berth:
             bench.start_controller()
+        if need_berth and not args.no_native:
+            print(f"-----> {build_native()}", flush=True)
         for target in ENGINES:
             if target in args.target_list:
                 bench.start_berth(target=target)
