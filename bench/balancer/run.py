@@ -529,7 +529,8 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
         spy = bench.spawn("py-spy", [pyspy, "record", "--pid", str(worker_pid(child.pid)),
                                      "--duration", f"{a.duration + 1:g}",
                                      "--rate", "200", "--format", "raw",
-                                     "--output", str(raw)])
+                                     "--output", str(raw)]
+                          + (["--native"] if a.profile_native else []))
         time.sleep(1.0)
     if a.warmup > 0 and spy is None:
         bench.wrk(target, case, a.warmup)
@@ -663,6 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the table, profile the balancer during one wrk run")
     p.add_argument("--profile-case", choices=sorted(CASES), default="small-ka")
     p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--profile-native", action="store_true",
+                   help="py-spy --native: C frames too (uvloop, the compiled core)")
     p.add_argument("--profile-target", choices=sorted(ENGINES), default="berth-asyncio",
                    help="which balancer to profile (cProfile sees only the master's "
                         "process: use py-spy, which samples the worker)")
