@@ -31,10 +31,13 @@ def apps() -> None:
 
 @apps.command("create")
 @click.argument("name")
-def create(name: str) -> None:
+@click.option("--team", default=None,
+              help="The team that owns it (admins only; a team's token makes its own).")
+def create(name: str, team: str | None) -> None:
     """Create an app called NAME."""
-    app = Client().post("/v1/apps", {"name": name})
-    step(f"Created {name}: {app['url']}")
+    app = Client().post("/v1/apps", {"name": name, **({"team": team} if team else {})})
+    owner = f" (team {app['team']})" if app.get("team") else ""
+    step(f"Created {name}{owner}: {app['url']}")
     marker = appname.remember(Path.cwd(), name)
     if marker:
         step(f"Wrote {marker.name}: commands here now default to -a {name}")

@@ -56,7 +56,7 @@ def port_in_use(host: str, port: int) -> bool:
 # Ports field -> the channel it serves; each field defaults to its channel's port
 CHANNEL_FIELDS = {"control": "control", "routes": "routes", "snapshot": "routes_snapshot",
                   "logs": "logs", "stats": "stats", "stats_out": "stats_out",
-                  "attach": "attach"}
+                  "attach": "attach", "locks": "locks", "lock_events": "lock_events"}
 
 
 @dataclass
@@ -73,6 +73,8 @@ class Ports:
     stats: int = CHANNELS["stats"].default_port
     stats_out: int = CHANNELS["stats_out"].default_port
     attach: int = CHANNELS["attach"].default_port
+    locks: int = CHANNELS["locks"].default_port
+    lock_events: int = CHANNELS["lock_events"].default_port
     broker: int = BROKER_PORT               # the platform's Redis (Celery broker)
     addon_pg: int = ADDON_PG_PORT           # the shared addon servers
     addon_redis: int = ADDON_REDIS_PORT

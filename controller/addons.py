@@ -63,6 +63,9 @@ class Op(str, enum.Enum):
     DESTROY = "destroy"
 
 
+# the report a job worker makes when an ha addon moved (not an op: nothing is queued)
+MOVED = "moved"
+
 TRANSITIONS: dict[AddonState, frozenset[AddonState]] = {
     AddonState.PROVISIONING: frozenset({AddonState.READY, AddonState.FAILED,
                                         AddonState.DESTROYING}),
@@ -160,6 +163,8 @@ class Addon:
         stale (the addon was destroyed meanwhile, or another attempt finished)."""
         if outcome not in ("step", "done", "failed"):
             raise Invalid(f"unknown outcome {outcome!r}", "report step, done or failed")
+        if op == MOVED:
+            return self.moved(credentials, step) if outcome == "done" else False
         if self.op is None or op != self.op.value:
             raise Conflict(f"addon {self.id} has no {op} in flight "
                            f"({self.state.value}, op {self.op.value if self.op else 'none'})",
@@ -190,6 +195,20 @@ class Addon:
         self.error = None
         self._to(AddonState.DESTROYED)
         return False
+
+    def moved(self, credentials: dict[str, Any] | None, step: str = "") -> bool:
+        """An ha addon's nodes changed places outside any op (a failover, a standby
+        rebuilt): its credentials now name the new primary (REDIS_URL) or standby
+        (DATABASE_READ_URL). True when the app's environment changed (a release)."""
+        if self.state is not AddonState.READY:
+            raise Conflict(f"addon {self.id} is {self.state.value}, not ready",
+                           "a moved addon is reported only while it is ready",
+                           code="stale_task")
+        before = self.env()
+        self.credentials = check_credentials(credentials)
+        if step:
+            self.step = step[:500]
+        return self.env() != before
 
     # -- what the app sees ------------------------------------------------------
     @property

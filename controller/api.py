@@ -1,9 +1,11 @@
 """The HTTP JSON API the CLI speaks (and runners fetch slugs from).
 
-Plain `http.server` in threads: the API is low-volume and mostly waits on the loop,
-so a framework would add a dependency without earning it. Every error is
-`{"error": {"code", "message", "hint"}}` with a fitting status. Bearer tokens:
-user tokens from the store; the runner token only for slugs.
+`http.server` handlers served by controller/httpserver.py, which bounds what
+clients may hold (header and body deadlines, a worker pool, a cap on long-lived
+streams, size limits) and answers malformed heads itself. Every error is
+`{"error": {"code", "message", "hint"}}` with a fitting status, malformed input a
+4xx saying what was wrong. Bearer tokens: user tokens from the store; the runner
+token only for slugs.
 """
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ import logging
 import re
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,7 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 from controller import addons as addon_rules
 from controller import attach, slugcheck
 from controller.addons import Addon, AddonState
-from controller.errors import Invalid, NotFound, Unauthorized, internal
+from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
+from controller.httpserver import BoundedHandler, BoundedHTTPServer, ServerLimits
 from controller.logstore import format_line
 from controller.runs import Attachment
 from controller.store import Release
@@ -39,18 +41,43 @@ log = logging.getLogger(__name__)
 MAX_JSON = 1 << 20
 SLUG_NAME = re.compile(r"^[0-9a-f]{64}$")
 ROUTES: list[tuple[str, re.Pattern[str], str]] = []
+# who may call each endpoint (by handler name), beyond a valid token:
+#   "app"    a team token only for its team's apps (the first path part is the app)
+#   "build", "run", "addon"   the same, for the app the build, run or addon is of
+#   "any"    every token (the handler shows a team token only its team's things)
+#   "admin"  admin tokens only: the platform's own views and tokens
+# An endpoint that declares nothing is "admin": a new one is closed until opened.
+SCOPES: dict[str, str] = {}
+SCOPE_KINDS = ("app", "build", "run", "addon", "any", "admin")
 
 
-def route(method: str, pattern: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def route(method: str, pattern: str, scope: str = "admin"
+          ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    assert scope in SCOPE_KINDS, scope
+
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         ROUTES.append((method, re.compile(f"^{pattern}$"), fn.__name__))
+        SCOPES[fn.__name__] = scope
         return fn
     return deco
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ApiServer
+# requests that last (a follow, an upload, a run's session, a slug download): each
+# gets a thread of its own (bounded by api_streams) instead of a pool worker
+LONG = (re.compile(r"^GET /v1/runs/[^/?]+/attach(\?|$)"),
+        re.compile(r"^POST /v1/apps/[^/?]+/builds(\?|$)"),
+        re.compile(r"^GET /v1/builds/[^/?]+/log(\?|$)"),
+        re.compile(r"^GET /v1/slugs/"),
+        re.compile(r"^GET /v1/[^?]*\?(.*&)?follow=(1|true)(&|$)"))
+
+
+def is_long(method: str, target: str) -> bool:
+    line = f"{method} {target}"
+    return any(p.match(line) for p in LONG)
+
+
+class Handler(BoundedHandler):
+    server: ApiServer  # type: ignore[assignment]
 
     # -- plumbing -----------------------------------------------------------
     def log_message(self, fmt: str, *args: Any) -> None:
@@ -67,6 +94,8 @@ class Handler(BaseHTTPRequestHandler):
                         self._platform_auth()
                     elif name != "health":
                         self._auth(slug=name == "get_slug")
+                        if name != "get_slug":
+                            self._authorize(name, m.groups())
                     getattr(self, name)(*m.groups())
                     return
             if any(p.match(self.url.path) for _, p, _ in ROUTES):
@@ -76,7 +105,9 @@ class Handler(BaseHTTPRequestHandler):
             raise NotFound(f"no API endpoint {self.url.path}",
                            "check that the CLI and the controller are the same version")
         except BerthError as exc:
-            self._json(exc.status, {"error": exc.to_dict()}, close=exc.status == 413)
+            # a body left unread must not be taken for the next request: close
+            unread = exc.status == 413 or self.headers.get("Content-Length", "0") != "0"
+            self._json(exc.status, {"error": exc.to_dict()}, close=unread)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:               # keep the server up; tell the user
@@ -84,6 +115,73 @@ class Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": internal(exc).to_dict()})
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _dispatch
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """What http.server refuses itself (bad request line or version, too many
+        headers), in the API's error shape."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:       # a method no endpoint has
+            code, message = 405, f"method {self.command[:20]!r} is not allowed here"
+            explain = "the API takes GET, POST, PATCH, PUT and DELETE"
+        try:
+            status = HTTPStatus(code)
+            text = message or status.phrase
+        except ValueError:
+            text = message or "bad request"
+        self.close_connection = True
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.1"       # so a status line is sent at all
+        self._json(code, {"error": {"code": "bad_request", "message": text,
+                                    "hint": explain or "send a well-formed HTTP/1.1 request"}},
+                   close=True)
+
+    def _int_query(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        """A whole-number query parameter, at least `low`; clamped to `high`."""
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise Invalid(f"query parameter {name}={raw[:40]!r} is not a whole number",
+                          f"give {name} as digits, e.g. ?{name}={default}") from None
+        if value < low:
+            raise Invalid(f"query parameter {name}={value} is below {low}",
+                          f"give {name} >= {low}")
+        return value if high is None else min(value, high)
+
+    team: str | None = None         # the token's team; None: an admin token
+
+    def _authorize(self, name: str, groups: tuple[str, ...]) -> None:
+        """403 unless the token may call endpoint `name` on what `groups` name."""
+        if self.team is None:
+            return
+        scope = SCOPES.get(name, "admin")
+        if scope == "any":
+            return
+        if scope == "admin":
+            raise Forbidden("this endpoint is for the platform's admins",
+                            f"your token is team {self.team}'s; ask an admin")
+        app = self._app_of(scope, groups[0])
+        if app is not None and self.c.store.app_team(app) != self.team:
+            raise Forbidden(f"app '{app}' is not team {self.team}'s",
+                            "use a token of the app's team, or ask an admin")
+
+    def _app_of(self, scope: str, key: str) -> str | None:
+        """The app an endpoint's path names, or None when nothing by that id exists
+        (the endpoint answers 404 itself)."""
+        if scope == "app":
+            return key
+        if scope == "build":
+            return str(self.c.store.build(key)["app"])
+        if scope == "addon":
+            return self.c.store.addon(key).app
+        run = self.c.run_loop.runs.lookup(key)
+        return run.app if run is not None else None
+
+    def _mine(self, app: str) -> bool:
+        """Whether the token may see `app` in a listing."""
+        return self.team is None or self.c.store.app_team(app) == self.team
 
     def _auth(self, slug: bool = False) -> None:
         header = self.headers.get("Authorization", "")
@@ -94,9 +192,11 @@ class Handler(BaseHTTPRequestHandler):
         token = header[7:].strip()
         if slug and hmac.compare_digest(token, self.server.controller.runner_token):
             return
-        if slug or self.server.controller.store.token_name(token) is None:
+        found = None if slug else self.server.controller.store.token_identity(token)
+        if found is None:
             raise Unauthorized("the token is not recognized",
                                "log in again with `berth login --token TOKEN`")
+        self.team = found[1]
 
     def _platform_auth(self) -> None:
         """The job workers' endpoints: the platform token, and only it."""
@@ -117,15 +217,20 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _body(self) -> Any:
+    def _body(self) -> dict[str, Any]:
+        """The request's JSON object (the server checked Content-Length already)."""
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_JSON:
             raise Invalid("request body too large", "send less than 1 MB of JSON")
         raw = self.rfile.read(length) if length else b"{}"
         try:
-            return json.loads(raw or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError as exc:
             raise Invalid(f"request body is not JSON: {exc}", "send a JSON object") from exc
+        if not isinstance(body, dict):
+            raise Invalid(f"request body is JSON {type(body).__name__}, not an object",
+                          "send a JSON object, e.g. {\"name\": \"myapp\"}")
+        return body
 
     def _stream_start(self, content_type: str = "text/plain; charset=utf-8") -> None:
         self.send_response(200)
@@ -162,7 +267,7 @@ class Handler(BaseHTTPRequestHandler):
     def health(self) -> None:
         self._json(200, {"ok": True, "runners": len(self.c.hosts())})
 
-    @route("GET", r"/v1/hosts")
+    @route("GET", r"/v1/hosts", scope="admin")
     def get_hosts(self) -> None:
         seq, _ = self.c.routes()
         runners = self.c.hosts()
@@ -171,11 +276,11 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"runners": runners, "routes_seq": seq,
                          "stats_from": self.c.stats.current()["hosts"]})
 
-    @route("GET", r"/v1/stats")
+    @route("GET", r"/v1/stats", scope="admin")
     def all_stats(self) -> None:
         self._stats(None)
 
-    @route("GET", r"/v1/apps/([^/]+)/stats")
+    @route("GET", r"/v1/apps/([^/]+)/stats", scope="app")
     def app_stats(self, app: str) -> None:
         self.c.store.require_app(app)
         self._stats(app)
@@ -185,9 +290,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.query.get("follow") not in ("1", "true"):
             self._json(200, self.c.stats.current(app))
             return
+        limit = self._int_query("count", 0, 0) or None
         self._stream_start("application/x-ndjson")
         seen = -1
-        limit = int(self.query.get("count", 0)) or None
         sent = 0
         while not self.server.stopping.is_set() and (limit is None or sent < limit) \
                 and not self._client_gone():
@@ -197,15 +302,41 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(1.0)
         self._stream_end()
 
-    @route("GET", r"/v1/routes")
+    @route("GET", r"/v1/routes", scope="admin")
     def get_routes(self) -> None:
         seq, table = self.c.routes()
         self._json(200, {"seq": seq, "routes": table})
 
-    @route("GET", r"/v1/apps")
+    # -- tokens (admins): a team's token reaches that team's apps only ----------
+    @route("GET", r"/v1/tokens", scope="admin")
+    def list_tokens(self) -> None:
+        self._json(200, {"tokens": self.c.store.tokens()})
+
+    @route("POST", r"/v1/tokens", scope="admin")
+    def create_token(self) -> None:
+        """{name, team?}: the token, shown this once (the store keeps its hash);
+        without team an admin token."""
+        body = self._body()
+        team = body.get("team")
+        if team is not None and not isinstance(team, str):
+            raise Invalid("team must be a name", "`berth tokens create NAME --team TEAM`")
+        name = str(body.get("name", ""))
+        token = self.c.store.create_token(name, team)
+        log.info("token created", extra={"token_name": name, "team": team})
+        self._json(201, {"name": name, "team": team, "token": token})
+
+    @route("DELETE", r"/v1/tokens/([^/]+)", scope="admin")
+    def revoke_token(self, name: str) -> None:
+        self.c.store.revoke_token(name)
+        log.info("token revoked", extra={"token_name": name})
+        self._json(200, {"revoked": name})
+
+    @route("GET", r"/v1/apps", scope="any")
     def list_apps(self) -> None:
         apps = []
         for name in self.c.store.list_apps():
+            if not self._mine(name):
+                continue
             rel = self.c.store.current_release(name)
             apps.append({"name": name, "release": rel.version if rel else None,
                          "url": self.c_url(name)})
@@ -216,15 +347,18 @@ class Handler(BaseHTTPRequestHandler):
         port = "" if s.balancer_port == 80 else f":{s.balancer_port}"
         return f"http://{app}.{s.base_domain}{port}/"
 
-    @route("POST", r"/v1/apps")
+    @route("POST", r"/v1/apps", scope="any")
     def create_app(self) -> None:
         body = self._body()
-        app = self.c.store.create_app(str(body.get("name", "")))
+        team = self.team
+        if team is None and body.get("team") is not None:    # an admin names the owner
+            team = str(body["team"])
+        app = self.c.store.create_app(str(body.get("name", "")), team)
         self.c.logs.revive(app["name"])
         self.c.wake()
         self._json(201, {**app, "url": self.c_url(app["name"])})
 
-    @route("GET", r"/v1/apps/([^/]+)")
+    @route("GET", r"/v1/apps/([^/]+)", scope="app")
     def get_app(self, app: str) -> None:
         self.c.store.require_app(app)
         rel = self.c.store.current_release(app)
@@ -232,13 +366,13 @@ class Handler(BaseHTTPRequestHandler):
                          "formation": self.c.store.formation(app), "url": self.c_url(app),
                          "domains": self.c.store.domains(app).get(app, [])})
 
-    @route("GET", r"/v1/apps/([^/]+)/limits")
+    @route("GET", r"/v1/apps/([^/]+)/limits", scope="app")
     def get_limits(self, app: str) -> None:
         self._json(200, {**self.c.store.limits(app),
                          "default_max_body_mb": self.c.settings.default_max_body_mb})
         # memory_mb / pids_max null: each runner's own default applies
 
-    @route("PATCH", r"/v1/apps/([^/]+)/limits")
+    @route("PATCH", r"/v1/apps/([^/]+)/limits", scope="app")
     def patch_limits(self, app: str) -> None:
         body = self._body()
         keys = {"maintenance", "max_body_mb", "memory_mb", "pids_max"}
@@ -259,7 +393,7 @@ class Handler(BaseHTTPRequestHandler):
         self.c.wake()
         self.get_limits(app)
 
-    @route("DELETE", r"/v1/apps/([^/]+)")
+    @route("DELETE", r"/v1/apps/([^/]+)", scope="app")
     def destroy_app(self, app: str) -> None:
         slugs = self.c.store.slugs_of(app)
         for addon in self.c.store.addons(app):   # their job: a final dump, then drop
@@ -275,7 +409,7 @@ class Handler(BaseHTTPRequestHandler):
         self.c.wake()
         self._json(200, {"destroyed": app})
 
-    @route("POST", r"/v1/apps/([^/]+)/builds")
+    @route("POST", r"/v1/apps/([^/]+)/builds", scope="app")
     def create_build(self, app: str) -> None:
         self.c.store.require_app(app)
         if self.headers.get("Content-Length") is None:
@@ -299,14 +433,14 @@ class Handler(BaseHTTPRequestHandler):
         self.c.submit_build(build)
         self._json(201, {"build": build, "slug": sha, "procfile": checked.procfile})
 
-    @route("GET", r"/v1/builds/([0-9a-f]+)")
+    @route("GET", r"/v1/builds/([0-9a-f]+)", scope="build")
     def get_build(self, build: str) -> None:
         self._json(200, self.c.store.build(build))
 
-    @route("GET", r"/v1/builds/([0-9a-f]+)/log")
+    @route("GET", r"/v1/builds/([0-9a-f]+)/log", scope="build")
     def build_log(self, build: str) -> None:
+        offset = self._int_query("offset", 0, 0)
         self.c.store.build(build)
-        offset = int(self.query.get("offset", 0))
         deadline = time.monotonic() + 1800
         self._stream_start()
         while time.monotonic() < deadline:
@@ -317,14 +451,14 @@ class Handler(BaseHTTPRequestHandler):
                 break
         self._stream_end()
 
-    @route("GET", r"/v1/apps/([^/]+)/ps")
+    @route("GET", r"/v1/apps/([^/]+)/ps", scope="app")
     def ps(self, app: str) -> None:
         self.c.store.require_app(app)
         self._json(200, {"instances": self.c.instances(app),
                          "formation": self.c.store.formation(app),
                          "runs": self.c.runs_of(app)})
 
-    @route("POST", r"/v1/apps/([^/]+)/runs")
+    @route("POST", r"/v1/apps/([^/]+)/runs", scope="app")
     def create_run(self, app: str) -> None:
         """{command, tty?, cols?, rows?, detach?, term?} -> {run}: attach to it with
         GET /v1/runs/<run>/attach (an Upgrade) unless detached."""
@@ -352,7 +486,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(201, {"run": run.id, "app": app, "release": run.release,
                          "detach": run.detach, "proc": run.proc})
 
-    @route("GET", r"/v1/runs/([0-9a-f]+)/attach")
+    @route("GET", r"/v1/runs/([0-9a-f]+)/attach", scope="run")
     def attach_run(self, run_id: str) -> None:
         """Upgrade to the run's frames (messaging/runframes.py) until it is over."""
         if self.headers.get("Upgrade", "").lower() != runframes.UPGRADE:
@@ -368,7 +502,7 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         attach.serve(self.connection, att, self.server.stopping)
 
-    @route("POST", r"/v1/apps/([^/]+)/formation")
+    @route("POST", r"/v1/apps/([^/]+)/formation", scope="app")
     def scale(self, app: str) -> None:
         body = self._body()
         if not isinstance(body, dict) or not body:
@@ -377,13 +511,13 @@ class Handler(BaseHTTPRequestHandler):
         self.c.wake()
         self._json(200, {"formation": formation})
 
-    @route("GET", r"/v1/apps/([^/]+)/config")
+    @route("GET", r"/v1/apps/([^/]+)/config", scope="app")
     def get_config(self, app: str) -> None:
         self.c.store.require_app(app)
         rel = self.c.store.current_release(app)
         self._json(200, {"config": rel.config if rel else {}})
 
-    @route("PATCH", r"/v1/apps/([^/]+)/config")
+    @route("PATCH", r"/v1/apps/([^/]+)/config", scope="app")
     def patch_config(self, app: str) -> None:
         body = self._body()
         if not isinstance(body, dict) or not body:
@@ -392,13 +526,13 @@ class Handler(BaseHTTPRequestHandler):
         self.c.wake()
         self._json(200, {"release": rel.version, "config": rel.config})
 
-    @route("GET", r"/v1/apps/([^/]+)/releases")
+    @route("GET", r"/v1/apps/([^/]+)/releases", scope="app")
     def releases(self, app: str) -> None:
         cur = self.c.store.current_release(app)
         self._json(200, {"releases": [r.public() for r in self.c.store.releases(app)],
                          "current": cur.version if cur else None})
 
-    @route("POST", r"/v1/apps/([^/]+)/rollback")
+    @route("POST", r"/v1/apps/([^/]+)/rollback", scope="app")
     def rollback(self, app: str) -> None:
         version = self._body().get("version")
         if version is not None and not isinstance(version, int):
@@ -408,29 +542,29 @@ class Handler(BaseHTTPRequestHandler):
         self.c.wake()
         self._json(200, {"release": rel.public()})
 
-    @route("GET", r"/v1/apps/([^/]+)/domains")
+    @route("GET", r"/v1/apps/([^/]+)/domains", scope="app")
     def list_domains(self, app: str) -> None:
         self.c.store.require_app(app)
         self._json(200, {"domains": self.c.store.domains(app).get(app, []),
                          "default": f"{app}.{self.c.settings.base_domain}"})
 
-    @route("POST", r"/v1/apps/([^/]+)/domains")
+    @route("POST", r"/v1/apps/([^/]+)/domains", scope="app")
     def add_domain(self, app: str) -> None:
         self.c.store.add_domain(app, str(self._body().get("hostname", "")),
                                 self.c.settings.base_domain)
         self.c.wake()
         self._json(201, {"domains": self.c.store.domains(app).get(app, [])})
 
-    @route("DELETE", r"/v1/apps/([^/]+)/domains/([^/]+)")
+    @route("DELETE", r"/v1/apps/([^/]+)/domains/([^/]+)", scope="app")
     def remove_domain(self, app: str, hostname: str) -> None:
         self.c.store.remove_domain(app, hostname)
         self.c.wake()
         self._json(200, {"domains": self.c.store.domains(app).get(app, [])})
 
-    @route("GET", r"/v1/apps/([^/]+)/logs")
+    @route("GET", r"/v1/apps/([^/]+)/logs", scope="app")
     def app_logs(self, app: str) -> None:
         self.c.store.require_app(app)
-        lines = max(0, min(int(self.query.get("lines", 100)), 5000))
+        lines = self._int_query("lines", 100, 0, 5000)
         entries, last = self.c.logs.tail(app, lines)
         follow = self.query.get("follow") in ("1", "true")
         self._stream_start()
@@ -444,20 +578,20 @@ class Handler(BaseHTTPRequestHandler):
         self._stream_end()
 
     # -- addons (controller/addons.py; the work is done by controller/jobs.py) ----
-    @route("GET", r"/v1/addons")
+    @route("GET", r"/v1/addons", scope="any")
     def list_addons(self) -> None:
         everything = self.query.get("all") in ("1", "true")
         self._json(200, {"addons": [a.public() for a in self.c.store.addons(
-            with_destroyed=everything)]})
+            with_destroyed=everything) if self._mine(a.app)]})
 
-    @route("GET", r"/v1/apps/([^/]+)/addons")
+    @route("GET", r"/v1/apps/([^/]+)/addons", scope="app")
     def app_addons(self, app: str) -> None:
         self.c.store.require_app(app)
         everything = self.query.get("all") in ("1", "true")
         self._json(200, {"addons": [a.public() for a in self.c.store.addons(
             app, with_destroyed=everything)]})
 
-    @route("POST", r"/v1/apps/([^/]+)/addons")
+    @route("POST", r"/v1/apps/([^/]+)/addons", scope="app")
     def create_addon(self, app: str) -> None:
         """{engine, plan, quota_mb?, as?} -> 202 the addon, PROVISIONING; a job worker
         makes it (GET /v1/addons/<id> shows its state and last step)."""
@@ -475,7 +609,7 @@ class Handler(BaseHTTPRequestHandler):
         self.c.jobqueue_poke()
         self._json(202, {"addon": addon.public()})
 
-    @route("GET", r"/v1/addons/([a-z0-9-]+)")
+    @route("GET", r"/v1/addons/([a-z0-9-]+)", scope="addon")
     def get_addon(self, addon_id: str) -> None:
         self._json(200, {"addon": self.c.store.addon(addon_id).public()})
 
@@ -487,7 +621,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"addon": addon.public(),
                          "release": release.version if release else None})
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/destroy")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/destroy", scope="addon")
     def destroy_addon(self, addon_id: str) -> None:
         """{confirm: <the app's name>}: its variables leave the app at once (a new
         release), then a job worker drops it after a final dump."""
@@ -501,19 +635,19 @@ class Handler(BaseHTTPRequestHandler):
                                                    f"Destroy {addon_id}")
         self._addon_changed(addon, release, f"addon {addon_id} is being destroyed")
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/rotate")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/rotate", scope="addon")
     def rotate_addon(self, addon_id: str) -> None:
         self.c.require_jobs()
         addon, release = self.c.store.change_addon(addon_id, lambda a: a.rotate())
         self._addon_changed(addon, release, f"addon {addon_id} gets new credentials")
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/retry")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/retry", scope="addon")
     def retry_addon(self, addon_id: str) -> None:
         self.c.require_jobs()
         addon, release = self.c.store.change_addon(addon_id, lambda a: a.retry())
         self._addon_changed(addon, release, f"addon {addon_id} is provisioned again")
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/attachments")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/attachments", scope="addon")
     def attach_addon(self, addon_id: str) -> None:
         """{as, style: url|split}: more names for the addon in its app's env."""
         body = self._body()
@@ -524,7 +658,7 @@ class Handler(BaseHTTPRequestHandler):
                                                    str(body.get("style") or "url"))
         self._addon_changed(addon, release, f"attached {addon_id} as {body['as']}")
 
-    @route("DELETE", r"/v1/addons/([a-z0-9-]+)/attachments/([A-Za-z0-9_]+)")
+    @route("DELETE", r"/v1/addons/([a-z0-9-]+)/attachments/([A-Za-z0-9_]+)", scope="addon")
     def detach_addon(self, addon_id: str, name: str) -> None:
         addon, release = self.c.store.detach_addon(addon_id, name)
         self._addon_changed(addon, release, f"detached {addon_id} as {name}")
@@ -554,10 +688,13 @@ class Handler(BaseHTTPRequestHandler):
         addon, release = self.c.store.change_addon(
             addon_id, lambda a: a.report(str(body.get("op", "")), outcome,
                                          step=str(body.get("step") or ""), **fields),
-            f"Attach {addon_id}" if body.get("op") == "provision" else
-            f"Rotate {addon_id} credentials")
-        if outcome != "step":
+            {"provision": f"Attach {addon_id}",
+             addon_rules.MOVED: f"Follow {addon_id} to its new nodes"}.get(
+                str(body.get("op")), f"Rotate {addon_id} credentials"))
+        if outcome != "step" and (body.get("op") != addon_rules.MOVED or release):
             what = {"done": addon.state.value, "failed": "failed"}[outcome]
+            if body.get("op") == addon_rules.MOVED:
+                what = addon.step or "its nodes changed"
             error = (addon.error or {}).get("message") if outcome == "failed" else None
             self.c.addon_log(addon.app, f"addon {addon_id} {body.get('op')}: {what}"
                              + (f" ({error})" if error else "")
@@ -597,20 +734,17 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
 
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def limits(settings: Any) -> ServerLimits:
+    """The server's bounds, from the controller's api_* settings."""
+    return ServerLimits(workers=settings.api_workers, streams=settings.api_streams,
+                        queue=settings.api_queue, max_connections=settings.api_max_connections,
+                        header_timeout=settings.api_header_timeout,
+                        body_timeout=settings.api_body_timeout,
+                        idle_timeout=settings.api_idle_timeout,
+                        io_timeout=settings.api_io_timeout, max_body_buffered=MAX_JSON)
 
+
+class ApiServer(BoundedHTTPServer):
     def __init__(self, controller: Controller, host: str, port: int) -> None:
-        super().__init__((host, port), Handler)
+        super().__init__((host, port), Handler, limits(controller.settings), is_long)
         self.controller = controller
-        self.stopping = threading.Event()
-        self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.shutdown()
-        self.server_close()

@@ -32,6 +32,7 @@ from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, Buil
 from controller.commands import Command, Commands
 from controller.errors import ReleasePhaseFailed, Unavailable, build_interrupted, no_runner
 from controller.jobqueue import JobQueue
+from controller.locks import LockServer
 from controller.logstore import LogStore
 from controller.reconciler import RELEASE_PHASE, Plan, StartSpec, draining_view, flatten, plan
 from controller.runloop import RunLoop
@@ -41,12 +42,13 @@ from controller.store import Release, Store
 from messaging import channels, envelope
 from messaging.clone import ClonePublisher
 from messaging.envelope import Message, make
-from messaging.errors import BerthError, ProtocolError
+from messaging.errors import BerthError, LeaseBusy, LeaseLost, ProtocolError
 from messaging.heartbeat import PeerTracker
 from messaging.shapes import (
     HostReport,
     HostView,
     InventoryItem,
+    Lease,
     Limits,
     Route,
     RunItem,
@@ -60,6 +62,7 @@ START_PENDING = 15.0
 WARM_UP_INTERVALS = 2       # heartbeat intervals a starting controller only listens
 STOP_RETRY = 60.0
 DESTROY_RETRY = 30.0
+DEPLOY_LEASE_TTL = 30.0     # a build's deploy/<app> lease, renewed every heartbeat
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class Controller:
         self.draining: dict[str, float] = {}              # instance -> since
         self.stopping: dict[str, float] = {}              # instance -> stop sent at
         self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
+        self.deploy_leases: dict[str, Lease] = {}         # build -> its deploy/<app> lease
+        self.deploy_waits: set[str] = set()               # builds told they wait for one
         self._view_lock = threading.Lock()
         self._view = View()
         self._wake = threading.Event()
@@ -127,10 +132,12 @@ class Controller:
 
     def start(self) -> None:
         self.ensure_admin_token()
-        for build_id in self.store.unfinished_builds():
-            self._build_failed_log(build_id, build_interrupted())
         self.ctx = zmq.Context()
         s = self.settings
+        self.locks = LockServer(self.ctx, s.locks_endpoint, s.lock_events_endpoint,
+                                self.store, s.host_id)
+        for build_id in self.store.unfinished_builds():
+            self._build_failed_log(build_id, build_interrupted())
         self.control = channels.bind(self.ctx, "control", s.control_endpoint)
         self.routes_pub = channels.bind(self.ctx, "routes", s.routes_endpoint)
         self.snapshots = channels.bind(self.ctx, "routes_snapshot", s.routes_snapshot_endpoint)
@@ -141,6 +148,7 @@ class Controller:
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.attach, zmq.POLLIN)
         self.poller.register(self.poke, zmq.POLLIN)
+        self.poller.register(self.locks.socket, zmq.POLLIN)
         self.stats = StatsHub(self.ctx, s.stats_endpoint, s.stats_out_endpoint)
         self.stats.start()
         if s.broker_url:
@@ -165,6 +173,8 @@ class Controller:
                 for sock, _ in self.poller.poll(100):
                     if sock is self.poke or sock == self.poke.fileno():
                         self.poke.clear()
+                    elif sock is self.locks.socket:
+                        self.locks.drain()
                     else:
                         self._drain(sock)
                 now = time.monotonic()
@@ -175,6 +185,7 @@ class Controller:
                 self._finish_builds(now)
                 self.run_loop.step(now)
                 self.commands.expire(now)
+                self.locks.step()
                 if now >= next_reconcile or (self._wake.is_set() and now >= self._warm_until):
                     self._wake.clear()
                     self.reconcile(now)
@@ -194,6 +205,7 @@ class Controller:
         for sock in (self.control, self.routes_pub, self.snapshots, self.log_pull,
                      self.attach):
             sock.close(0)
+        self.locks.close()
         self.ctx.term()
         self.logs.close()           # what the writer thread has not written yet
         log.info("controller stopped")
@@ -257,6 +269,7 @@ class Controller:
                     addon_ports=self.addon_ports)
         for peer in self.tracker.alive(now):
             self._send(peer.name, beat)
+        self._renew_deploy_leases()
         if now >= self._warm_until:
             envelope.send(self.routes_pub, self.publisher.tick())
 
@@ -293,8 +306,10 @@ class Controller:
                 if now - build.queued_at > NO_RUNNER_WAIT:
                     self._build_over(build, error=no_runner())
                 continue
-            host = min(sorted(load), key=lambda h: load[h])
             stored = self.store.build(build.id)
+            if not self._take_deploy_lease(build, stored["app"]):
+                continue
+            host = min(sorted(load), key=lambda h: load[h])
             self.logs.build_line(build.id, f"-----> Building on {host}")
             build.dispatched(host, now)
             self.commands.send(
@@ -306,6 +321,39 @@ class Controller:
                 subject=build.id, now=now, timeout=BUILD_TIMEOUT,
                 on_result=functools.partial(self._prepared, build),
                 on_error=functools.partial(self._prepare_failed, build))
+
+    # one deploy per app at a time: a build holds the lease deploy/<app> from its
+    # dispatch to its end (renewed every heartbeat; a controller that dies mid-build
+    # leaves it to expire, and a restarted one releases those of interrupted builds)
+    def _take_deploy_lease(self, build: Build, app: str) -> bool:
+        try:
+            self.deploy_leases[build.id] = self.locks.acquire(
+                f"deploy/{app}", f"build/{build.id}", DEPLOY_LEASE_TTL)
+        except LeaseBusy:
+            if build.id not in self.deploy_waits:
+                self.deploy_waits.add(build.id)
+                holder = self.locks.holder(f"deploy/{app}")
+                other = holder.owner.removeprefix("build/") if holder else "another build"
+                self.logs.build_line(build.id, f"-----> Waiting for {other} to finish "
+                                               f"(one deploy of {app} at a time)")
+            return False
+        self.deploy_waits.discard(build.id)
+        return True
+
+    def _renew_deploy_leases(self) -> None:
+        for build_id, lease in list(self.deploy_leases.items()):
+            try:
+                self.deploy_leases[build_id] = self.locks.renew(lease)
+            except LeaseLost as exc:
+                del self.deploy_leases[build_id]
+                log.warning("deploy lease lost", extra={"build": build_id,
+                                                        "error": exc.message})
+
+    def _deploy_done(self, build_id: str, app: str) -> None:
+        self.deploy_waits.discard(build_id)
+        lease = self.deploy_leases.pop(build_id, None) or self.locks.holder(f"deploy/{app}")
+        if lease is not None and lease.owner == f"build/{build_id}":
+            self.locks.release(lease)
 
     def _build_env(self, app: str, build_id: str) -> dict[str, str]:
         """What a build's steps that run the app's code (collectstatic) see: the
@@ -408,6 +456,7 @@ class Controller:
             config=config, description=f"Deploy {stored['slug'][:8]}",
             manifest=self.store.build_manifest(build.id))
         self.store.finish_build(build.id, "succeeded", release.version, detected=detected)
+        self._deploy_done(build.id, stored["app"])
         took = time.monotonic() - build.started
         venv = "reused" if (build.result or {}).get("reused") else "built"
         self.logs.build_line(build.id, f"-----> Build finished in {took:.1f}s "
@@ -420,6 +469,7 @@ class Controller:
 
     def _build_failed_log(self, build_id: str, error: BerthError) -> None:
         self.store.finish_build(build_id, "failed", error=error.to_dict())
+        self._deploy_done(build_id, self.store.build(build_id)["app"])
         self.logs.build_line(build_id, f"-----> Build failed: {error.message}")
         if error.hint:
             self.logs.build_line(build_id, f"       {error.hint}")

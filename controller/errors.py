@@ -79,3 +79,8 @@ class ReleasePhaseFailed(BerthError):
 
     code = "release_failed"
     status = 422
+
+
+class Forbidden(BerthError):
+    code = "forbidden"
+    status = 403

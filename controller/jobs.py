@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task
 
-from controller.addons import Op
+from controller.addons import MOVED, Op
 from messaging.errors import BerthError
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ def configure(settings: SimpleNamespace) -> Celery:
     app.conf.broker_url = settings.broker_url
     app.conf.beat_schedule = {"check-quotas": {"task": CHECK_QUOTAS,
                                                "schedule": settings.quota_check_seconds},
-                              "check-ha": {"task": CHECK_HA, "schedule":
-                                           getattr(settings, "ha_check_seconds", 5.0)}}
+                              "check-ha": {"task": CHECK_HA,
+                                           "schedule": settings.ha_check_seconds}}
     return app
 
 
@@ -357,25 +357,52 @@ def check_quotas() -> dict[str, str]:
 
 
 @app.task(name=CHECK_HA, acks_late=False, shared=False, expires=30)
-def check_ha() -> dict[str, bool]:
-    """Check each postgres ha addon's primary a few times (bounded: HA_FAILURES x
+def check_ha() -> dict[str, str]:
+    """Watch every ha addon and tell the controller where its nodes are now.
+
+    Postgres: the primary is checked a few times (bounded: HA_FAILURES x
     (HA_INTERVAL + 2) s each, room for checks that time out at 1 s: a streak of
     failures must fit in one run, the count does not carry over); after HA_FAILURES
     failures in a row its standby is promoted, the old primary fenced, PgBouncer
-    repointed (dbprovision/pgha.py).
-    Returns {addon id: failed over}. A failover refused (the standby may be behind) or
-    failed is logged and tried again at the next run."""
+    repointed (dbprovision/pgha.py): DATABASE_URL does not change. A fenced node is
+    rebuilt as the new standby (`rejoin`) at the next run that can reach its host.
+    Redis: its Sentinels fail over by themselves; the plain REDIS_URL follows them.
+    Each addon's credentials as they stand are reported as `moved`; the controller
+    makes a release only when the app's environment changed (DATABASE_READ_URL,
+    DATABASE_DIRECT_URL, REDIS_URL), so instances pick the new nodes up.
+    Returns {addon id: what happened}. A failover refused (the standby may be
+    behind), a rejoin that failed, or a report that failed is logged and tried again
+    at the next run."""
     prov = provisioner()
-    out: dict[str, bool] = {}
-    for addon_id in prov.ha_addons():
+    client = api()
+    out: dict[str, str] = {}
+    for addon_id in prov.ha_addons("postgres") + prov.ha_addons("redis"):
         try:
-            out[addon_id] = prov.watch(addon_id, failures=HA_FAILURES, interval=HA_INTERVAL,
-                                       max_seconds=HA_FAILURES * (HA_INTERVAL + 2))
-            if out[addon_id]:
-                log.warning("addon %s failed over to its standby", addon_id)
+            out[addon_id] = _check_ha_addon(prov, client, addon_id)
         except Exception:
             log.exception("ha check of %s failed", addon_id)
+            out[addon_id] = "check failed"
     return out
+
+
+def _check_ha_addon(prov: Provisioner, client: Api, addon_id: str) -> str:
+    what = "ok"
+    if addon_id in prov.ha_addons("postgres"):
+        if prov.watch(addon_id, failures=HA_FAILURES, interval=HA_INTERVAL,
+                      max_seconds=HA_FAILURES * (HA_INTERVAL + 2), once=True):
+            log.warning("addon %s failed over to its standby", addon_id)
+            what = "failed over to the standby"
+        if prov.needs_rejoin(addon_id):
+            try:
+                prov.rejoin(addon_id)
+                what = (what + "; " if what != "ok" else "") + "old primary rebuilt as standby"
+            except Exception as exc:        # its host is still away: the next run tries
+                log.warning("addon %s: rebuilding the standby failed: %s", addon_id, exc)
+    creds = prov.live_credentials(addon_id)
+    client.call("POST", f"/v1/platform/addons/{addon_id}/report",
+                {"op": MOVED, "outcome": "done", "credentials": asdict(creds),
+                 "step": what if what != "ok" else ""})
+    return what
 
 
 # -- entry point ------------------------------------------------------------------

@@ -70,6 +70,16 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX addons_app ON addons (app)",
         "ALTER TABLE releases ADD COLUMN addon_keys TEXT",
     ],
+    [
+        # named leases (controller/locks.py): a row per name ever granted, so its fence
+        # only grows; owner NULL when free. And tenancy: the team a token acts for and
+        # the team an app belongs to (NULL: the platform's admins)
+        "CREATE TABLE leases (name VARCHAR(200) PRIMARY KEY, owner VARCHAR(200), "
+        "fence INTEGER NOT NULL, ttl DOUBLE PRECISION NOT NULL, "
+        "expires_at DOUBLE PRECISION NOT NULL)",
+        "ALTER TABLE tokens ADD COLUMN team VARCHAR(64)",
+        "ALTER TABLE apps ADD COLUMN team VARCHAR(64)",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
@@ -105,6 +115,16 @@ def check_app_name(name: str) -> None:
         raise Invalid(f"invalid app name {name!r}",
                       "use 2-30 lowercase letters, digits and dashes, starting with a "
                       "letter and not ending with a dash (it becomes a DNS label)")
+
+
+TEAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def check_team(team: str) -> None:
+    if not TEAM_NAME.match(team or ""):
+        raise Invalid(f"invalid team name {team!r}",
+                      "use 1-63 lowercase letters, digits and dashes, starting with a letter")
 
 
 def hash_token(token: str) -> str:
@@ -147,31 +167,81 @@ class Store:
         return int(self._q("SELECT version FROM schema_version")[0][0])
 
     # -- tokens -------------------------------------------------------------
-    def add_token(self, name: str) -> str:
+    def add_token(self, name: str, team: str | None = None) -> str:
+        """A new token (only its hash is kept); `team` None makes an admin token."""
         token = uuid.uuid4().hex + uuid.uuid4().hex
-        self._q("INSERT INTO tokens (hash, name, created_at) VALUES (?, ?, ?)",
-                hash_token(token), name, time.time())
+        self._q("INSERT INTO tokens (hash, name, created_at, team) VALUES (?, ?, ?, ?)",
+                hash_token(token), name, time.time(), team)
         return token
 
+    def create_token(self, name: str, team: str | None) -> str:
+        """A named token for `team` (None: admin); names are unique."""
+        if not TOKEN_NAME.match(name or ""):
+            raise Invalid(f"invalid token name {name!r}",
+                          "use 1-64 letters, digits, dots, dashes and underscores")
+        if team is not None:
+            check_team(team)
+        with self._tx():
+            if self._q("SELECT 1 FROM tokens WHERE name = ?", name):
+                raise Conflict(f"a token named {name!r} exists already",
+                               "pick another name, or revoke it first with `berth tokens "
+                               f"revoke {name}`")
+            return self.add_token(name, team)
+
+    def token_identity(self, token: str) -> tuple[str, str | None] | None:
+        """(name, team or None for an admin token) of a valid token."""
+        rows = self._q("SELECT name, team FROM tokens WHERE hash = ?", hash_token(token))
+        return (str(rows[0][0]), rows[0][1]) if rows else None
+
     def token_name(self, token: str) -> str | None:
-        rows = self._q("SELECT name FROM tokens WHERE hash = ?", hash_token(token))
-        return rows[0][0] if rows else None
+        found = self.token_identity(token)
+        return found[0] if found else None
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return [{"name": r[0], "team": r[1], "created_at": r[2]} for r in self._q(
+            "SELECT name, team, created_at FROM tokens ORDER BY created_at")]
+
+    def revoke_token(self, name: str) -> None:
+        with self._tx():
+            if not self._q("SELECT 1 FROM tokens WHERE name = ?", name):
+                raise NotFound(f"no token named {name!r}", "`berth tokens` lists them")
+            self._q("DELETE FROM tokens WHERE name = ?", name)
 
     def has_tokens(self) -> bool:
         return bool(self._q("SELECT 1 FROM tokens"))
 
+    # -- leases (controller/locks.py keeps them in memory and writes through) ----
+    def leases(self) -> list[tuple[str, str | None, int, float, float]]:
+        """(name, owner or None, fence, ttl, expires_at) of every name ever granted."""
+        return [(str(r[0]), r[1], int(r[2]), float(r[3]), float(r[4])) for r in self._q(
+            "SELECT name, owner, fence, ttl, expires_at FROM leases")]
+
+    def save_lease(self, name: str, owner: str | None, fence: int, ttl: float,
+                   expires_at: float) -> None:
+        with self._tx():
+            if self._q("SELECT 1 FROM leases WHERE name = ?", name):
+                self._q("UPDATE leases SET owner = ?, fence = ?, ttl = ?, expires_at = ? "
+                        "WHERE name = ?", owner, fence, ttl, expires_at, name)
+            else:
+                self._q("INSERT INTO leases (name, owner, fence, ttl, expires_at) "
+                        "VALUES (?, ?, ?, ?, ?)", name, owner, fence, ttl, expires_at)
+
     # -- apps ---------------------------------------------------------------
-    def create_app(self, name: str) -> dict[str, Any]:
+    def create_app(self, name: str, team: str | None = None) -> dict[str, Any]:
+        """A new app, owned by `team` (None: only admin tokens reach it)."""
         check_app_name(name)
+        if team is not None:
+            check_team(team)
         with self._tx():
             if self._q("SELECT 1 FROM apps WHERE name = ?", name):
                 raise Conflict(f"app '{name}' already exists",
                                "pick another name, or push to it with `berth push -a "
                                f"{name}`")
             now = time.time()
-            self._q("INSERT INTO apps (name, created_at) VALUES (?, ?)", name, now)
+            self._q("INSERT INTO apps (name, created_at, team) VALUES (?, ?, ?)", name, now,
+                    team)
             self._q("INSERT INTO formation (app, proc, count) VALUES (?, 'web', 1)", name)
-        return {"name": name, "created_at": now}
+        return {"name": name, "created_at": now, "team": team}
 
     def require_app(self, name: str) -> None:
         if not self._q("SELECT 1 FROM apps WHERE name = ?", name):
@@ -179,6 +249,16 @@ class Store:
 
     def list_apps(self) -> list[str]:
         return [r[0] for r in self._q("SELECT name FROM apps ORDER BY name")]
+
+    def app_team(self, name: str) -> str | None:
+        """The team owning the app (None: the admins')."""
+        rows = self._q("SELECT team FROM apps WHERE name = ?", name)
+        if not rows:
+            raise app_not_found(name)
+        return rows[0][0]
+
+    def apps_of_team(self, team: str) -> set[str]:
+        return {r[0] for r in self._q("SELECT name FROM apps WHERE team = ?", team)}
 
     def destroy_app(self, name: str) -> None:
         self.require_app(name)

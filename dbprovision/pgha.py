@@ -276,7 +276,13 @@ class PgHa:
             run([standby.bin / "pg_ctl", "promote", "-D", standby.data, "-w", "-t", "30",
                  "-s"], timeout=40, user=self.user, cwd=standby.root)
         self._save({"primary": new, "fenced": old, "sync": "off"})
-        self.bouncer(new).point(name)
+        # a reload would leave the clients whose query waits on the old primary's
+        # backends waiting for as long as that host hangs: a restart cuts them (their
+        # transaction was never acknowledged) and they reconnect to the new primary
+        bouncer = self.bouncer(new)
+        bouncer.point(name)
+        bouncer.stop()
+        bouncer.start()
         log.warning("ha failover", extra={"dir": str(self.root), "primary": new,
                                           "fenced": old})
         return new
@@ -284,8 +290,10 @@ class PgHa:
     def _fence(self, which: str) -> None:
         node = self.node(which)
         if node.is_running():
+            # a node being fenced is one that stopped answering: 2 s for a clean
+            # immediate stop, then SIGKILL (a hung postmaster never reacts)
             run([node.bin / "pg_ctl", "stop", "-D", node.data, "-m", "immediate", "-w",
-                 "-t", "10", "-s"], timeout=20, user=self.user, cwd=node.root, check=False)
+                 "-t", "2", "-s"], timeout=10, user=self.user, cwd=node.root, check=False)
             if node.is_running() and (pid := node.pid()) is not None:
                 os.kill(pid, 9)
         fenced = node.data.with_name("data.fenced")
@@ -308,11 +316,13 @@ class PgHa:
         log.info("ha standby rebuilt", extra={"dir": str(self.root), "standby": which})
 
     def watch(self, name: str, *, failures: int = 3, interval: float = 0.5,
-              stop: threading.Event | None = None, max_seconds: float | None = None) -> bool:
+              stop: threading.Event | None = None, max_seconds: float | None = None,
+              once: bool = False) -> bool:
         """Check the primary every `interval` s; after `failures` failed checks in a
-        row, fail over and return True. False when `stop` is set or time is up. A
-        standby failing as many checks while the primary is fine is `degrade`d (the
-        primary then commits alone)."""
+        row, fail over and return True. False when `stop` is set or time is up, or
+        (`once`: the periodic job, whose next run looks again) as soon as both nodes
+        answered. A standby failing as many checks while the primary is fine is
+        `degrade`d (the primary then commits alone)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         failed = standby_failed = 0
         while not (stop is not None and stop.is_set()):
@@ -326,6 +336,9 @@ class PgHa:
                 standby_failed = 0 if self.check_standby() else standby_failed + 1
                 if standby_failed >= failures:
                     self.degrade()
+                    standby_failed = 0
+            if once and failed == 0 and standby_failed == 0:
+                return False
             time.sleep(interval)
         return False
 

@@ -218,12 +218,22 @@ class RedisHa:
             time.sleep(0.01)
 
     def primary(self, service: str) -> tuple[str, int]:
-        """Where the Sentinels say the primary is now."""
-        with redis.Redis(host=self.addresses[0], port=self.sentinel_port, username=ADMIN,
-                         password=self.secret_file.read_text().strip(),
-                         socket_timeout=2, decode_responses=True) as s:
-            host, port = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
-        return str(host), int(port)
+        """Where the Sentinels say the primary is now: the first Sentinel that
+        answers (the primary's host may have taken its own Sentinel down with it)."""
+        password = self.secret_file.read_text().strip()
+        error: Exception | None = None
+        for address in self.addresses[:3]:
+            try:
+                with redis.Redis(host=address, port=self.sentinel_port, username=ADMIN,
+                                 password=password, socket_timeout=1,
+                                 socket_connect_timeout=1, decode_responses=True) as s:
+                    host, port = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                                   service)
+                return str(host), int(port)
+            except (redis.RedisError, OSError) as exc:
+                error = exc
+        raise ServerUnavailable(f"no Sentinel of {service} answers ({error})",
+                                f"see {self.root}/sentinel-*/sentinel.log")
 
     def rotate(self, name: str, password: str) -> None:
         """A new password on both nodes and the Sentinels (ACL SETUSER, saved)."""
@@ -259,7 +269,27 @@ class RedisHa:
         with node.admin() as admin:
             return int(admin.info("memory")["used_memory"])
 
-    def destroy(self) -> None:
+    def primary_node(self, service: str) -> RedisServer:
+        """The node the Sentinels call primary; the first node when no Sentinel
+        answers (none configured yet, or all down)."""
+        try:
+            host, _ = self.primary(service)
+            return self.node(self.addresses.index(host))
+        except (ServerUnavailable, ValueError):
+            return self.node(0)
+
+    def destroy(self, service: str, final_dump: Path | None = None) -> None:
+        """SAVE on the current primary and copy its RDB (when asked), then stop every
+        process by PID and remove the directory."""
+        if final_dump is not None:
+            node = self.primary_node(service)
+            if node.configured():
+                node.start()
+                with node.admin() as admin:
+                    admin.save()
+                final_dump.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(node.root / "dump.rdb", final_dump)
+                final_dump.chmod(0o600)
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
         log.info("ha redis destroyed", extra={"dir": str(self.root)})

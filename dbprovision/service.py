@@ -255,7 +255,7 @@ class Provisioner:
             elif record is not None and (engine, plan) == ("postgres", "ha"):
                 self._pg_ha(record).destroy(name, final_dump)
             elif record is not None and (engine, plan) == ("redis", "ha"):
-                self._redis_ha(record).destroy()
+                self._redis_ha(record).destroy(name, final_dump)
             elif record is not None and engine == "redis":
                 self._dedicated_redis(record).destroy(final_dump)
             elif record is not None:
@@ -357,17 +357,34 @@ class Provisioner:
         return self.credentials(record)
 
     def watch(self, addon_id: str, *, failures: int = 3, interval: float = 0.5,
-              stop: threading.Event | None = None, max_seconds: float | None = None) -> bool:
+              stop: threading.Event | None = None, max_seconds: float | None = None,
+              once: bool = False) -> bool:
         """Check the primary every `interval` s and fail over after `failures` failed
-        checks in a row (True), or return False when `stop` is set or time is up."""
+        checks in a row (True), or return False when `stop` is set or time is up (or,
+        `once`, when both nodes answer)."""
         ha = self._ha_pg_record(addon_id)
         return ha.watch(addon_name(addon_id), failures=failures, interval=interval,
-                        stop=stop, max_seconds=max_seconds)
+                        stop=stop, max_seconds=max_seconds, once=once)
 
-    def ha_addons(self) -> list[str]:
-        """The ids of the ready postgres ha addons here (for the periodic check)."""
+    def ha_addons(self, engine: Engine = "postgres") -> list[str]:
+        """The ids of the ready ha addons of `engine` here (for the periodic check)."""
         return [r.addon_id for r in self.records.all()
-                if (r.engine, r.plan, r.state) == ("postgres", "ha", "ready")]
+                if (r.engine, r.plan, r.state) == (engine, "ha", "ready")]
+
+    def needs_rejoin(self, addon_id: str) -> bool:
+        """An ha Postgres addon runs on one node since a failover: its fenced node
+        waits to be rebuilt as the standby."""
+        return bool(self._ha_pg_record(addon_id).state().get("fenced"))
+
+    def live_credentials(self, addon_id: str) -> Credentials:
+        """The credentials of an ha addon as its nodes stand now (after a failover the
+        primary's REDIS_URL and the standby's DATABASE_READ_URL move). Raises
+        ServerUnavailable when a Redis addon's Sentinels cannot tell where the
+        primary is (nothing is known to have moved then)."""
+        record = self._record(addon_id, addon_name(addon_id))
+        if (record.engine, record.plan) == ("redis", "ha"):
+            self._redis_ha(record).primary(record.name)
+        return self.credentials(record)
 
     def _ha_pg_record(self, addon_id: str) -> PgHa:
         record = self._record(addon_id, addon_name(addon_id))
@@ -398,8 +415,8 @@ class Provisioner:
                                   f"{record.direct_port}/{record.name}")
                 env.update(extra)
         elif record.plan == "ha":
-            ha_redis = self._redis_ha(record)
-            host, port = ha_redis.addresses[0], record.port
+            ha_redis = self._redis_ha(record)     # REDIS_URL: the primary as it is now
+            host, port = ha_redis.primary_node(record.name).address, record.port
             url = f"redis://{user}:{password}@{host}:{port}/0"
             sentinels = ",".join(f"{a}:{record.direct_port}" for a in ha_redis.addresses)
             extra["REDIS_SENTINEL_URL"] = \

@@ -107,6 +107,24 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
         "credit window: a sender keeps at most RUN_WINDOW bytes unacknowledged "
         "(run_ack), so a slow reader slows the writer instead of filling memory.",
     ),
+    Channel(
+        "locks", "ROUTER/DEALER", "controller", "ROUTER", "DEALER",
+        "locks_endpoint", 8708,
+        ("lock_acquire", "lock_renew", "lock_release", "lock_reply"),
+        "Named leases held at the controller (messaging/locks.py is the client): "
+        "acquire with a TTL and an owner, renew before it runs out, release; every "
+        "request gets a lock_reply with the same id in `re`. A lease that is not "
+        "renewed in time is reclaimed by the controller's watchdog, so a holder that "
+        "dies never strands its work. Each grant carries a fence number that only grows "
+        "per name, for the guarded resource to refuse a stale holder.",
+    ),
+    Channel(
+        "lock_events", "PUB/SUB", "controller", "PUB", "SUB",
+        "lock_events_endpoint", 8709, ("lock_event",),
+        "What happened to leases: acquired, released, expired (the watchdog reclaimed "
+        "it). Waiters and operators subscribe; nothing depends on seeing every event "
+        "(a lock_acquire is the check).",
+    ),
 )}
 
 

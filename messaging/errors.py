@@ -43,3 +43,29 @@ class ProtocolError(BerthError):
     code = "protocol"
     default_hint = "the two ends disagree on the wire protocol: run the same Berth " \
                    "version on every host"
+
+
+class LeaseBusy(BerthError):
+    """Another owner holds the lease."""
+
+    code = "lease_busy"
+    status = 409
+    default_hint = "wait for its holder to release it, or for it to expire"
+
+
+class LeaseLost(BerthError):
+    """The lease expired or was granted to someone else: stop the work it guarded."""
+
+    code = "lease_lost"
+    status = 409
+    default_hint = "renew more often than the TTL (every third of it), and acquire " \
+                   "the lease again before redoing the work"
+
+
+class LocksUnavailable(BerthError):
+    """The controller's locks channel did not answer in time."""
+
+    code = "locks_unavailable"
+    status = 503
+    default_hint = "check that the controller runs and that locks_endpoint names its " \
+                   "locks channel"

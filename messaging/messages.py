@@ -101,7 +101,30 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                 doc="Either way: the receiver consumed `bytes` more of the run's stream "
                     "(output delivered to the client / input written to the command), "
                     "which the sender may now send again (credit window)."),
+    # leases, on the locks channel (messaging/locks.py; the controller's controller/locks.py)
+    MessageType("lock_acquire", {"name": str, "owner": str, "ttl": (int, float)},
+                doc="Client -> controller: hold lease `name` for `ttl` seconds as "
+                    "`owner`. Granted when it is free, expired, or already `owner`'s "
+                    "(then renewed); refused while another owner holds it."),
+    MessageType("lock_renew", {"name": str, "owner": str, "fence": int,
+                               "ttl": (int, float)},
+                doc="Client -> controller: `ttl` more seconds from now for the lease "
+                    "granted with `fence`; refused (lost) once it expired or was "
+                    "granted again."),
+    MessageType("lock_release", {"name": str, "owner": str, "fence": int},
+                doc="Client -> controller: give the lease back."),
+    MessageType("lock_reply", {"re": str, "ok": bool},
+                {"lease": _OPT_DICT, "error": _OPT_DICT},
+                doc="Controller -> client, answering the request with id `re`: the "
+                    "lease as it is now (shapes.Lease: name, owner, fence, ttl, "
+                    "expires_in), and when not ok the error {code, message, hint} "
+                    "(code `lease_busy` with the holder's lease, or `lease_lost`)."),
+    MessageType("lock_event", {"event": str, "lease": dict},
+                doc="Controller PUB: `event` is one of LOCK_EVENTS; `lease` "
+                    "(shapes.Lease) as it was granted."),
 )}
+
+LOCK_EVENTS = ("acquired", "released", "expired")
 
 # credit window of a run's stream, each direction: bytes sent and not yet acknowledged
 RUN_WINDOW = 256 * 1024

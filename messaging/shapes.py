@@ -358,3 +358,35 @@ def static_roots_from_wire(data: Any) -> dict[str, dict[int, str]]:
             if number > 0 and isinstance(prefix, str) and static_prefix_ok(prefix):
                 out.setdefault(str(app), {})[number] = prefix
     return out
+
+
+# a lease's name: what it guards, e.g. "deploy/myapp" or "app/myapp/record/42"
+LEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,199}$")
+LEASE_TTL = (0.1, 3600.0)      # shortest and longest lease a request may ask for
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A named lease as the controller granted it: `owner` holds `name` for
+    `expires_in` more seconds (relative, so no two hosts' clocks are compared).
+    `fence` grows with every grant of the name: whatever the lease guards can refuse
+    a holder whose fence is older than the newest it has seen."""
+
+    name: str
+    owner: str
+    fence: int
+    ttl: float
+    expires_in: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Lease:
+        if not isinstance(data, dict):
+            raise ProtocolError("a lease is not a JSON object")
+        try:
+            return cls(str(data["name"]), str(data["owner"]), int(data["fence"]),
+                       float(data["ttl"]), float(data.get("expires_in") or 0.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"lease {data!r} lacks name, owner, fence or ttl") from exc

@@ -283,4 +283,14 @@ def test_redis_failover_by_attempt(prov: Provisioner):
           f"acknowledged, {len(lost_replicated)} replicated; window "
           f"{switched - before:.2f} s; {errors} failed attempts")
     assert not lost_replicated
-    prov.destroy(addon, "redis", "ha")
+    # the plain REDIS_URL follows the new primary (a new release carries it)
+    record = prov._record(addon, addon_name(addon))
+    moved = prov.credentials(record)
+    assert urlsplit(moved.env["REDIS_URL"]).hostname == "127.0.0.3"
+    with redis.Redis.from_url(moved.env["REDIS_URL"]) as plain:
+        assert plain.set("after-failover", "1")
+    # destroy keeps a final dump taken on the primary of the moment
+    dump = prov.data_dir / "dumps" / f"{addon}.rdb"
+    prov.destroy(addon, "redis", "ha", final_dump=dump)
+    assert dump.stat().st_size > 0 and b"after-failover" in dump.read_bytes()
+    assert not ha.root.exists()

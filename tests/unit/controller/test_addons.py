@@ -189,3 +189,25 @@ def test_public_view_has_no_password(store: Store):
     addon_id = ready(store)
     shown = store.addon(addon_id).public()
     assert "s3cret" not in repr(shown) and shown["env_keys"] == ["DATABASE_URL"]
+
+
+def test_a_moved_addon_makes_a_release_only_when_its_env_changed(store: Store):
+    addon_id = ready(store)
+    before = store.current_release("shop").version
+    # the periodic ha check reports the same credentials: nothing to roll out
+    a, rel = store.change_addon(addon_id, lambda a: a.report("moved", "done",
+                                                             credentials=CREDS))
+    assert rel is None and a.op is None and store.current_release("shop").version == before
+    moved = {**CREDS, "extra": {"DATABASE_READ_URL": "postgresql://u_1:s3cret@127.0.0.3:5434/db_1"},
+             "env": {**CREDS["env"],
+                     "DATABASE_READ_URL": "postgresql://u_1:s3cret@127.0.0.3:5434/db_1"}}
+    a, rel = store.change_addon(addon_id, lambda a: a.report(
+        "moved", "done", credentials=moved, step="failed over to the standby"))
+    assert rel is not None and rel.version == before + 1
+    assert rel.config["DATABASE_READ_URL"].endswith("@127.0.0.3:5434/db_1")
+    assert a.step == "failed over to the standby"
+    # a moved report about an addon being destroyed is stale
+    store.change_addon(addon_id, lambda a: a.destroy())
+    with pytest.raises(Conflict) as err:
+        store.change_addon(addon_id, lambda a: a.report("moved", "done", credentials=moved))
+    assert err.value.code == "stale_task"

@@ -1,7 +1,9 @@
 """The periodic ha check: every postgres ha addon's primary is watched, bounded in
-time; one whose watch fails over is reported, one whose watch raises does not stop the
-others. A double stands in for the Provisioner (the real failover is tested in
-tests/integration/test_dbprovision_ha.py)."""
+time; a fenced node is rebuilt; every ha addon's credentials as they stand are
+reported as `moved`; one whose watch raises does not stop the others. Doubles stand
+in for the Provisioner and the API (the real failover is tested in
+tests/integration/test_dbprovision_ha.py, and through the platform in
+tests/integration/test_addon_jobs.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,9 +16,10 @@ from controller import jobs
 class FakeProvisioner:
     def __init__(self) -> None:
         self.watched: list[tuple[str, dict[str, Any]]] = []
+        self.rejoined: list[str] = []
 
-    def ha_addons(self) -> list[str]:
-        return ["pg-dead", "pg-fine", "pg-broken"]
+    def ha_addons(self, engine: str = "postgres") -> list[str]:
+        return ["pg-dead", "pg-fine", "pg-broken"] if engine == "postgres" else ["rd-ha"]
 
     def watch(self, addon_id: str, **kwargs: Any) -> bool:
         self.watched.append((addon_id, kwargs))
@@ -24,15 +27,44 @@ class FakeProvisioner:
             raise RuntimeError("standby behind")
         return addon_id == "pg-dead"
 
+    def needs_rejoin(self, addon_id: str) -> bool:
+        return addon_id == "pg-dead" and addon_id not in self.rejoined
+
+    def rejoin(self, addon_id: str) -> None:
+        self.rejoined.append(addon_id)
+
+    def live_credentials(self, addon_id: str) -> Any:
+        from dbprovision.service import Credentials
+        return Credentials(url=f"x://{addon_id}", env={"X": addon_id}, host="h", port=1,
+                           extra={})
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        self.calls.append((method, path, body))
+        return {}
+
 
 def test_check_ha_watches_each_ha_addon_bounded(monkeypatch: pytest.MonkeyPatch):
-    fake = FakeProvisioner()
+    fake, api = FakeProvisioner(), FakeApi()
     monkeypatch.setattr(jobs, "_provisioner", fake)
-    assert jobs.check_ha() == {"pg-dead": True, "pg-fine": False}
+    monkeypatch.setattr(jobs, "api", lambda: api)
+    assert jobs.check_ha() == {
+        "pg-dead": "failed over to the standby; old primary rebuilt as standby",
+        "pg-fine": "ok", "pg-broken": "check failed", "rd-ha": "ok"}
     assert [a for a, _ in fake.watched] == ["pg-dead", "pg-fine", "pg-broken"]
     for _, kwargs in fake.watched:
         assert kwargs["failures"] == jobs.HA_FAILURES
         assert kwargs["max_seconds"] <= 10
+        assert kwargs["once"] is True       # a healthy pair ends the run at once
+    assert fake.rejoined == ["pg-dead"]
+    reported = {path.split("/")[4]: body for _, path, body in api.calls}
+    assert set(reported) == {"pg-dead", "pg-fine", "rd-ha"}
+    assert all(b["op"] == "moved" and b["outcome"] == "done" for b in reported.values())
+    assert reported["rd-ha"]["credentials"]["env"] == {"X": "rd-ha"}
 
 
 def test_beat_schedules_the_ha_check(monkeypatch: pytest.MonkeyPatch):
