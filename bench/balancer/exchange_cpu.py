@@ -65,7 +65,7 @@ class Memory:
         if self.answer is not None:
             self.incoming.append(self.answer)
 
-    def reusable(self) -> bool:
+    def reusable(self, probe: bool = True) -> bool:
         return True
 
     def has_bytes(self) -> bool:
