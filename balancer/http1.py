@@ -152,7 +152,7 @@ def _tokens(values: list[str] | None) -> list[str]:
     if len(values) == 1 and "," not in values[0]:
         token = values[0].strip().lower()
         return [token] if token else []
-    out = []
+    out: list[str] = []
     for value in values:
         out.extend(p.strip().lower() for p in value.split(","))
     return [p for p in out if p]
@@ -361,7 +361,7 @@ def _request(method: str, target: str, version: tuple[int, int],
         upgrade = ", ".join(index.get("upgrade", ()))
     return Request(method, target, version, headers, host, framing, keep_alive,
                    expect_continue=bool(expect) and
-                   "100-continue" in [v.lower() for v in expect],
+                   "100-continue" in [v.lower() for v in expect or ()],
                    upgrade=upgrade)
 
 
