@@ -26,7 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 from controller import addons as addon_rules
 from controller import attach, slugcheck
 from controller.addons import Addon, AddonState
-from controller.backups import BACKUP_ADMIN, Catalog, forget_formation, remember_formation
+from controller.backups import (
+    BACKUP_ADMIN,
+    PAUSE_SECONDS,
+    Catalog,
+    ControllerSupervisor,
+    forget_formation,
+    remember_formation,
+)
 from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
 from controller.httpserver import BoundedHandler, BoundedHTTPServer, ServerLimits
 from controller.logstore import format_line
@@ -729,6 +736,23 @@ class Handler(BoundedHandler):
         lost and none answers since."""
         self._json(200, self.c.host_addresses())
 
+    @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/pause")
+    def platform_pause(self, addon_id: str) -> None:
+        """{seconds}: a backup job stops the addon's servers: runners stop serving them
+        for that long (0: serve them again); answered once none is reported running.
+        {supervised}: whether a runner was serving them."""
+        seconds = self._body().get("seconds", PAUSE_SECONDS)
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 86400:
+            raise Invalid(f"seconds={seconds!r} is not a number from 0 to 86400",
+                          "give how long the servers stay stopped, 0 to serve them again")
+        self.c.store.addon(addon_id)            # 404 for an addon the store lacks
+        sup = ControllerSupervisor(self.c)
+        if seconds == 0:
+            sup.resume(addon_id)
+            self._json(200, {"paused": False})
+            return
+        self._json(200, {"paused": True, "supervised": sup.pause(addon_id, seconds)})
+
     @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/quota")
     def platform_quota(self, addon_id: str) -> None:
         """{state: ok|warn|blocked|restored, usage_mb}: a change goes to the app's log."""
@@ -906,5 +930,6 @@ class ApiServer(BoundedHTTPServer):
     def backups(self) -> Catalog:
         """The backup volumes this host holds (one-host platform: the job workers')."""
         if self._backups is None:
-            self._backups = Catalog.from_settings(self.controller.settings)
+            self._backups = Catalog.from_settings(
+                self.controller.settings, supervisor=ControllerSupervisor(self.controller))
         return self._backups

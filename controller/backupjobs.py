@@ -12,12 +12,13 @@ runs (workers down for a day) is not replayed as a burst of snapshots.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from backup.errors import BackupError
-from controller.backups import BackupBusy, Catalog
-from controller.jobs import app, provisioner, settings
+from controller.backups import PAUSE_SECONDS, BackupBusy, Catalog
+from controller.jobs import api, app, provisioner, settings
 from controller.settings import SPEC
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,24 @@ def install(s: SimpleNamespace) -> None:
     app.conf.beat_schedule.update(schedule(s))
 
 
+class ApiSupervisor:
+    """A worker's side of pausing an addon's servers: the controller's platform
+    endpoint, which answers once the runners stopped them."""
+
+    def pause(self, addon_id: str) -> bool:
+        return bool(api().call("POST", f"/v1/platform/addons/{addon_id}/pause",
+                               {"seconds": PAUSE_SECONDS}).get("supervised"))
+
+    def resume(self, addon_id: str) -> None:
+        api().call("POST", f"/v1/platform/addons/{addon_id}/pause", {"seconds": 0})
+
+
 def catalog() -> Catalog:
-    return Catalog.from_settings(settings(), provisioner)
+    """The volumes, with the controller's supervision when the workers report to one
+    (`berth up`; a bare test has no controller and no runners)."""
+    s = settings()
+    has_api = bool(s.platform_token or (Path(s.data_dir) / "platform.token").exists())
+    return Catalog.from_settings(s, provisioner, ApiSupervisor() if has_api else None)
 
 
 @app.task(name=SNAPSHOT_ALL, acks_late=False, shared=False)

@@ -33,12 +33,13 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backup import btrfs, manifest, offsite
 from backup.errors import BackupError
@@ -60,6 +61,7 @@ from dbprovision.pgdedicated import PgDedicated
 from dbprovision.ports import free_port
 from dbprovision.redisdedicated import RedisDedicated
 from dbprovision.redisserver import RedisServer
+from messaging.shapes import ServiceSpec
 
 if TYPE_CHECKING:
     from dbprovision.records import AddonRecord
@@ -90,6 +92,79 @@ class NoVolume(BackupError):
     default_hint = "`berth backup list` shows the volumes there are"
 
 
+PAUSE_SECONDS = 900.0       # a pause nobody lifts (its job died) ends by itself
+STOP_WAIT = 60.0            # seconds for runners to stop a paused addon's servers
+
+
+class Supervisor(Protocol):
+    """Who keeps an addon's servers running (the runners, through the controller):
+    `pause` has them stopped and not restarted, and says whether any runner was
+    supervising them; `resume` lets them be served again."""
+
+    def pause(self, addon_id: str) -> bool: ...
+
+    def resume(self, addon_id: str) -> None: ...
+
+
+class ServerPauses:
+    """The addons whose servers runners must not serve now (a restore or an adoption
+    has them stopped); the controller filters what it serves through it."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def pause(self, addon_id: str, seconds: float = PAUSE_SECONDS) -> None:
+        with self._lock:
+            self._until[addon_id] = time.monotonic() + seconds
+
+    def resume(self, addon_id: str) -> None:
+        with self._lock:
+            self._until.pop(addon_id, None)
+
+    def paused(self, addon_id: str) -> bool:
+        with self._lock:
+            until = self._until.get(addon_id)
+            if until is not None and until < time.monotonic():
+                del self._until[addon_id]
+                log.warning("backup pause expired", extra={"addon": addon_id})
+                until = None
+            return until is not None
+
+    def filter(self, wanted: list[ServiceSpec]) -> list[ServiceSpec]:
+        return [spec for spec in wanted if not self.paused(spec.addon)]
+
+
+class ControllerSupervisor:
+    """The controller's side: pause through its ServerPauses and wait for the runners'
+    heartbeats to list none of the addon's servers (they were stopped on command,
+    not as a crash, so no restart)."""
+
+    def __init__(self, controller: Any) -> None:
+        self.c = controller
+
+    def pause(self, addon_id: str, seconds: float = PAUSE_SECONDS) -> bool:
+        supervised = bool(self.c.services_of(addon_id))
+        self.c.server_pauses.pause(addon_id, seconds)
+        self.c.wake()
+        deadline = time.monotonic() + STOP_WAIT
+        while self.c.services_of(addon_id):
+            if time.monotonic() > deadline:
+                self.resume(addon_id)
+                raise BackupError(f"the runners did not stop addon {addon_id}'s servers "
+                                  f"within {STOP_WAIT:g} s; nothing was changed",
+                                  "see `berth addons info` and the runner's log; try again",
+                                  status=503)
+            time.sleep(0.1)
+        log.info("addon servers paused", extra={"addon": addon_id, "supervised": supervised})
+        return supervised
+
+    def resume(self, addon_id: str) -> None:
+        self.c.server_pauses.resume(addon_id)
+        self.c.wake()
+        log.info("addon servers resumed", extra={"addon": addon_id})
+
+
 @dataclass
 class PlatformVolume:
     """A tenant data volume: its name, what it is, where it lives, how to snapshot it."""
@@ -117,21 +192,23 @@ class Catalog:
     def __init__(self, addons_dir: Path, backup_dir: Path | None = None,
                  apps_dirs: Sequence[Path] = (), policy: str = "24h 7d 4w 12m min=3", *,
                  provisioner: Callable[[], Provisioner] | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 supervisor: Supervisor | None = None) -> None:
         self.addons_dir = addons_dir
         self.backup_dir = backup_dir or addons_dir / "backups"
         self.apps_dirs = list(apps_dirs)
         self.policy = Policy.parse(policy)
         self._provisioner = provisioner
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.supervisor = supervisor
 
     @classmethod
-    def from_settings(cls, s: Any, provisioner: Callable[[], Provisioner] | None = None
-                      ) -> Catalog:
+    def from_settings(cls, s: Any, provisioner: Callable[[], Provisioner] | None = None,
+                      supervisor: Supervisor | None = None) -> Catalog:
         addons = Path(s.addons_dir).resolve()
         return cls(addons, Path(s.backup_dir).resolve() if s.backup_dir else None,
                    [Path(p).resolve() for p in s.backup_apps_dirs], s.backup_policy,
-                   provisioner=provisioner or _provisioner_for(s))
+                   provisioner=provisioner or _provisioner_for(s), supervisor=supervisor)
 
     def provisioner(self) -> Provisioner:
         if self._provisioner is None:
@@ -311,15 +388,39 @@ class Catalog:
                            lambda: [_RedisHook(redis)] if redis.is_running() else [])
         assert pv.record is not None
         server = prov._dedicated(pv.record)      # the provisioner knows the servers
+        addon_id = pv.record.addon_id
         if isinstance(server, PgDedicated):
             pg = server
-            return _Server(pg.stop, pg.ensure_running,
-                           lambda: [PostgresCheckpoint(pg.cluster.connect)]
+            stop, start = self._supervised(addon_id, pg.stop, pg.ensure_running)
+            return _Server(stop, start, lambda: [PostgresCheckpoint(pg.cluster.connect)]
                            if pg.cluster.is_running() else [])
         assert isinstance(server, RedisDedicated)
         red = server
-        return _Server(red.stop, red.ensure_running,
+        stop, start = self._supervised(addon_id, red.stop, red.ensure_running)
+        return _Server(stop, start,
                        lambda: [_RedisHook(red.server)] if red.server.is_running() else [])
+
+    def _supervised(self, addon_id: str, stop: Callable[[], None],
+                    start: Callable[[], None]) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A dedicated server's stop and start, when runners may supervise it: paused
+        first (a runner would take a stop by PID for a crash and restart it, on data
+        being swapped), stopped by PID too (idempotent; what no runner serves), then
+        served again: by the runner when one served it, else started here first."""
+        supervised = [False]
+
+        def paused_stop() -> None:
+            if self.supervisor is not None:
+                supervised[0] = self.supervisor.pause(addon_id)
+            stop()
+
+        def resumed_start() -> None:
+            try:
+                if not supervised[0]:
+                    start()
+            finally:
+                if self.supervisor is not None:
+                    self.supervisor.resume(addon_id)
+        return paused_stop, resumed_start
 
     def _hooks(self, pv: PlatformVolume) -> list[Hook]:
         if pv.server_kind:

@@ -28,6 +28,7 @@ import zmq
 
 from controller import appenv, services
 from controller.api import ApiServer
+from controller.backups import ServerPauses
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
 from controller.errors import ReleasePhaseFailed, Unavailable, build_interrupted, no_runner
@@ -105,6 +106,7 @@ class Controller:
         self.stopping: dict[str, float] = {}              # instance -> stop sent at
         self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
         self.serve_sent: dict[str, float] = {}     # addon server id -> serve sent when
+        self.server_pauses = ServerPauses()        # addons a backup job stopped for now
         self.lost_addresses: set[str] = set()      # runners lost there (and not back)
         self.deploy_leases: dict[str, Lease] = {}         # build -> its deploy/<app> lease
         self.deploy_waits: set[str] = set()               # builds told they wait for one
@@ -560,7 +562,7 @@ class Controller:
     def _serve_addon_servers(self, observed: dict[str, HostReport], now: float) -> None:
         """Have runners supervise the addon servers the store wants, and stop the ones
         it no longer does (controller/services.py)."""
-        wanted = self.store.wanted_services()
+        wanted = self.server_pauses.filter(self.store.wanted_services())
         sp = services.plan(wanted, observed, self.serve_sent, now, self.lost_addresses)
         ids = {spec.id for spec in wanted}
         for sid in list(self.serve_sent):

@@ -12,11 +12,13 @@ import time
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg2
 import pytest
 
 from backup import btrfs
+from messaging.shapes import State
 from tests.conftest import forget_apps, new_apps_dir
 from tests.e2e.conftest import Berth, start_platform
 from tests.integration.test_backup_btrfs import btrfs_filesystems, pytestmark
@@ -122,6 +124,29 @@ def test_dedicated_postgres_snapshot_under_load_and_restore_through_the_cli(
     assert count == top and before <= top <= after, "one consistent instant, no gaps"
     shown = berth.json("backup", "show", volume)
     assert len(shown["snapshots"]) == 3          # first, under load, the replaced data
+    # the runner supervising the servers stopped them on command (not taken for a
+    # crash and restarted on data being swapped) and serves them again
+    log = (platform.data_dir / "logs" / "controller.log").read_text()
+    assert "unserving addon server" in log and "addon servers resumed" in log
+    def serving() -> list[str]:
+        servers = admin.json("addons", "info", addon)["servers"]
+        states = [State(s["state"]) for s in servers]
+        assert len(states) == 2, servers                 # postgres and its PgBouncer
+        return states if all(st is State.RUNNING for st in states) else []
+    admin.wait_for(serving, 30, "the runner serving the restored servers again")
+
+    # what a job worker does before adopting a server's root (ApiSupervisor): the
+    # platform endpoint answers once the runner stopped serving it, and serves it again
+    from controller.jobs import Api
+    worker_api = Api(SimpleNamespace(public_url=platform.api_url, platform_token="",
+                                     data_dir=str(platform.data_dir / "controller")))
+    paused = worker_api.call("POST", f"/v1/platform/addons/{addon}/pause", {"seconds": 60})
+    assert paused == {"paused": True, "supervised": True}
+    assert admin.json("addons", "info", addon)["servers"] == []
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(direct, connect_timeout=2).close()
+    worker_api.call("POST", f"/v1/platform/addons/{addon}/pause", {"seconds": 0})
+    admin.wait_for(serving, 30, "served again after the pause")
     print(f"\nberth backup snapshot under writes: {took:.2f} s wall (CLI included); "
           f"{before} rows before, {top} restored, {after} at the end")
 
@@ -129,6 +154,7 @@ def test_dedicated_postgres_snapshot_under_load_and_restore_through_the_cli(
 NOTES_PY = '''\
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from flask import Flask, request
 
 app = Flask(__name__)
