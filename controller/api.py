@@ -611,7 +611,10 @@ class Handler(BoundedHandler):
 
     @route("GET", r"/v1/addons/([a-z0-9-]+)", scope="addon")
     def get_addon(self, addon_id: str) -> None:
-        self._json(200, {"addon": self.c.store.addon(addon_id).public()})
+        """The addon, and its servers as the runners supervising them report them."""
+        addon = self.c.store.addon(addon_id).public()
+        addon["servers"] = self.c.services_of(addon_id)
+        self._json(200, {"addon": addon})
 
     def _addon_changed(self, addon: Addon, release: Release | None, what: str) -> None:
         if release is not None:
@@ -683,7 +686,7 @@ class Handler(BoundedHandler):
         body = self._body()
         if not isinstance(body, dict):
             raise Invalid("a report is a JSON object")
-        fields = {k: body.get(k) for k in ("credentials", "error", "final_dump")}
+        fields = {k: body.get(k) for k in ("credentials", "error", "final_dump", "services")}
         outcome = str(body.get("outcome", ""))
         addon, release = self.c.store.change_addon(
             addon_id, lambda a: a.report(str(body.get("op", "")), outcome,
@@ -703,6 +706,12 @@ class Handler(BoundedHandler):
             self.c.wake()
         self._json(200, {"addon": addon.public(),
                          "release": release.version if release else None})
+
+    @route("GET", r"/v1/platform/hosts")
+    def platform_hosts(self) -> None:
+        """{live: [address], lost: [address]}: where runners answer, and where one was
+        lost and none answers since."""
+        self._json(200, self.c.host_addresses())
 
     @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/quota")
     def platform_quota(self, addon_id: str) -> None:

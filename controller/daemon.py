@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from controller import appenv
+from controller import appenv, services
 from controller.api import ApiServer
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
@@ -73,6 +73,9 @@ class View:
     instances: list[InventoryItem] = field(default_factory=list)
     routes: tuple[int, dict[str, Any]] = (0, {})
     runs: list[RunItem] = field(default_factory=list)
+    services: list[InventoryItem] = field(default_factory=list)     # addon servers
+    live_addresses: frozenset[str] = frozenset()
+    lost_addresses: frozenset[str] = frozenset()    # of runners lost, none back there
 
 
 class Controller:
@@ -101,6 +104,8 @@ class Controller:
         self.draining: dict[str, float] = {}              # instance -> since
         self.stopping: dict[str, float] = {}              # instance -> stop sent at
         self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
+        self.serve_sent: dict[str, float] = {}     # addon server id -> serve sent when
+        self.lost_addresses: set[str] = set()      # runners lost there (and not back)
         self.deploy_leases: dict[str, Lease] = {}         # build -> its deploy/<app> lease
         self.deploy_waits: set[str] = set()               # builds told they wait for one
         self._view_lock = threading.Lock()
@@ -262,6 +267,8 @@ class Controller:
     def _beat(self, now: float) -> None:
         for peer in self.tracker.reap(now):
             log.warning("runner lost", extra={"runner": peer.name})
+            if isinstance(peer.payload, HostReport) and peer.payload.address:
+                self.lost_addresses.add(peer.payload.address)
             self.commands.host_lost(peer.name)
             self._wake.set()
         beat = make("heartbeat", self.settings.host_id, host=self.settings.host_id,
@@ -525,9 +532,29 @@ class Controller:
                 self.draining.pop(iid, None)
                 self.commands.send(host, "stop", {"instance": iid}, subject=iid, now=now)
         self._publish(p.routes)
+        self._serve_addon_servers(observed, now)
         self._update_view(observed)
         self._destroy_leftovers(observed, set(desired), now)
         return p
+
+    def _serve_addon_servers(self, observed: dict[str, HostReport], now: float) -> None:
+        """Have runners supervise the addon servers the store wants, and stop the ones
+        it no longer does (controller/services.py)."""
+        wanted = self.store.wanted_services()
+        sp = services.plan(wanted, observed, self.serve_sent, now, self.lost_addresses)
+        ids = {spec.id for spec in wanted}
+        for sid in list(self.serve_sent):
+            if sid not in ids:
+                del self.serve_sent[sid]
+        for host, spec in sp.serves:
+            self.serve_sent[spec.id] = now
+            self.commands.send(host, "serve", {"service": spec.to_wire()}, subject=spec.id,
+                               now=now)
+            log.info("serving addon server", extra={"addon": spec.addon, "app": spec.app,
+                                                    "service": spec.id, "runner": host})
+        for host, sid in sp.unserves:
+            self.commands.send(host, "unserve", {"service": sid}, subject=sid, now=now)
+            log.info("unserving addon server", extra={"service": sid, "runner": host})
 
     def _destroy_leftovers(self, observed: dict[str, HostReport], apps: set[str],
                            now: float) -> None:
@@ -585,9 +612,13 @@ class Controller:
         insts = draining_view(flatten(observed, self.pending), self.draining)
         hosts = {h: HostView(r.address, len(r.inventory), r.static_port)
                  for h, r in observed.items()}
+        live = frozenset(r.address for r in observed.values() if r.address)
+        self.lost_addresses -= live
         with self._view_lock:
             self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)),
-                              self.run_loop.items(observed))
+                              self.run_loop.items(observed),
+                              [i for r in observed.values() for i in r.services],
+                              live, frozenset(self.lost_addresses))
 
     # -- read-only views for the API threads (JSON-ready) --------------------
     def runs_of(self, app: str) -> list[dict[str, Any]]:
@@ -601,6 +632,19 @@ class Controller:
     def instances_on(self, host: str) -> list[dict[str, Any]]:
         with self._view_lock:
             return [i.to_wire() for i in self._view.instances if i.host == host]
+
+    def host_addresses(self) -> dict[str, list[str]]:
+        """Where runners answer, and where a runner was lost and none answers since
+        (a job worker leaves an ha node there alone until its host is back)."""
+        with self._view_lock:
+            return {"live": sorted(self._view.live_addresses),
+                    "lost": sorted(self._view.lost_addresses)}
+
+    def services_of(self, addon_id: str) -> list[dict[str, Any]]:
+        """The addon's servers as their runners report them (`berth addons info`)."""
+        prefix = f"{addon_id}-"
+        with self._view_lock:
+            return [i.to_wire() for i in self._view.services if i.instance.startswith(prefix)]
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         with self._view_lock:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from messaging.shapes import ServiceSpec
+
 from .errors import AddonNotFound, InvalidAddon, ServerUnavailable
 from .names import addon_name
 from .pgcluster import PgCluster
@@ -119,8 +121,9 @@ class Provisioner:
             return self.pg_shared.add_spares(SPARE_DATABASES)
 
     def ensure_dedicated_servers(self) -> None:
-        """Start every dedicated server recorded here that does not run (after a
-        reboot); until the runner supervises them, the controller calls this."""
+        """Start every dedicated server recorded here that does not run. Runners
+        supervise these servers (runner/services.py): this is for a platform without
+        runners, and for `python -m controller.jobs start-servers`."""
         for record in self.records.all():
             if record.plan in ("dedicated", "ha") and record.state == "ready":
                 with self.records.lock(record.name):
@@ -371,10 +374,24 @@ class Provisioner:
         return [r.addon_id for r in self.records.all()
                 if (r.engine, r.plan, r.state) == (engine, "ha", "ready")]
 
-    def needs_rejoin(self, addon_id: str) -> bool:
-        """An ha Postgres addon runs on one node since a failover: its fenced node
-        waits to be rebuilt as the standby."""
-        return bool(self._ha_pg_record(addon_id).state().get("fenced"))
+    def services(self, addon_id: str) -> list[ServiceSpec]:
+        """The servers of a dedicated or ha addon that runners supervise (none for a
+        shared one: the platform's shared servers are the job workers' own)."""
+        record = self._record(addon_id, addon_name(addon_id))
+        if record.plan == "shared":
+            return []
+        return self._dedicated(record).services(addon_id)
+
+    def needs_rejoin(self, addon_id: str) -> tuple[str, str, float] | None:
+        """(fenced node's address, the other's, when it was fenced) of an ha Postgres
+        addon that runs on one node since a failover (the fenced one waits to be
+        rebuilt as the standby), or None."""
+        ha = self._ha_pg_record(addon_id)
+        state = ha.state()
+        if not state.get("fenced"):
+            return None
+        return (ha.address(state["fenced"]), ha.address(ha.primary()),
+                float(state.get("fenced_at") or 0))
 
     def live_credentials(self, addon_id: str) -> Credentials:
         """The credentials of an ha addon as its nodes stand now (after a failover the
@@ -409,8 +426,10 @@ class Provisioner:
                 env.update(extra)
             elif record.plan == "ha":           # the nodes' own, as they are now
                 ha = self._pg_ha(record)
+                # no standby while one is fenced: reads go to the primary until then
+                reader = ha.primary() if ha.state().get("fenced") else ha.standby()
                 for key, node in (("DATABASE_DIRECT_URL", ha.primary()),
-                                  ("DATABASE_READ_URL", ha.standby())):
+                                  ("DATABASE_READ_URL", reader)):
                     extra[key] = (f"postgresql://{user}:{password}@{ha.address(node)}:"
                                   f"{record.direct_port}/{record.name}")
                 env.update(extra)
