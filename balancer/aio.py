@@ -33,6 +33,7 @@ def _expire(fut: asyncio.Future[None]) -> None:
 class Stream(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: Any = None
+        self.loop: Any = None
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.eof = False          # the peer sent FIN (or the connection is gone)
@@ -48,6 +49,7 @@ class Stream(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()   # asked once: each ask costs a getpid()
 
     def data_received(self, data: bytes) -> None:
         if self._pipe is not None:
@@ -103,9 +105,10 @@ class Stream(asyncio.Protocol):
         if not self.chunks:
             if self.eof:
                 return b""
-            fut = asyncio.get_running_loop().create_future()
+            loop = self.loop
+            fut = loop.create_future()
             self._waiter = fut
-            handle = fut.get_loop().call_later(max(timeout, 0.001), _expire, fut)
+            handle = loop.call_later(max(timeout, 0.001), _expire, fut)
             try:
                 await fut
             finally:
@@ -137,9 +140,10 @@ class Stream(asyncio.Protocol):
     async def drain(self, timeout: float) -> None:
         if not self.write_paused:
             return
-        fut = asyncio.get_running_loop().create_future()
+        loop = self.loop
+        fut = loop.create_future()
         self._drain = fut
-        handle = fut.get_loop().call_later(max(timeout, 0.001), _expire, fut)
+        handle = loop.call_later(max(timeout, 0.001), _expire, fut)
         try:
             await fut
         finally:
@@ -213,7 +217,7 @@ class _Pipe:
         self.src, self.dst = src, dst
         self.remaining, self.moved, self.clean = n, 0, True
         self.paused = False           # src reading paused because dst is full
-        self.loop = asyncio.get_running_loop()
+        self.loop = src.loop
         self.last = self.loop.time()
         self.read_timeout, self.write_timeout = read_timeout, write_timeout
         self.timer: Any = None
@@ -281,7 +285,7 @@ class ServerStream(Stream):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         conn = self._accept(self, (peer[0], peer[1]) if peer else ("", 0))
-        asyncio.get_running_loop().create_task(self._handle(conn))
+        self.loop.create_task(self._handle(conn))
 
 
 class AioTask:

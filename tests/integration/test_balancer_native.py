@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def build():
-    if importlib.util.find_spec("mypyc") is None or shutil.which("cc") is None:
-        pytest.skip("building the native core needs mypy and a C compiler")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if importlib.util.find_spec("mypyc") is None or shutil.which("cc") is None \
+            or not headers.exists():
+        pytest.skip("building the native core needs mypy, a C compiler and Python.h")
     return native.build()     # about 35 s the first time
 
 
