@@ -48,7 +48,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 # The offsite backup host, simulated on this machine (issue 10): its own user, its own
-# directory (0700, only that user's) and its own address, 127.0.0.5. It pulls with
+# directory (0700, only that user's) and its own address, 127.0.0.9. It pulls with
 # `berth backup pull` and holds no credential of the served hosts' platform; they
 # hold none for it (root on one machine could of course reach it; real hosts are apart).
 if [ "$(id -u)" -eq 0 ]; then

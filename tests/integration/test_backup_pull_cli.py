@@ -25,7 +25,7 @@ from backup.volumes import LinkDestSnapshotter, VolumeStore
 from dbprovision.ports import free_port, listening
 from tests.integration.test_backup_offsite import T0
 
-OFFSITE_ADDRESS = "127.0.0.5"          # the offsite host's own address
+OFFSITE_ADDRESS = "127.0.0.9"          # the offsite host's own address
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFSITE_USER = "berth-offsite"
