@@ -118,7 +118,8 @@ def outside_tmp(data_dir: Path) -> Path | None:
 class LocalPlatform:
     data_dir: Path
     ports: Ports = field(default_factory=Ports)
-    runners: list[tuple[str, str]] = field(default_factory=lambda: [("runner-1", "127.0.0.1")])
+    # (name, address) or (name, address, roles: "app,db"); roles default to both
+    runners: list[tuple[str, ...]] = field(default_factory=lambda: [("runner-1", "127.0.0.1")])
     wheel_cache_dir: str = ""
     apps_dir: str = ""          # each runner's app files go in <apps_dir>/<runner name>
     drain_seconds: float = 2.0
@@ -219,8 +220,9 @@ class LocalPlatform:
             self.start_broker(timeout)
         self.start_controller()
         self._wait(lambda: self._health() is not None, timeout, "controller")
-        for name, address in self.runners:
-            self.start_runner(name, address, runner_token.read_text().strip())
+        for name, address, *roles in self.runners:
+            self.start_runner(name, address, runner_token.read_text().strip(),
+                              roles=roles[0] if roles else None)
         self._wait(lambda: (self._health() or {}).get("runners", 0) >= len(self.runners),
                    timeout, "runners")
         self.start_balancer("balancer-1", self.ports.balancer)
@@ -259,11 +261,14 @@ class LocalPlatform:
     def start_controller(self) -> None:
         self._spawn("controller", "controller", {})
 
-    def start_runner(self, name: str, address: str, token: str | None = None) -> None:
+    def start_runner(self, name: str, address: str, token: str | None = None,
+                     roles: str | None = None) -> None:
         token = token or (self.data_dir / "controller" / "runner.token").read_text().strip()
         env = {"BERTH_RUNNER_HOST_ID": name, "BERTH_RUNNER_ADDRESS": address,
                "BERTH_RUNNER_DATA_DIR": str(self.data_dir / name),
                "BERTH_RUNNER_RUNNER_TOKEN": token}
+        if roles:
+            env["BERTH_RUNNER_ROLES"] = roles
         if self.apps_dir:
             env["BERTH_RUNNER_APPS_DIR"] = str(Path(self.apps_dir) / name)
         self._spawn(name, "runner", env)

@@ -82,6 +82,16 @@ def networks(value: list[str]) -> None:
                           "list addresses or CIDRs such as 10.0.0.0/8") from exc
 
 
+@describe_check("one or more of app, db")
+def host_roles(value: list[str]) -> None:
+    roles = [str(v).strip() for v in value]
+    unknown = [r for r in roles if r not in ("app", "db")]
+    if unknown or not roles:
+        raise Invalid(f"has {', '.join(map(repr, unknown)) or 'no role'}",
+                      "list app, db or both (app: instances, runs and builds; db: addon "
+                      "database servers)")
+
+
 @describe_check("not empty")
 def not_empty(value: str) -> None:
     if not value.strip():

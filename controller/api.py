@@ -709,8 +709,9 @@ class Handler(BoundedHandler):
 
     @route("GET", r"/v1/platform/hosts")
     def platform_hosts(self) -> None:
-        """{live: [address], lost: [address]}: where runners answer, and where one was
-        lost and none answers since."""
+        """{live: [address], lost: [address], db: [address]}: where runners answer,
+        where one was lost and none answers since, and the db hosts (least busy
+        first)."""
         self._json(200, self.c.host_addresses())
 
     @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/quota")

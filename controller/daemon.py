@@ -75,6 +75,7 @@ class View:
     runs: list[RunItem] = field(default_factory=list)
     services: list[InventoryItem] = field(default_factory=list)     # addon servers
     live_addresses: frozenset[str] = frozenset()
+    db_addresses: tuple[str, ...] = ()              # db runners', least busy first
     lost_addresses: frozenset[str] = frozenset()    # of runners lost, none back there
 
 
@@ -307,7 +308,7 @@ class Controller:
         queued = self.builds.in_state(BuildState.QUEUED)
         if not queued:
             return
-        load = {h: len(r.inventory) for h, r in self.observed(now).items()}
+        load = {h: len(r.inventory) for h, r in self.observed(now).items() if r.runs_apps}
         for build in queued:
             if not load:
                 if now - build.queued_at > NO_RUNNER_WAIT:
@@ -618,7 +619,11 @@ class Controller:
             self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)),
                               self.run_loop.items(observed),
                               [i for r in observed.values() for i in r.services],
-                              live, frozenset(self.lost_addresses))
+                              live_addresses=live,
+                              lost_addresses=frozenset(self.lost_addresses),
+                              db_addresses=tuple(r.address or "" for r in sorted(
+                                  (r for r in observed.values() if r.runs_dbs and r.address),
+                                  key=lambda r: (len(r.services), r.address or ""))))
 
     # -- read-only views for the API threads (JSON-ready) --------------------
     def runs_of(self, app: str) -> list[dict[str, Any]]:
@@ -634,11 +639,13 @@ class Controller:
             return [i.to_wire() for i in self._view.instances if i.host == host]
 
     def host_addresses(self) -> dict[str, list[str]]:
-        """Where runners answer, and where a runner was lost and none answers since
-        (a job worker leaves an ha node there alone until its host is back)."""
+        """Where runners answer; where a runner was lost and none answers since (a job
+        worker leaves an ha node there alone until its host is back); the db hosts,
+        least busy first (where a job worker puts new addon servers)."""
         with self._view_lock:
             return {"live": sorted(self._view.live_addresses),
-                    "lost": sorted(self._view.lost_addresses)}
+                    "lost": sorted(self._view.lost_addresses),
+                    "db": list(self._view.db_addresses)}
 
     def services_of(self, addon_id: str) -> list[dict[str, Any]]:
         """The addon's servers as their runners report them (`berth addons info`)."""

@@ -278,9 +278,16 @@ class Provision(AddonTask):
         if addon["plan"] == "shared":
             self.step(addon["id"], "starting the shared servers")
             prov.ensure_shared_servers()
-        self.step(addon["id"], f"creating the {addon['plan']} {addon['engine']} database")
+        hosts = None
+        if addon["plan"] != "shared":       # on the db hosts the runners declare
+            hosts = api().call("GET", "/v1/platform/hosts")["db"]
+            where = ", ".join(hosts[:2 if addon["plan"] == "ha" else 1]) or "this host"
+            self.step(addon["id"], f"creating the {addon['plan']} {addon['engine']} "
+                                   f"database on {where}")
+        else:
+            self.step(addon["id"], f"creating the {addon['plan']} {addon['engine']} database")
         creds = prov.provision(addon["id"], addon["engine"], addon["plan"],
-                               quota_mb=addon.get("quota_mb"))
+                               quota_mb=addon.get("quota_mb"), hosts=hosts)
         self.report(addon["id"], "done", step="ready", credentials=asdict(creds),
                     services=[s.to_wire() for s in prov.services(addon["id"])])
         if addon["plan"] == "shared" and addon["engine"] == "postgres":

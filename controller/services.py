@@ -5,9 +5,11 @@ dedicated/ha addon's `ServiceSpec`s, as its job worker reported them) against wh
 the runners' heartbeats list under `services`, plus the serve commands sent lately.
 
 Placement: a server belongs to the host whose runner listens on the server's address
-(a PostgreSQL node on 127.0.0.2 is host 127.0.0.2's); when no runner has that
-address (one runner for everything, as `berth up` starts), the live runner with the
-fewest servers takes it, unless a runner of that address was lost (the server's
+(a PostgreSQL node on 127.0.0.2 is host 127.0.0.2's: the job worker chose that
+address among the db hosts; an ha addon's PgBouncer listens on the job worker's own
+host, whose runner takes it whatever its roles); when no runner has that address
+(one runner for everything, as `berth up` starts), the runner with the db role and
+the fewest servers takes it, unless a runner of that address was lost (the server's
 data directory is on that host: it waits for the host). A server already reported
 stays where it is. A server that
 is not wanted any more (its addon is being destroyed, a node fenced by a failover)
@@ -35,9 +37,10 @@ def place(spec: ServiceSpec, observed: dict[str, HostReport],
     for host in sorted(observed):
         if observed[host].address == spec.address:
             return host
-    if not load or spec.address in lost:
+    dbs = [h for h in sorted(load) if observed[h].runs_dbs]
+    if not dbs or spec.address in lost:
         return None
-    return min(sorted(load), key=lambda h: load[h])
+    return min(dbs, key=lambda h: load[h])
 
 
 def plan(wanted: list[ServiceSpec], observed: dict[str, HostReport],

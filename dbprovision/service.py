@@ -140,9 +140,14 @@ class Provisioner:
     # -- verbs -----------------------------------------------------------------------
 
     def provision(self, addon_id: str, engine: Engine, plan: Plan, *,
-                  quota_mb: int | None = None) -> Credentials:
+                  quota_mb: int | None = None, hosts: list[str] | None = None
+                  ) -> Credentials:
         """Make the addon, or finish a half-made one, or return the existing one's
-        credentials (the same password)."""
+        credentials (the same password). `hosts`: the addresses of the db hosts to
+        put its server(s) on, least busy first (the controller's runners with the db
+        role); a dedicated server takes the first, an ha addon's nodes the first two
+        (its third Sentinel the third, or the provisioner's own address). Without
+        them: the provisioner's address, and its default ha addresses."""
         self._check(engine, plan)
         name = addon_name(addon_id)
         started = time.monotonic()
@@ -156,6 +161,11 @@ class Provisioner:
                 record = AddonRecord(addon_id, engine, plan, name,
                                      secrets.token_urlsafe(24), self.address,
                                      quota_mb=quota_mb)
+                if plan == "dedicated" and hosts:
+                    record.host = hosts[0]
+                elif plan == "ha" and hosts and len(hosts) >= 2:
+                    third = hosts[2] if len(hosts) > 2 else self.address
+                    record.nodes = [hosts[0], hosts[1], third]
                 self.records.put(record)
             self._make(record)
             if record.state != "ready":
@@ -189,10 +199,10 @@ class Provisioner:
         if not record.port or not record.direct_port:
             if record.engine == "postgres":
                 record.port = free_port(self.address)
-                record.direct_port = self._free_on_all(self.ha_addresses[:2])
+                record.direct_port = self._free_on_all(self._ha_hosts(record)[:2])
             else:
-                record.port = self._free_on_all(self.ha_addresses[:2])
-                record.direct_port = self._free_on_all(self.ha_addresses)
+                record.port = self._free_on_all(self._ha_hosts(record)[:2])
+                record.direct_port = self._free_on_all(self._ha_hosts(record))
             self.records.put(record)
         server = self._dedicated(record)
         server.create(record.name, record.password)
@@ -212,7 +222,7 @@ class Provisioner:
         new ports and another try."""
         for attempt in range(tries):
             if not record.port or (record.engine == "postgres" and not record.direct_port):
-                record.port, record.direct_port = self._two_free_ports()
+                record.port, record.direct_port = self._two_free_ports(record.host)
                 self.records.put(record)
             server = self._dedicated(record)
             try:
@@ -232,10 +242,10 @@ class Provisioner:
         """One of the record's ports answers although its own server does not run."""
         if record.engine == "redis":
             return not self._dedicated_redis(record).server.is_running() and \
-                listening(self.address, record.port)
+                listening(record.host, record.port)
         pg = self._dedicated_pg(record)
-        return (not pg.cluster.is_running() and listening(self.address, record.direct_port)) \
-            or (not pg.bouncer.is_running() and listening(self.address, record.port))
+        return (not pg.cluster.is_running() and listening(record.host, record.direct_port)) \
+            or (not pg.bouncer.is_running() and listening(record.host, record.port))
 
     def destroy(self, addon_id: str, engine: Engine, plan: Plan, *,
                 final_dump: Path | None = None) -> None:
@@ -484,13 +494,18 @@ class Provisioner:
 
     def _pg_ha(self, record: AddonRecord) -> PgHa:
         return PgHa(self._dedicated_root("pgha", record.name),
-                    (self.ha_addresses[0], self.ha_addresses[1]), record.direct_port,
+                    (self._ha_hosts(record)[0], self._ha_hosts(record)[1]),
+                    record.direct_port,
                     record.host, record.port)
 
     def _redis_ha(self, record: AddonRecord) -> RedisHa:
-        return RedisHa(self._dedicated_root("redis-ha", record.name), self.ha_addresses,
+        return RedisHa(self._dedicated_root("redis-ha", record.name), self._ha_hosts(record),
                        record.port, record.direct_port,
                        maxmemory_mb=record.quota_mb or DEDICATED_REDIS_MB)
+
+    def _ha_hosts(self, record: AddonRecord) -> tuple[str, str, str]:
+        nodes = record.nodes
+        return (nodes[0], nodes[1], nodes[2]) if len(nodes) == 3 else self.ha_addresses
 
     def _dedicated_root(self, engine: str, name: str) -> Path:
         """`<data_dir>/dedicated/<engine>-<16 hex of the name's hash>`: short, since
@@ -506,9 +521,9 @@ class Provisioner:
         return PgDedicated(self._dedicated_root("postgres", record.name), record.host,
                            record.direct_port, record.port)
 
-    def _two_free_ports(self) -> tuple[int, int]:
-        first = free_port(self.address)
-        second = free_port(self.address)
+    def _two_free_ports(self, address: str) -> tuple[int, int]:
+        first = free_port(address)
+        second = free_port(address)
         while second == first:
-            second = free_port(self.address)
+            second = free_port(address)
         return first, second

@@ -247,6 +247,9 @@ class Limits:
         return cls(**values)
 
 
+# what a host may run: app instances, one-off runs and builds ("app"); addon database
+# servers ("db"). A runner declares its roles (runner setting `roles`).
+HOST_ROLES = ("app", "db")
 SERVICE_KINDS = ("postgres", "pgbouncer", "redis", "sentinel")
 STOP_SIGNALS = ("TERM", "INT", "QUIT")
 
@@ -390,6 +393,15 @@ class HostReport:
     # the addon servers it supervises (ServiceSpec ids as `instance`, the addon as
     # `app`, the kind as `proc`); apart from the inventory: they are never routed
     services: list[InventoryItem] = field(default_factory=list)
+    roles: tuple[str, ...] = HOST_ROLES     # an older runner sends none: both
+
+    @property
+    def runs_apps(self) -> bool:
+        return "app" in self.roles
+
+    @property
+    def runs_dbs(self) -> bool:
+        return "db" in self.roles
 
     @classmethod
     def from_heartbeat(cls, fields_: dict[str, Any]) -> HostReport:
@@ -402,7 +414,8 @@ class HostReport:
                    [str(a) for a in fields_.get("apps") or []], int(fields_.get("seq") or 0),
                    [RunItem.from_wire(r, host) for r in fields_.get("runs") or []], port,
                    static_roots_from_wire(fields_.get("static_roots")) if port else {},
-                   [InventoryItem.from_wire(i, host) for i in fields_.get("services") or []])
+                   [InventoryItem.from_wire(i, host) for i in fields_.get("services") or []],
+                   tuple(r for r in (fields_.get("roles") or HOST_ROLES) if r in HOST_ROLES))
 
 
 def static_roots_to_wire(roots: dict[str, dict[int, str]]) -> dict[str, dict[str, str]]:

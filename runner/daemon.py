@@ -336,6 +336,7 @@ class Runner(Hooks):
                         address=self.settings.address, inventory=self.inventory(),
                         seq=self._seq, apps=self._apps_here(now),
                         services=self.services.items(),
+                        roles=[str(r).strip() for r in self.settings.roles],
                         runs=self.runs.items(), **self._static_fields()))
 
     def _static_wanted(self) -> dict[tuple[str, int], tuple[Path, str]]:
@@ -462,6 +463,11 @@ class Runner(Hooks):
         except ProtocolError as exc:
             raise CommandError(f"bad serve command: {exc}",
                                "the controller sent a malformed service spec") from exc
+        if "db" not in [str(r).strip() for r in self.settings.roles] \
+                and spec.address != self.settings.address:
+            raise CommandError(f"this runner has no db role and {spec.address} is not "
+                               "its address", "serve addon servers on a runner whose "
+                               "`roles` has db", code="wrong_role")
         result = self.services.serve(spec)
         self._next_heartbeat = 0.0
         return result

@@ -1,7 +1,7 @@
-"""An ha PostgreSQL through the whole platform, its nodes on two simulated hosts
-(runners on 127.0.0.2 and 127.0.0.3, each supervising its node; PgBouncer on the
-runner of 127.0.0.1), and the primary's host killed with -9 under a bounded write
-load: its runner and its postmaster die together, nothing restarts them. The periodic
+"""An ha PostgreSQL through the whole platform, its nodes on the two simulated db
+hosts (runners with the db role on 127.0.0.5 and 127.0.0.6, each supervising its
+node; PgBouncer on the app runner of 127.0.0.1), and the primary's host killed with
+-9 under a bounded write load: its runner and its postmaster die together, nothing restarts them. The periodic
 ha check (celery beat) promotes the standby, the app keeps writing through its
 unchanged DATABASE_URL, and every acknowledged row is there; reads move to the new
 primary while the old host is away; when the host comes back its node is rebuilt as
@@ -39,8 +39,9 @@ MAX_SECONDS = 120           # ... and in time
 def platform(berth_root: Path) -> Iterator[LocalPlatform]:
     os.environ["BERTH_CONTROLLER_HA_CHECK_SECONDS"] = "1"
     p = LocalPlatform(berth_root / f"hp-{uuid.uuid4().hex[:6]}", Ports.free(),
-                      runners=[("runner-1", "127.0.0.1"), ("db-a", "127.0.0.2"),
-                               ("db-b", "127.0.0.3")], jobs=True, job_retry_seconds=3.0)
+                      runners=[("runner-1", "127.0.0.1", "app"), ("db-a", "127.0.0.5", "db"),
+                               ("db-b", "127.0.0.6", "db")], jobs=True,
+                      job_retry_seconds=3.0)
     try:
         p.start()
         yield p
@@ -97,11 +98,15 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
     addon = api.post("/v1/apps/bank/addons", {"engine": "postgres", "plan": "ha"})["addon"]
     addon_id = addon["id"]
     wait_addon(api, addon_id, ready, 180)
-    # each node supervised by the runner of its host; PgBouncer by 127.0.0.1's
+    # the nodes went to the db hosts, each supervised by its runner; PgBouncer by
+    # 127.0.0.1's (the provisioner's address: the app's stable DATABASE_URL)
     before = wait_servers(api, addon_id, {"node-a": "db-a", "node-b": "db-b",
                                           "bouncer": "runner-1"})
     url, read_url = url_of(api, "bank"), url_of(api, "bank", "DATABASE_READ_URL")
-    assert urlsplit(read_url).hostname == "127.0.0.3"
+    assert urlsplit(url).hostname == "127.0.0.1"
+    assert urlsplit(read_url).hostname == "127.0.0.6"
+    assert {before["node-a"]["address"], before["node-b"]["address"]} == \
+        {"127.0.0.5", "127.0.0.6"}
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -117,7 +122,7 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
         assert thread.is_alive(), "the writer stopped before the kill"
         time.sleep(0.01)
 
-    # host 127.0.0.2 dies: its runner and its postmaster with every backend, kill -9
+    # host 127.0.0.5 dies: its runner and its postmaster with every backend, kill -9
     postmaster = before["node-a"]["pid"]
     backends = [int(p) for p in subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True,
@@ -142,7 +147,7 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
         # while the host is away, reads go to the new primary; nothing rebuilds there
         assert url_of(api, "bank") == url
         deadline = time.monotonic() + 30
-        while urlsplit(url_of(api, "bank", "DATABASE_READ_URL")).hostname != "127.0.0.3" \
+        while urlsplit(url_of(api, "bank", "DATABASE_READ_URL")).hostname != "127.0.0.6" \
                 or "node-a" in servers(api, addon_id):
             assert time.monotonic() < deadline, (url_of(api, "bank", "DATABASE_READ_URL"),
                                                  servers(api, addon_id))
@@ -161,13 +166,13 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
     assert not lost
 
     # the host comes back: its node is rebuilt as the standby, served by its runner
-    platform.start_runner("db-a", "127.0.0.2")
+    platform.start_runner("db-a", "127.0.0.5", roles="db")
     back = time.monotonic()
     wait_addon(api, addon_id, lambda a: "rebuilt" in (a["step"] or ""), 120)
     got = wait_servers(api, addon_id, {"node-a": "db-a", "node-b": "db-b"})
     assert got["node-a"]["pid"] != postmaster
     deadline = time.monotonic() + 30
-    while urlsplit(url_of(api, "bank", "DATABASE_READ_URL")).hostname != "127.0.0.2":
+    while urlsplit(url_of(api, "bank", "DATABASE_READ_URL")).hostname != "127.0.0.5":
         assert time.monotonic() < deadline, "DATABASE_READ_URL never followed the rebuild"
         time.sleep(0.2)
     print(f"old primary's host back: rebuilt as the standby and served in "
@@ -180,3 +185,24 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
     assert in_recovery and count == len(present)
     log = app_log(api, "bank")
     assert f"addon {addon_id} moved: failed over to the standby" in log, log
+
+
+def test_a_dedicated_postgres_goes_to_a_db_host_and_apps_never_do(platform: LocalPlatform):
+    api = Client(Credentials(platform.api_url, platform.admin_token), timeout=30)
+    api.post("/v1/apps", {"name": "shop"})
+    addon = api.post("/v1/apps/shop/addons", {"engine": "postgres",
+                                              "plan": "dedicated"})["addon"]
+    wait_addon(api, addon["id"], ready, 120)
+    deadline = time.monotonic() + 60
+    while True:
+        got = servers(api, addon["id"])
+        if {n for n, s in got.items() if s["state"] == "RUNNING"} == {"postgres", "bouncer"}:
+            break
+        assert time.monotonic() < deadline, got
+        time.sleep(0.2)
+    assert {s["host"] for s in got.values()} <= {"db-a", "db-b"}
+    assert got["postgres"]["address"] in ("127.0.0.5", "127.0.0.6")
+    assert urlsplit(url_of(api, "shop")).hostname == got["postgres"]["address"]
+    # a db-only runner refuses app work: the controller never sends it any
+    hosts = api.get("/v1/hosts")["runners"]
+    assert all(not info["inventory"] for name, info in hosts.items() if name != "runner-1")
