@@ -184,6 +184,8 @@ def prune(dry_run: bool, volume: str | None, as_json: bool) -> None:
         return
     step(f"Policy {out['policy']}" + (" (dry run: nothing deleted)" if dry_run else ""))
     for name, decisions in out["volumes"].items():
+        if out.get("policies", {}).get(name, out["policy"]) != out["policy"]:
+            step(f"{name}: policy {out['policies'][name]}")
         for d in decisions:
             verb = "keep " if d["keep"] else ("would prune " if dry_run else "pruned ")
             click.echo(f"{name}: {verb}{d['snapshot']}: {d['why']}")

@@ -113,3 +113,14 @@ def retention_policy(value: str) -> None:
         Policy.parse(value)
     except InvalidPolicy as exc:
         raise Invalid(exc.message, exc.hint) from None
+
+
+@describe_check("VOLUME-PATTERN=POLICY, ...")
+def volume_policies(value: list[str]) -> None:
+    """Per-volume retention policies: `pattern=policy` items."""
+    for item in value:
+        pattern, sep, policy = str(item).partition("=")
+        if not sep or not pattern.strip():
+            raise Invalid(f"item {item!r} is not VOLUME-PATTERN=POLICY",
+                          "e.g. 'addon-*=48h 14d 8w min=5' (shell patterns: * ? [...])")
+        retention_policy(policy.strip())

@@ -795,6 +795,7 @@ class Handler(BoundedHandler):
             out[name] = [{"snapshot": snap.name, "keep": keep, "why": why} for snap, keep, why
                          in cat.prune(name, dry_run=bool(body.get("dry_run")))]
         self._json(200, {"policy": str(cat.policy), "dry_run": bool(body.get("dry_run")),
+                         "policies": {name: str(cat.policy_for(name)) for name in names},
                          "volumes": out})
 
     @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/restore")

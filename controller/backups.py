@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -190,7 +191,8 @@ class PlatformVolume:
 
 class Catalog:
     def __init__(self, addons_dir: Path, backup_dir: Path | None = None,
-                 apps_dirs: Sequence[Path] = (), policy: str = "24h 7d 4w 12m min=3", *,
+                 apps_dirs: Sequence[Path] = (), policy: str = "24h 7d 4w 12m min=3",
+                 volume_policies: Sequence[str] = (), *,
                  provisioner: Callable[[], Provisioner] | None = None,
                  clock: Callable[[], datetime] | None = None,
                  supervisor: Supervisor | None = None) -> None:
@@ -198,6 +200,9 @@ class Catalog:
         self.backup_dir = backup_dir or addons_dir / "backups"
         self.apps_dirs = list(apps_dirs)
         self.policy = Policy.parse(policy)
+        # (pattern, policy): the first pattern matching a volume's name wins
+        self.volume_policies = [(pattern.strip(), Policy.parse(text.strip())) for pattern,
+                                _, text in (str(v).partition("=") for v in volume_policies)]
         self._provisioner = provisioner
         self.clock = clock or (lambda: datetime.now(UTC))
         self.supervisor = supervisor
@@ -208,7 +213,8 @@ class Catalog:
         addons = Path(s.addons_dir).resolve()
         return cls(addons, Path(s.backup_dir).resolve() if s.backup_dir else None,
                    [Path(p).resolve() for p in s.backup_apps_dirs], s.backup_policy,
-                   provisioner=provisioner or _provisioner_for(s), supervisor=supervisor)
+                   s.backup_volume_policies, provisioner=provisioner or _provisioner_for(s),
+                   supervisor=supervisor)
 
     def provisioner(self) -> Provisioner:
         if self._provisioner is None:
@@ -261,6 +267,14 @@ class Catalog:
                                   self.backup_dir, record, lock=record.name)
         return None                         # ha, shared redis: not yet
 
+    def policy_for(self, name: str) -> Policy:
+        """The volume's retention: the first backup_volume_policies pattern matching
+        its name, else backup_policy."""
+        for pattern, policy in self.volume_policies:
+            if fnmatch.fnmatchcase(name, pattern):
+                return policy
+        return self.policy
+
     def volume(self, name: str) -> PlatformVolume:
         for pv in self.volumes():
             if pv.name == name:
@@ -287,7 +301,7 @@ class Catalog:
         snaps = self.snapshots(pv).list(pv.name)
         return {"name": pv.name, "kind": pv.kind, "owner": pv.owner, "path": str(pv.path),
                 "snapshotter": snapper.kind, "guarantees": snapper.describe(),
-                "notes": pv.notes, "policy": str(self.policy),
+                "notes": pv.notes, "policy": str(self.policy_for(pv.name)),
                 "snapshots": [{"name": s.name, "time": s.time.strftime("%Y-%m-%dT%H:%M:%SZ"),
                                "manifest": manifest.manifest_path(s.path).exists(),
                                "verified": manifest.is_complete(s.path)} for s in snaps]}
@@ -330,7 +344,7 @@ class Catalog:
               ) -> list[tuple[Snapshot, bool, str]]:
         pv = self.volume(name)
         with self.busy(pv):
-            decisions = self.snapshots(pv).prune(pv.name, self.policy, now=now,
+            decisions = self.snapshots(pv).prune(pv.name, self.policy_for(pv.name), now=now,
                                                  dry_run=dry_run)
             if not dry_run:
                 for snap, keep, _ in decisions:

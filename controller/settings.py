@@ -11,6 +11,7 @@ from config.checks import (
     positive,
     redis_url_or_empty,
     retention_policy,
+    volume_policies,
 )
 from messaging.channels import API_PORT, BALANCER_PORT, LOOPBACK
 
@@ -63,6 +64,7 @@ SPEC = Spec("controller", [
     Setting("backup_dir", str, "", "Job workers: where addon volumes' snapshots live (`snapshots/`, and `volumes/` for shared-PostgreSQL tenants' dumps); empty means <addons_dir>/backups. Keep it on the addons_dir's filesystem: btrfs snapshots do not cross filesystems."),
     Setting("backup_apps_dirs", list, [], "Job workers: runner apps_dirs on this host whose apps' data dirs (<apps_dir>/<app>/data, BERTH_DATA_DIR) are snapshotted; their snapshots go to <apps_dir>/../backups."),
     Setting("backup_policy", str, "24h 7d 4w 12m min=3", "Retention of every volume's snapshots: counts of hourly/daily/weekly/monthly/yearly periods (h d w m y) whose first snapshot is kept, and min=N newest always kept.", check=retention_policy),
+    Setting("backup_volume_policies", list, [], "Retention per volume, overriding backup_policy: VOLUME-PATTERN=POLICY items, the first whose shell pattern matches the volume's name wins, e.g. 'addon-*=48h 14d 8w min=5'.", check=volume_policies),
     Setting("backup_snapshot_seconds", float, 3600.0, "How often celery beat has every tenant volume snapshotted.", check=positive),
     Setting("backup_prune_seconds", float, 3600.0, "How often celery beat prunes every volume's snapshots by backup_policy.", check=positive),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),

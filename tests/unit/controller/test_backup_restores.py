@@ -20,3 +20,22 @@ def test_a_restarted_controller_scales_back_what_a_restore_left_at_zero(tmp_path
     assert scaled == [("blog", {"web": 2, "worker": 1}, 20)]
     assert interrupted_restores(tmp_path) == {}
     assert interrupted_restores(tmp_path / "nothing-here") == {}
+
+
+def test_retention_per_volume_first_matching_pattern_else_the_default(tmp_path):
+    import pytest
+
+    from config import SettingsError
+    from controller.backups import Catalog
+    from controller.settings import SPEC
+    s = SPEC.load(None, environ={"BERTH_CONTROLLER_BACKUP_VOLUME_POLICIES":
+                                 "addon-*=48h 14d min=5,app-blog=2h"})
+    s.addons_dir = str(tmp_path)
+    cat = Catalog.from_settings(s)
+    assert str(cat.policy_for("addon-postgres-1a2b3c")) == "48h 14d min=5"
+    assert str(cat.policy_for("app-blog")) == "2h min=1"
+    assert str(cat.policy_for("app-shop")) == str(cat.policy) == "24h 7d 4w 12m min=3"
+    for bad in ("addon-*", "=24h", "addon-*=24x"):
+        with pytest.raises(SettingsError) as err:
+            SPEC.load(None, environ={"BERTH_CONTROLLER_BACKUP_VOLUME_POLICIES": bad})
+        assert "backup_volume_policies" in err.value.message and err.value.hint
