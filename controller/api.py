@@ -26,17 +26,16 @@ from urllib.parse import parse_qs, urlsplit
 from controller import addons as addon_rules
 from controller import attach, slugcheck
 from controller.addons import Addon, AddonState
-from controller.backups import (
-    BACKUP_ADMIN,
+from controller.backups import BACKUP_ADMIN, Catalog
+from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
+from controller.httpserver import BoundedHandler, BoundedHTTPServer, ServerLimits
+from controller.logstore import format_line
+from controller.pauses import (
     PAUSE_SECONDS,
-    Catalog,
     ControllerSupervisor,
     forget_formation,
     remember_formation,
 )
-from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
-from controller.httpserver import BoundedHandler, BoundedHTTPServer, ServerLimits
-from controller.logstore import format_line
 from controller.runs import Attachment
 from controller.store import Release
 from messaging import runframes

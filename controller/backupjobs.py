@@ -17,8 +17,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from backup.errors import BackupError
-from controller.backups import PAUSE_SECONDS, BackupBusy, Catalog
+from controller.backups import BackupBusy, Catalog
 from controller.jobs import api, app, provisioner, settings
+from controller.pauses import PAUSE_SECONDS
 from controller.settings import SPEC
 
 log = logging.getLogger(__name__)

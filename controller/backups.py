@@ -9,7 +9,9 @@ Volumes (`Catalog.volumes()`), each named for what it holds:
   workers' addons_dir; a shared-PostgreSQL tenant's `pg_dump -Fc` of its own database
   (a volume of its own in the backup dir, refreshed before each snapshot).
   Snapshots in `backup_dir` (default `<addons_dir>/backups`).
-ha addons and the shared Redis are not covered yet (see docs/architecture.md).
+- `postgres-shared`, `redis-shared`: the shared servers' roots whole (every tenant at
+  one instant), restored only into a new volume.
+ha addons are not covered yet (see docs/architecture.md).
 
 Each snapshot runs its volume's hook first (CHECKPOINT, BGREWRITEAOF + wait, pg_dump)
 and writes the manifest the offsite puller verifies against. One job at a time per
@@ -17,10 +19,11 @@ volume: a flock per volume (a second caller is told it is busy, not queued), and
 an addon, the provisioner's own lock on it, so no provision, destroy or quota check
 (which restarts stopped servers) runs during a snapshot or a restore.
 
-Snapshotter per volume: btrfs when the volume is a subvolume. A dedicated server's
-root, made by the provisioner as a plain directory, is adopted once on a btrfs root
-(the server stopped, its files reflinked into a new subvolume, the two swapped
-atomically, the server started: about a second). An app's data dir is not adopted (its
+Snapshotter per volume: btrfs when the volume is a subvolume. A server's root, made
+by the provisioner as a plain directory, is adopted once on a btrfs root (the server
+stopped, paused first where runners supervise it (controller/pauses.py), its files
+reflinked into a new subvolume, the two swapped atomically, the server started:
+about a second). An app's data dir is not adopted (its
 instances run on a runner); until it is a subvolume it gets the rsync --link-dest
 fallback, and `berth backup list` says so and what that cannot guarantee.
 """
@@ -29,18 +32,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
-import json
 import logging
 import os
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from backup import btrfs, manifest, offsite
 from backup.errors import BackupError
@@ -57,12 +58,12 @@ from backup.snapshots import (
     parse_name,
 )
 from backup.volumes import BtrfsSnapshotter, LinkDestSnapshotter, Snapshotter, Volume, VolumeStore
+from controller.pauses import Supervisor
 from dbprovision import command
 from dbprovision.pgdedicated import PgDedicated
 from dbprovision.ports import free_port
 from dbprovision.redisdedicated import RedisDedicated
 from dbprovision.redisserver import RedisServer
-from messaging.shapes import ServiceSpec
 
 if TYPE_CHECKING:
     from dbprovision.records import AddonRecord
@@ -91,79 +92,6 @@ class NoVolume(BackupError):
     code = "no_volume"
     status = 404
     default_hint = "`berth backup list` shows the volumes there are"
-
-
-PAUSE_SECONDS = 900.0       # a pause nobody lifts (its job died) ends by itself
-STOP_WAIT = 60.0            # seconds for runners to stop a paused addon's servers
-
-
-class Supervisor(Protocol):
-    """Who keeps an addon's servers running (the runners, through the controller):
-    `pause` has them stopped and not restarted, and says whether any runner was
-    supervising them; `resume` lets them be served again."""
-
-    def pause(self, addon_id: str) -> bool: ...
-
-    def resume(self, addon_id: str) -> None: ...
-
-
-class ServerPauses:
-    """The addons whose servers runners must not serve now (a restore or an adoption
-    has them stopped); the controller filters what it serves through it."""
-
-    def __init__(self) -> None:
-        self._until: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def pause(self, addon_id: str, seconds: float = PAUSE_SECONDS) -> None:
-        with self._lock:
-            self._until[addon_id] = time.monotonic() + seconds
-
-    def resume(self, addon_id: str) -> None:
-        with self._lock:
-            self._until.pop(addon_id, None)
-
-    def paused(self, addon_id: str) -> bool:
-        with self._lock:
-            until = self._until.get(addon_id)
-            if until is not None and until < time.monotonic():
-                del self._until[addon_id]
-                log.warning("backup pause expired", extra={"addon": addon_id})
-                until = None
-            return until is not None
-
-    def filter(self, wanted: list[ServiceSpec]) -> list[ServiceSpec]:
-        return [spec for spec in wanted if not self.paused(spec.addon)]
-
-
-class ControllerSupervisor:
-    """The controller's side: pause through its ServerPauses and wait for the runners'
-    heartbeats to list none of the addon's servers (they were stopped on command,
-    not as a crash, so no restart)."""
-
-    def __init__(self, controller: Any) -> None:
-        self.c = controller
-
-    def pause(self, addon_id: str, seconds: float = PAUSE_SECONDS) -> bool:
-        supervised = bool(self.c.services_of(addon_id))
-        self.c.server_pauses.pause(addon_id, seconds)
-        self.c.wake()
-        deadline = time.monotonic() + STOP_WAIT
-        while self.c.services_of(addon_id):
-            if time.monotonic() > deadline:
-                self.resume(addon_id)
-                raise BackupError(f"the runners did not stop addon {addon_id}'s servers "
-                                  f"within {STOP_WAIT:g} s; nothing was changed",
-                                  "see `berth addons info` and the runner's log; try again",
-                                  status=503)
-            time.sleep(0.1)
-        log.info("addon servers paused", extra={"addon": addon_id, "supervised": supervised})
-        return supervised
-
-    def resume(self, addon_id: str) -> None:
-        self.c.server_pauses.resume(addon_id)
-        self.c.wake()
-        log.info("addon servers resumed", extra={"addon": addon_id})
 
 
 @dataclass
@@ -598,26 +526,3 @@ def _provisioner_for(s: Any) -> Callable[[], Provisioner]:
                                     s.addon_pg_port, s.addon_redis_port))
         return made[0]
     return get
-
-
-# -- an app's formation while a restore has it at 0 ------------------------------------
-
-def remember_formation(data_dir: Path, app: str, formation: dict[str, int]) -> None:
-    """Written before an in-place restore scales `app` to 0, removed when it is scaled
-    back: a controller that dies in between scales it back when it starts."""
-    d = data_dir / "restoring"
-    d.mkdir(mode=0o700, exist_ok=True)
-    tmp = d / f".{app}.json"
-    tmp.write_text(json.dumps(formation))
-    os.replace(tmp, d / f"{app}.json")
-
-
-def forget_formation(data_dir: Path, app: str) -> None:
-    (data_dir / "restoring" / f"{app}.json").unlink(missing_ok=True)
-
-
-def interrupted_restores(data_dir: Path) -> dict[str, dict[str, int]]:
-    """{app: formation} of the restores a dead controller left with the app at 0."""
-    d = data_dir / "restoring"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} \
-        if d.is_dir() else {}

@@ -28,13 +28,13 @@ import zmq
 
 from controller import appenv, services
 from controller.api import ApiServer
-from controller.backups import ServerPauses
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
 from controller.errors import ReleasePhaseFailed, Unavailable, build_interrupted, no_runner
 from controller.jobqueue import JobQueue
 from controller.locks import LockServer
 from controller.logstore import LogStore
+from controller.pauses import ServerPauses
 from controller.reconciler import RELEASE_PHASE, Plan, StartSpec, draining_view, flatten, plan
 from controller.runloop import RunLoop
 from controller.runs import Attachment, LineSplitter, Run, RunState
@@ -149,7 +149,7 @@ class Controller:
 
     def resume_interrupted_restores(self) -> None:
         """Apps a restore scaled to 0 when this controller died: scaled back."""
-        from controller.backups import forget_formation, interrupted_restores
+        from controller.pauses import forget_formation, interrupted_restores
         for app, formation in interrupted_restores(self.data_dir).items():
             log.warning("restore interrupted: scaling back", extra={"app": app,
                                                                     "formation": formation})

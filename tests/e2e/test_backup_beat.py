@@ -45,10 +45,17 @@ def test_beat_snapshots_adopt_a_supervised_server_and_prune(venv_cache: Path,
             addon = out.strip().splitlines()[-1]
             volume = f"addon-{addon}"
             url = admin("config", "get", "DATABASE_URL", "-a", "beat").stdout.strip()
-            with closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-                conn.autocommit = True
-                cur.execute("CREATE TABLE t (id int)")
-                cur.execute("INSERT INTO t SELECT generate_series(1, 500)")
+
+            def write() -> bool:
+                # beat's first snapshot adopts the root: the server is down ~1 s once
+                with closing(psycopg2.connect(url, connect_timeout=3)) as conn, \
+                        conn.cursor() as cur:
+                    cur.execute("CREATE TABLE IF NOT EXISTS t (id int)")
+                    cur.execute("DELETE FROM t")        # one transaction: a retry redoes it
+                    cur.execute("INSERT INTO t SELECT generate_series(1, 500)")
+                    conn.commit()
+                return True
+            admin.wait_for(lambda: _retrying(write), 60, "the first rows written")
 
             def snapshots() -> list[str]:
                 return [s["name"] for s in berth.json("backup", "show", volume)["snapshots"]]
@@ -63,9 +70,13 @@ def test_beat_snapshots_adopt_a_supervised_server_and_prune(venv_cache: Path,
                 return len(servers) == 2 and all(State(s["state"]) is State.RUNNING
                                                  for s in servers)
             admin.wait_for(serving, 30, "the runner serving the adopted server")
-            with closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM t")
-                assert cur.fetchone()[0] == 500
+
+            def count() -> int:
+                with closing(psycopg2.connect(url, connect_timeout=3)) as conn, \
+                        conn.cursor() as cur:
+                    cur.execute("SELECT count(*) FROM t")
+                    return int(cur.fetchone()[0])
+            assert admin.wait_for(lambda: _retrying(count), 30, "the rows read") == 500
 
             # prune by "1h min=2": within one hour the first of it and the newest stay
             # (the first of the hour is kept, so a run across an hour boundary keeps 3)
@@ -79,3 +90,11 @@ def test_beat_snapshots_adopt_a_supervised_server_and_prune(venv_cache: Path,
             platform.stop()
             forget_apps(apps)
             time.sleep(0.2)
+
+
+def _retrying(fn):
+    """fn(), or None while the server is down (wait_for tries again)."""
+    try:
+        return fn()
+    except psycopg2.OperationalError:
+        return None

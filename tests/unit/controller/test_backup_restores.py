@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from controller.backups import forget_formation, interrupted_restores, remember_formation
 from controller.daemon import Controller
+from controller.pauses import forget_formation, interrupted_restores, remember_formation
 
 
 def test_a_restarted_controller_scales_back_what_a_restore_left_at_zero(tmp_path):
