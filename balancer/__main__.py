@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _worker(settings: Any, args: argparse.Namespace) -> int:
     doing = "start the balancer worker"
+    if settings.native:
+        from balancer import native
+        native.enable()         # before anything imports the modules it compiles
     with reporting(START, doing=doing):
         from balancer import engines
         engine = engines.load(settings)     # eventlet, when named, is imported first

@@ -20,7 +20,9 @@ import zmq.asyncio
 
 from messaging.envelope import Message, recv_async, send_async
 
-READ_HIGH = 1 << 18      # buffered bytes past which the transport stops reading
+READ_HIGH = 1 << 19      # buffered bytes past which the transport stops reading
+READ_LOW = 1 << 17       # ... and below which it reads again
+JOIN_MAX = 1 << 16       # buffered pieces up to this size are handed back joined
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -31,6 +33,7 @@ def _expire(fut: asyncio.Future[None]) -> None:
 class Stream(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: Any = None
+        self.loop: Any = None
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.eof = False          # the peer sent FIN (or the connection is gone)
@@ -39,13 +42,19 @@ class Stream(asyncio.Protocol):
         self.write_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._pipe: _Pipe | None = None       # a body this stream is the source of
+        self._feeding: _Pipe | None = None    # a body written into this stream
 
     # -- protocol callbacks -------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()   # asked once: each ask costs a getpid()
 
     def data_received(self, data: bytes) -> None:
+        if self._pipe is not None:
+            self._pipe.feed(data)
+            return
         self.chunks.append(data)
         self.buffered += len(data)
         if self.buffered > READ_HIGH and not self.read_paused:
@@ -57,6 +66,8 @@ class Stream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self._pipe is not None:
+            self._pipe.finish()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -64,6 +75,9 @@ class Stream(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = self.eof = True
+        for pipe in (self._pipe, self._feeding):
+            if pipe is not None:
+                pipe.finish()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -76,6 +90,8 @@ class Stream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._feeding is not None:
+            self._feeding.resume()
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -83,14 +99,16 @@ class Stream(asyncio.Protocol):
     # -- awaitable I/O ----------------------------------------------------------------
 
     async def recv(self, timeout: float) -> bytes:
-        """Everything buffered, waiting up to `timeout` seconds for something;
-        b"" at end of stream; TimeoutError past the timeout."""
+        """What is buffered (joined when small, else the first piece), waiting up
+        to `timeout` seconds for something; b"" at end of stream; TimeoutError
+        past the timeout."""
         if not self.chunks:
             if self.eof:
                 return b""
-            fut = asyncio.get_running_loop().create_future()
+            loop = self.loop
+            fut = loop.create_future()
             self._waiter = fut
-            handle = fut.get_loop().call_later(max(timeout, 0.001), _expire, fut)
+            handle = loop.call_later(max(timeout, 0.001), _expire, fut)
             try:
                 await fut
             finally:
@@ -100,10 +118,14 @@ class Stream(asyncio.Protocol):
             if not self.chunks:
                 return b""
         chunks = self.chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
-        self.buffered = 0
-        if self.read_paused and not self.closed:
+        if len(chunks) == 1 or self.buffered <= JOIN_MAX:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.chunks = []
+            self.buffered = 0
+        else:
+            data = chunks.pop(0)      # large pieces one at a time: no copy to join them
+            self.buffered -= len(data)
+        if self.read_paused and self.buffered <= READ_LOW and not self.closed:
             self.read_paused = False
             self.transport.resume_reading()
         return data
@@ -118,9 +140,10 @@ class Stream(asyncio.Protocol):
     async def drain(self, timeout: float) -> None:
         if not self.write_paused:
             return
-        fut = asyncio.get_running_loop().create_future()
+        loop = self.loop
+        fut = loop.create_future()
         self._drain = fut
-        handle = fut.get_loop().call_later(max(timeout, 0.001), _expire, fut)
+        handle = loop.call_later(max(timeout, 0.001), _expire, fut)
         try:
             await fut
         finally:
@@ -134,15 +157,42 @@ class Stream(asyncio.Protocol):
         if self.write_paused:
             await self.drain(timeout)
 
+    async def pipe(self, dst: Stream, n: int, read_timeout: float,
+                   write_timeout: float) -> tuple[int, bool]:
+        """Move the next `n` bytes from this stream into `dst`, inside the protocol
+        callbacks (no task wakes per piece; reading pauses while `dst` cannot take
+        more). Returns (bytes moved, clean): fewer than `n` when this stream ended,
+        `dst` failed or nothing moved for the timeout (read_timeout waiting for
+        bytes, write_timeout waiting for `dst`); clean is false when bytes past the
+        `n` arrived with them."""
+        pipe = _Pipe(self, dst, n, read_timeout, write_timeout)
+        while self.chunks and pipe.remaining and not pipe.done.done():
+            data = self.chunks.pop(0)
+            self.buffered -= len(data)
+            pipe.feed(data)
+        if pipe.remaining and not pipe.done.done() and not self.eof:
+            self._pipe, dst._feeding = pipe, pipe
+            if self.read_paused:          # paused for the buffer, now emptied
+                self.read_paused = False
+                pipe.paused = True
+                pipe.resume()
+            pipe.arm()
+            try:
+                await pipe.done
+            finally:
+                self._pipe = dst._feeding = None
+                pipe.stop()
+        return pipe.moved, pipe.clean
+
     def has_bytes(self) -> bool:
         return bool(self.chunks)
 
     def finish(self) -> None:
         self.close()
 
-    def reusable(self) -> bool:
+    def reusable(self, probe: bool = True) -> bool:
         """An idle pooled connection is usable if it has neither closed nor sent
-        anything unasked."""
+        anything unasked (known without a syscall here: `probe` is moot)."""
         return not (self.eof or self.chunks or self.transport.is_closing())
 
     def close(self) -> None:
@@ -153,6 +203,72 @@ class Stream(asyncio.Protocol):
         """Drop the connection now, unsent bytes too (like shutdown(SHUT_RDWR))."""
         if self.transport is not None:
             self.transport.abort()
+
+
+class _Pipe:
+    """A body moving from one Stream's callbacks straight into another's transport
+    (Stream.pipe)."""
+
+    __slots__ = ("src", "dst", "remaining", "moved", "clean", "paused", "last",
+                 "timer", "read_timeout", "write_timeout", "loop", "done")
+
+    def __init__(self, src: Stream, dst: Stream, n: int, read_timeout: float,
+                 write_timeout: float) -> None:
+        self.src, self.dst = src, dst
+        self.remaining, self.moved, self.clean = n, 0, True
+        self.paused = False           # src reading paused because dst is full
+        self.loop = src.loop
+        self.last = self.loop.time()
+        self.read_timeout, self.write_timeout = read_timeout, write_timeout
+        self.timer: Any = None
+        self.done: asyncio.Future[None] = self.loop.create_future()
+
+    def feed(self, data: bytes) -> None:
+        if self.done.done():          # after the body (or a stop): unasked bytes
+            self.clean = False
+            self.src.chunks.append(data)
+            self.src.buffered += len(data)
+            return
+        take = data if len(data) <= self.remaining else data[:self.remaining]
+        if len(take) < len(data):
+            self.clean = False        # bytes past the body: the connection is spoiled
+        try:
+            self.dst.write(take)
+        except ConnectionResetError:
+            self.finish()
+            return
+        self.remaining -= len(take)
+        self.moved += len(take)
+        self.last = self.loop.time()
+        if not self.remaining:
+            self.finish()
+        elif self.dst.write_paused and not self.paused:
+            self.paused = True
+            self.src.transport.pause_reading()
+
+    def resume(self) -> None:
+        """dst drained: read again."""
+        if self.paused and not self.src.closed:
+            self.paused = False
+            self.last = self.loop.time()
+            self.src.transport.resume_reading()
+
+    def arm(self) -> None:
+        wait = self.write_timeout if self.paused else self.read_timeout
+        idle = self.loop.time() - self.last
+        if idle >= wait:
+            self.finish()             # nothing moved for the timeout: stop short
+        else:
+            self.timer = self.loop.call_later(wait - idle, self.arm)
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.resume()
 
 
 class ServerStream(Stream):
@@ -169,7 +285,7 @@ class ServerStream(Stream):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         conn = self._accept(self, (peer[0], peer[1]) if peer else ("", 0))
-        asyncio.get_running_loop().create_task(self._handle(conn))
+        self.loop.create_task(self._handle(conn))
 
 
 class AioTask:

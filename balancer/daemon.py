@@ -26,7 +26,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from balancer import engines
+from balancer import engines, native
 from balancer.engines import Engine, Server, Task
 from balancer.exchange import Proxy
 from balancer.listener import check_loopback, check_trusted, listening_socket, raise_open_files
@@ -129,7 +129,8 @@ class Balancer:
                                               "port": self.s.listen_port,
                                               "pid": os.getpid(),
                                               "engine": self.engine.name,
-                                              "loop": self.engine.loop_name})
+                                              "loop": self.engine.loop_name,
+                                              "native": native.active()})
         if self._ready_fd is not None:
             try:
                 os.write(self._ready_fd, b"ready\n")

@@ -25,8 +25,16 @@ class Stream(Protocol):
         """All of `data`, each wait for the peer bounded by `timeout`; OSError
         (TimeoutError included) when it cannot."""
 
-    def reusable(self) -> bool:
-        """An idle connection is still usable: not closed, nothing sent unasked."""
+    async def pipe(self, dst: Any, n: int, read_timeout: float,
+                   write_timeout: float) -> tuple[int, bool]:
+        """Move the next `n` bytes into `dst`: (bytes moved, clean). Fewer than `n`
+        when this stream ended, `dst` failed or nothing moved for the timeout
+        (read_timeout for bytes to come, write_timeout for `dst` to take them);
+        clean is false when bytes past the `n` came too (never raises)."""
+
+    def reusable(self, probe: bool = True) -> bool:
+        """An idle connection is still usable: not closed, nothing sent unasked.
+        `probe` false: the engine may answer yes rather than spend a syscall."""
 
     def has_bytes(self) -> bool:
         """Bytes wait unread (a request is arriving)."""

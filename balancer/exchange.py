@@ -322,8 +322,9 @@ class Proxy:
                     break
                 # back in the pool a moment ago: no backend closes (or sends an
                 # unasked 408) that fast, and for a retryable request the Retry
-                # path covers a close anyway; otherwise look at it first
-                if (retryable and idle_for < FRESH_IDLE) or bconn.reusable():
+                # path covers a close anyway, so the engine need not spend a
+                # syscall to look (it still looks where looking is free)
+                if bconn.reusable(probe=not (retryable and idle_for < FRESH_IDLE)):
                     return bconn, True
                 bconn.close()
         try:
@@ -552,19 +553,17 @@ class Proxy:
         if kind == "none":
             return resp.keep_alive and not rest
         if kind == "length":
-            remaining = resp.framing.length
-            data = rest
-            while True:
-                piece = data[:remaining]
-                if piece:
-                    await self._to_client(conn, piece)
-                    out.bytes += len(piece)
-                    remaining -= len(piece)
-                if remaining == 0:
-                    return resp.keep_alive and len(data) == len(piece)
-                data = await self._from_backend(bconn)
-                if not data:
-                    raise ClientGone()   # truncated by the app: the client sees a short body
+            remaining = resp.framing.length - len(rest)   # rest is short of it here
+            if rest:
+                await self._to_client(conn, rest)
+                out.bytes += len(rest)
+            moved, clean = await bconn.pipe(conn.stream, remaining,
+                                            self.s.response_timeout, self.s.idle_timeout)
+            out.bytes += moved
+            conn.bytes_out += moved
+            if moved < remaining:
+                raise ClientGone()   # cut short (the app, the client or a timeout)
+            return resp.keep_alive and clean
         return await self._relay_unsized(conn, resp, rest, bconn,
                                          framing_out == "chunked", out)
 

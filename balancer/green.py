@@ -56,7 +56,30 @@ class GreenStream:
         sock.settimeout(timeout if timeout > 0.001 else 0.001)
         sock.sendall(data)
 
-    def reusable(self) -> bool:
+    async def pipe(self, dst: GreenStream, n: int, read_timeout: float,
+                   write_timeout: float) -> tuple[int, bool]:
+        """Move the next `n` bytes into `dst` (reads never ask for more than `n`);
+        (bytes moved, clean) as aio.Stream.pipe."""
+        moved = 0
+        try:
+            while moved < n:
+                data = await self.recv_at_most(n - moved, read_timeout)
+                if not data:
+                    break
+                await dst.send(data, write_timeout)
+                moved += len(data)
+        except OSError:
+            pass
+        return moved, not self.has_bytes()
+
+    async def recv_at_most(self, size: int, timeout: float) -> bytes:
+        sock = self.sock
+        sock.settimeout(timeout if timeout > 0.001 else 0.001)
+        return sock.recv(min(size, BUFSIZE))
+
+    def reusable(self, probe: bool = True) -> bool:
+        if not probe:
+            return True
         try:
             self.sock.fd.recv(1, _PEEK)
         except BlockingIOError:

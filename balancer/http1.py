@@ -152,7 +152,7 @@ def _tokens(values: list[str] | None) -> list[str]:
     if len(values) == 1 and "," not in values[0]:
         token = values[0].strip().lower()
         return [token] if token else []
-    out = []
+    out: list[str] = []
     for value in values:
         out.extend(p.strip().lower() for p in value.split(","))
     return [p for p in out if p]
@@ -200,9 +200,14 @@ def find_head(buf: bytes, max_bytes: int) -> tuple[int, int] | None:
     while buf.startswith(CRLF, start):
         start += 2
     end = buf.find(b"\r\n\r\n", start)
-    region = buf[start:end if end >= 0 else len(buf)]
-    if region.count(b"\n") != region.count(b"\r\n") or \
-            region.rstrip(b"\r").count(b"\r") != region.count(b"\r\n"):
+    stop = end if end >= 0 else len(buf)
+    # counted in place (no copy of the head): every LF and every CR, less CRs at
+    # the very end (a CRLF still arriving), must belong to a CRLF
+    crlf = buf.count(b"\r\n", start, stop)
+    trailing = stop
+    while trailing > start and buf[trailing - 1] == 13:
+        trailing -= 1
+    if buf.count(b"\n", start, stop) != crlf or buf.count(b"\r", start, trailing) != crlf:
         raise BadRequest("the request head has a bare LF or CR line ending",
                          "end every header line with CRLF")
     if end < 0:
@@ -361,7 +366,7 @@ def _request(method: str, target: str, version: tuple[int, int],
         upgrade = ", ".join(index.get("upgrade", ()))
     return Request(method, target, version, headers, host, framing, keep_alive,
                    expect_continue=bool(expect) and
-                   "100-continue" in [v.lower() for v in expect],
+                   "100-continue" in [v.lower() for v in expect or ()],
                    upgrade=upgrade)
 
 

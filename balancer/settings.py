@@ -32,4 +32,5 @@ SPEC = Spec("balancer", [
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
     Setting("engine", str, "asyncio", "I/O engine: asyncio or eventlet (same core, same behaviour).", choices=("asyncio", "eventlet")),
     Setting("uvloop", bool, True, "With engine asyncio: run on uvloop when it is installed."),
+    Setting("native", bool, True, "Run the mypyc-compiled core when `python -m balancer.native build` built it for these very sources (else pure Python)."),
 ])

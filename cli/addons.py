@@ -157,6 +157,11 @@ def info(addon: str, as_json: bool) -> None:
     if a["quota_mb"]:
         used = f"{a['usage_mb']:.1f} MB of " if a["usage_mb"] is not None else ""
         rows.append(("quota", f"{used}{a['quota_mb']} MB ({a['quota_state'] or 'unchecked'})"))
+    for server in a.get("servers") or []:
+        rows.append((f"{server['proc']} {server['instance'].removeprefix(a['id'] + '-')}",
+                     f"{server['state']} on {server['host']} ({server['address']}:"
+                     f"{server['port']}), {server['restarts']} restarts"
+                     + (f": {server['reason']}" if server["reason"] else "")))
     if a["final_dump"]:
         rows.append(("final dump", a["final_dump"]))
     if a["error"]:

@@ -118,7 +118,8 @@ def outside_tmp(data_dir: Path) -> Path | None:
 class LocalPlatform:
     data_dir: Path
     ports: Ports = field(default_factory=Ports)
-    runners: list[tuple[str, str]] = field(default_factory=lambda: [("runner-1", "127.0.0.1")])
+    # (name, address) or (name, address, roles: "app,db"); roles default to both
+    runners: list[tuple[str, ...]] = field(default_factory=lambda: [("runner-1", "127.0.0.1")])
     wheel_cache_dir: str = ""
     apps_dir: str = ""          # each runner's app files go in <apps_dir>/<runner name>
     drain_seconds: float = 2.0
@@ -164,7 +165,10 @@ class LocalPlatform:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         jobs = {"broker_url": self.broker_url, "addons_dir": str(self.data_dir / "addons"),
                 "addon_pg_port": p.addon_pg, "addon_redis_port": p.addon_redis,
-                "job_retry_seconds": self.job_retry_seconds} if self.jobs else {}
+                "job_retry_seconds": self.job_retry_seconds,
+                # backups of the apps' data dirs: every runner here is on this host
+                "backup_apps_dirs": [str(self.runner_apps_dir(name))
+                                     for name, *_ in self.runners]} if self.jobs else {}
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
                            "balancer_port": p.balancer, "drain_seconds": self.drain_seconds,
@@ -219,8 +223,9 @@ class LocalPlatform:
             self.start_broker(timeout)
         self.start_controller()
         self._wait(lambda: self._health() is not None, timeout, "controller")
-        for name, address in self.runners:
-            self.start_runner(name, address, runner_token.read_text().strip())
+        for name, address, *roles in self.runners:
+            self.start_runner(name, address, runner_token.read_text().strip(),
+                              roles=roles[0] if roles else None)
         self._wait(lambda: (self._health() or {}).get("runners", 0) >= len(self.runners),
                    timeout, "runners")
         self.start_balancer("balancer-1", self.ports.balancer)
@@ -259,11 +264,18 @@ class LocalPlatform:
     def start_controller(self) -> None:
         self._spawn("controller", "controller", {})
 
-    def start_runner(self, name: str, address: str, token: str | None = None) -> None:
+    def runner_apps_dir(self, name: str) -> Path:
+        """Where runner `name` keeps its apps (its apps_dir setting's default otherwise)."""
+        return Path(self.apps_dir) / name if self.apps_dir else self.data_dir / name / "apps"
+
+    def start_runner(self, name: str, address: str, token: str | None = None,
+                     roles: str | None = None) -> None:
         token = token or (self.data_dir / "controller" / "runner.token").read_text().strip()
         env = {"BERTH_RUNNER_HOST_ID": name, "BERTH_RUNNER_ADDRESS": address,
                "BERTH_RUNNER_DATA_DIR": str(self.data_dir / name),
                "BERTH_RUNNER_RUNNER_TOKEN": token}
+        if roles:
+            env["BERTH_RUNNER_ROLES"] = roles
         if self.apps_dir:
             env["BERTH_RUNNER_APPS_DIR"] = str(Path(self.apps_dir) / name)
         self._spawn(name, "runner", env)

@@ -82,6 +82,16 @@ def networks(value: list[str]) -> None:
                           "list addresses or CIDRs such as 10.0.0.0/8") from exc
 
 
+@describe_check("one or more of app, db")
+def host_roles(value: list[str]) -> None:
+    roles = [str(v).strip() for v in value]
+    unknown = [r for r in roles if r not in ("app", "db")]
+    if unknown or not roles:
+        raise Invalid(f"has {', '.join(map(repr, unknown)) or 'no role'}",
+                      "list app, db or both (app: instances, runs and builds; db: addon "
+                      "database servers)")
+
+
 @describe_check("not empty")
 def not_empty(value: str) -> None:
     if not value.strip():
@@ -92,3 +102,14 @@ def endpoint(channel: str, help: str) -> Setting:
     """The setting holding `channel`'s endpoint, defaulting to the channel's own."""
     ch = CHANNELS[channel]
     return Setting(ch.endpoint_setting, str, ch.default_endpoint, help, check=zmq_endpoint)
+
+
+@describe_check("e.g. 24h 7d 4w 12m min=3")
+def retention_policy(value: str) -> None:
+    """A backup retention policy (backup/retention.py)."""
+    from backup.errors import InvalidPolicy
+    from backup.retention import Policy
+    try:
+        Policy.parse(value)
+    except InvalidPolicy as exc:
+        raise Invalid(exc.message, exc.hint) from None

@@ -33,6 +33,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from controller.errors import Conflict, Invalid
+from messaging.errors import ProtocolError
+from messaging.shapes import ServiceSpec
 
 ENGINES = ("postgres", "redis")
 PLANS = ("shared", "dedicated", "ha")
@@ -117,6 +119,8 @@ class Addon:
     created_at: float = 0.0
     updated_at: float = 0.0
     attempts: int = 0                           # tasks sent for the op in flight
+    # the servers runners supervise for it (ServiceSpec wire dicts), as reported
+    services: list[dict[str, Any]] = field(default_factory=list)
 
     # -- the state machine ------------------------------------------------------
     def _to(self, new: AddonState) -> None:
@@ -156,7 +160,8 @@ class Addon:
     def report(self, op: str, outcome: str, *, step: str = "",
                credentials: dict[str, Any] | None = None,
                error: dict[str, Any] | None = None,
-               final_dump: str | None = None) -> bool:
+               final_dump: str | None = None,
+               services: list[dict[str, Any]] | None = None) -> bool:
         """Apply a worker's report about `op`: "step" (progress), "done" or "failed".
         Returns whether the app's environment changed (a new release is due). A
         report about an op no longer in flight is a Conflict: that worker's task is
@@ -164,7 +169,7 @@ class Addon:
         if outcome not in ("step", "done", "failed"):
             raise Invalid(f"unknown outcome {outcome!r}", "report step, done or failed")
         if op == MOVED:
-            return self.moved(credentials, step) if outcome == "done" else False
+            return self.moved(credentials, step, services) if outcome == "done" else False
         if self.op is None or op != self.op.value:
             raise Conflict(f"addon {self.id} has no {op} in flight "
                            f"({self.state.value}, op {self.op.value if self.op else 'none'})",
@@ -182,6 +187,7 @@ class Addon:
                 self._to(AddonState.FAILED)
             return False
         if current is Op.PROVISION:
+            self.services = self.check_services(services)
             self.credentials = check_credentials(credentials)
             self.error = None
             self._to(AddonState.READY)
@@ -191,12 +197,14 @@ class Addon:
             self.error = None
             return True
         self.credentials = None
+        self.services = []
         self.final_dump = final_dump
         self.error = None
         self._to(AddonState.DESTROYED)
         return False
 
-    def moved(self, credentials: dict[str, Any] | None, step: str = "") -> bool:
+    def moved(self, credentials: dict[str, Any] | None, step: str = "",
+              services: list[dict[str, Any]] | None = None) -> bool:
         """An ha addon's nodes changed places outside any op (a failover, a standby
         rebuilt): its credentials now name the new primary (REDIS_URL) or standby
         (DATABASE_READ_URL). True when the app's environment changed (a release)."""
@@ -206,9 +214,39 @@ class Addon:
                            code="stale_task")
         before = self.env()
         self.credentials = check_credentials(credentials)
+        if services is not None:
+            self.services = self.check_services(services)
         if step:
             self.step = step[:500]
         return self.env() != before
+
+    def check_services(self, raw: Any) -> list[dict[str, Any]]:
+        """A worker's list of servers to supervise, each a valid ServiceSpec of this
+        addon (the app filled in here: the worker does not know it)."""
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise Invalid("services must be a list of service specs")
+        out = []
+        for item in raw:
+            try:
+                spec = ServiceSpec.from_wire({**item, "app": self.app} if isinstance(
+                    item, dict) else item)
+            except ProtocolError as exc:
+                raise Invalid(f"a reported service is malformed: {exc}",
+                              "the job worker and the controller disagree on the shape"
+                              ) from exc
+            if spec.addon != self.id:
+                raise Invalid(f"service {spec.id} belongs to addon {spec.addon}, not {self.id}")
+            out.append(spec.to_wire())
+        return out
+
+    def wanted_services(self) -> list[ServiceSpec]:
+        """What runners should supervise for it now: its servers while it is ready or
+        being rotated; none once it is being destroyed (the worker then stops them)."""
+        if self.state is not AddonState.READY:
+            return []
+        return [ServiceSpec.from_wire(s) for s in self.services]
 
     # -- what the app sees ------------------------------------------------------
     @property
@@ -331,7 +369,8 @@ def masked(url: str) -> str:
 
 # -- rows <-> objects (the store's side) -----------------------------------------
 COLUMNS = ("id, app, engine, plan, state, op, step, credentials, attachments, quota_mb, "
-           "quota_state, usage_mb, final_dump, error, created_at, updated_at, attempts")
+           "quota_state, usage_mb, final_dump, error, created_at, updated_at, attempts, "
+           "services")
 
 
 def from_row(row: tuple[Any, ...]) -> Addon:
@@ -342,7 +381,8 @@ def from_row(row: tuple[Any, ...]) -> Addon:
         attachments=[Attachment.from_dict(a) for a in json.loads(row[8] or "[]")],
         quota_mb=row[9], quota_state=row[10], usage_mb=row[11], final_dump=row[12],
         error=json.loads(row[13]) if row[13] else None, created_at=row[14],
-        updated_at=row[15], attempts=row[16] or 0)
+        updated_at=row[15], attempts=row[16] or 0,
+        services=json.loads(row[17]) if row[17] else [])
 
 
 def to_row(a: Addon) -> tuple[Any, ...]:
@@ -350,4 +390,5 @@ def to_row(a: Addon) -> tuple[Any, ...]:
             a.step, json.dumps(a.credentials) if a.credentials else None,
             json.dumps([x.to_dict() for x in a.attachments]), a.quota_mb, a.quota_state,
             a.usage_mb, a.final_dump, json.dumps(a.error) if a.error else None,
-            a.created_at, a.updated_at, a.attempts)
+            a.created_at, a.updated_at, a.attempts,
+            json.dumps(a.services) if a.services else None)

@@ -26,8 +26,9 @@ from typing import Any
 
 import zmq
 
-from controller import appenv
+from controller import appenv, services
 from controller.api import ApiServer
+from controller.backups import ServerPauses
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
 from controller.errors import ReleasePhaseFailed, Unavailable, build_interrupted, no_runner
@@ -73,6 +74,10 @@ class View:
     instances: list[InventoryItem] = field(default_factory=list)
     routes: tuple[int, dict[str, Any]] = (0, {})
     runs: list[RunItem] = field(default_factory=list)
+    services: list[InventoryItem] = field(default_factory=list)     # addon servers
+    live_addresses: frozenset[str] = frozenset()
+    db_addresses: tuple[str, ...] = ()              # db runners', least busy first
+    lost_addresses: frozenset[str] = frozenset()    # of runners lost, none back there
 
 
 class Controller:
@@ -101,6 +106,9 @@ class Controller:
         self.draining: dict[str, float] = {}              # instance -> since
         self.stopping: dict[str, float] = {}              # instance -> stop sent at
         self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
+        self.serve_sent: dict[str, float] = {}     # addon server id -> serve sent when
+        self.server_pauses = ServerPauses()        # addons a backup job stopped for now
+        self.lost_addresses: set[str] = set()      # runners lost there (and not back)
         self.deploy_leases: dict[str, Lease] = {}         # build -> its deploy/<app> lease
         self.deploy_waits: set[str] = set()               # builds told they wait for one
         self._view_lock = threading.Lock()
@@ -130,8 +138,28 @@ class Controller:
             path.chmod(0o600)
         return path
 
+    def ensure_backup_admin_token(self) -> Path:
+        """The backup-admin role's first token (controller/backups.py), beside admin.token."""
+        from controller.backups import BACKUP_ADMIN
+        path = self.data_dir / f"{BACKUP_ADMIN}.token"
+        if not path.exists() or self.store.token_name(path.read_text().strip()) is None:
+            path.write_text(self.store.add_token(BACKUP_ADMIN) + "\n")
+            path.chmod(0o600)
+        return path
+
+    def resume_interrupted_restores(self) -> None:
+        """Apps a restore scaled to 0 when this controller died: scaled back."""
+        from controller.backups import forget_formation, interrupted_restores
+        for app, formation in interrupted_restores(self.data_dir).items():
+            log.warning("restore interrupted: scaling back", extra={"app": app,
+                                                                    "formation": formation})
+            self.store.scale(app, formation, self.settings.max_per_process_type)
+            forget_formation(self.data_dir, app)
+
     def start(self) -> None:
         self.ensure_admin_token()
+        self.ensure_backup_admin_token()
+        self.resume_interrupted_restores()
         self.ctx = zmq.Context()
         s = self.settings
         self.locks = LockServer(self.ctx, s.locks_endpoint, s.lock_events_endpoint,
@@ -262,6 +290,8 @@ class Controller:
     def _beat(self, now: float) -> None:
         for peer in self.tracker.reap(now):
             log.warning("runner lost", extra={"runner": peer.name})
+            if isinstance(peer.payload, HostReport) and peer.payload.address:
+                self.lost_addresses.add(peer.payload.address)
             self.commands.host_lost(peer.name)
             self._wake.set()
         beat = make("heartbeat", self.settings.host_id, host=self.settings.host_id,
@@ -300,7 +330,7 @@ class Controller:
         queued = self.builds.in_state(BuildState.QUEUED)
         if not queued:
             return
-        load = {h: len(r.inventory) for h, r in self.observed(now).items()}
+        load = {h: len(r.inventory) for h, r in self.observed(now).items() if r.runs_apps}
         for build in queued:
             if not load:
                 if now - build.queued_at > NO_RUNNER_WAIT:
@@ -525,9 +555,29 @@ class Controller:
                 self.draining.pop(iid, None)
                 self.commands.send(host, "stop", {"instance": iid}, subject=iid, now=now)
         self._publish(p.routes)
+        self._serve_addon_servers(observed, now)
         self._update_view(observed)
         self._destroy_leftovers(observed, set(desired), now)
         return p
+
+    def _serve_addon_servers(self, observed: dict[str, HostReport], now: float) -> None:
+        """Have runners supervise the addon servers the store wants, and stop the ones
+        it no longer does (controller/services.py)."""
+        wanted = self.server_pauses.filter(self.store.wanted_services())
+        sp = services.plan(wanted, observed, self.serve_sent, now, self.lost_addresses)
+        ids = {spec.id for spec in wanted}
+        for sid in list(self.serve_sent):
+            if sid not in ids:
+                del self.serve_sent[sid]
+        for host, spec in sp.serves:
+            self.serve_sent[spec.id] = now
+            self.commands.send(host, "serve", {"service": spec.to_wire()}, subject=spec.id,
+                               now=now)
+            log.info("serving addon server", extra={"addon": spec.addon, "app": spec.app,
+                                                    "service": spec.id, "runner": host})
+        for host, sid in sp.unserves:
+            self.commands.send(host, "unserve", {"service": sid}, subject=sid, now=now)
+            log.info("unserving addon server", extra={"service": sid, "runner": host})
 
     def _destroy_leftovers(self, observed: dict[str, HostReport], apps: set[str],
                            now: float) -> None:
@@ -585,9 +635,17 @@ class Controller:
         insts = draining_view(flatten(observed, self.pending), self.draining)
         hosts = {h: HostView(r.address, len(r.inventory), r.static_port)
                  for h, r in observed.items()}
+        live = frozenset(r.address for r in observed.values() if r.address)
+        self.lost_addresses -= live
         with self._view_lock:
             self._view = View(hosts, insts, (self.publisher.seq, dict(self.publisher.table)),
-                              self.run_loop.items(observed))
+                              self.run_loop.items(observed),
+                              [i for r in observed.values() for i in r.services],
+                              live_addresses=live,
+                              lost_addresses=frozenset(self.lost_addresses),
+                              db_addresses=tuple(r.address or "" for r in sorted(
+                                  (r for r in observed.values() if r.runs_dbs and r.address),
+                                  key=lambda r: (len(r.services), r.address or ""))))
 
     # -- read-only views for the API threads (JSON-ready) --------------------
     def runs_of(self, app: str) -> list[dict[str, Any]]:
@@ -601,6 +659,21 @@ class Controller:
     def instances_on(self, host: str) -> list[dict[str, Any]]:
         with self._view_lock:
             return [i.to_wire() for i in self._view.instances if i.host == host]
+
+    def host_addresses(self) -> dict[str, list[str]]:
+        """Where runners answer; where a runner was lost and none answers since (a job
+        worker leaves an ha node there alone until its host is back); the db hosts,
+        least busy first (where a job worker puts new addon servers)."""
+        with self._view_lock:
+            return {"live": sorted(self._view.live_addresses),
+                    "lost": sorted(self._view.lost_addresses),
+                    "db": list(self._view.db_addresses)}
+
+    def services_of(self, addon_id: str) -> list[dict[str, Any]]:
+        """The addon's servers as their runners report them (`berth addons info`)."""
+        prefix = f"{addon_id}-"
+        with self._view_lock:
+            return [i.to_wire() for i in self._view.services if i.instance.startswith(prefix)]
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         with self._view_lock:

@@ -159,7 +159,7 @@ class Permanent(Exception):
 
 # -- one task at a time per addon ------------------------------------------------
 @contextlib.contextmanager
-def addon_lock(addon_id: str) -> Iterator[None]:
+def addon_lock(addon_id: str, wait: float = LOCK_WAIT) -> Iterator[None]:
     """A lock in the broker's Redis: `host:pid:time`. A holder on this host whose
     process is gone (a killed worker) is taken over at once."""
     import redis
@@ -168,7 +168,7 @@ def addon_lock(addon_id: str) -> Iterator[None]:
                                   decode_responses=True)
     key = f"berth:addon-lock:{addon_id}"
     me = f"{socket.gethostname()}:{os.getpid()}:{time.time():.3f}"
-    deadline = time.monotonic() + LOCK_WAIT
+    deadline = time.monotonic() + wait
     while not client.set(key, me, nx=True, ex=LOCK_TTL):
         holder = str(client.get(key) or "")
         host, _, rest = holder.partition(":")
@@ -278,10 +278,18 @@ class Provision(AddonTask):
         if addon["plan"] == "shared":
             self.step(addon["id"], "starting the shared servers")
             prov.ensure_shared_servers()
-        self.step(addon["id"], f"creating the {addon['plan']} {addon['engine']} database")
+        hosts = None
+        if addon["plan"] != "shared":       # on the db hosts the runners declare
+            hosts = api().call("GET", "/v1/platform/hosts")["db"]
+            where = ", ".join(hosts[:2 if addon["plan"] == "ha" else 1]) or "this host"
+            self.step(addon["id"], f"creating the {addon['plan']} {addon['engine']} "
+                                   f"database on {where}")
+        else:
+            self.step(addon["id"], f"creating the {addon['plan']} {addon['engine']} database")
         creds = prov.provision(addon["id"], addon["engine"], addon["plan"],
-                               quota_mb=addon.get("quota_mb"))
-        self.report(addon["id"], "done", step="ready", credentials=asdict(creds))
+                               quota_mb=addon.get("quota_mb"), hosts=hosts)
+        self.report(addon["id"], "done", step="ready", credentials=asdict(creds),
+                    services=[s.to_wire() for s in prov.services(addon["id"])])
         if addon["plan"] == "shared" and addon["engine"] == "postgres":
             prov.refill_spares()        # off the user's clock: the next one is faster
         return "ready"
@@ -337,11 +345,12 @@ def destroy_addon(self: Destroy, addon_id: str) -> str:
 def check_quotas() -> dict[str, str]:
     """Measure every ready shared database against its quota: over it the provisioner
     warns, then revokes writes (reads and deletes go on) until it is back under; the
-    controller puts each change in the app's log. Also starts the shared and dedicated
-    servers that are not running (after a reboot; both calls are idempotent)."""
+    controller puts each change in the app's log. Also starts the shared servers
+    that are not running (after a reboot; idempotent). Dedicated and ha servers are
+    not started here: runners supervise them (runner/services.py), and a server
+    whose host is gone must stay down for its standby to take over."""
     prov = provisioner()
-    prov.ensure_shared_servers()
-    prov.ensure_dedicated_servers()     # until a runner supervises them
+    prov.ensure_shared_servers()        # the dedicated ones: runners supervise them
     out: dict[str, str] = {}
     client = api()
     for addon in client.call("GET", "/v1/platform/addons?quota=1")["addons"]:
@@ -378,11 +387,32 @@ def check_ha() -> dict[str, str]:
     out: dict[str, str] = {}
     for addon_id in prov.ha_addons("postgres") + prov.ha_addons("redis"):
         try:
-            out[addon_id] = _check_ha_addon(prov, client, addon_id)
+            # one check at a time per addon, and none beside its provision/rotate/
+            # destroy: a report made mid-failover would tell the app a half-made state
+            with addon_lock(addon_id, wait=0):
+                out[addon_id] = _check_ha_addon(prov, client, addon_id)
+        except BerthError as exc:
+            if exc.code != "busy":
+                log.exception("ha check of %s failed", addon_id)
+            out[addon_id] = "busy" if exc.code == "busy" else "check failed"
         except Exception:
             log.exception("ha check of %s failed", addon_id)
             out[addon_id] = "check failed"
     return out
+
+
+def _host_back(client: Api, fenced: str, other: str, fenced_at: float) -> bool:
+    """Whether the fenced node's host can take its node again: a runner answers on
+    its address, or runners do not stand for the nodes' hosts at all (no runner on
+    either address: one host for everything, as under `berth up`). Not before the
+    controller could have called that runner dead (heartbeat_interval x dead_after
+    since the fencing): a host that died with its primary still looks alive until
+    then."""
+    s = settings()
+    if time.time() - fenced_at < s.heartbeat_interval * (s.dead_after + 1):
+        return False
+    live = set(client.call("GET", "/v1/platform/hosts")["live"])
+    return fenced in live or other not in live
 
 
 def _check_ha_addon(prov: Provisioner, client: Api, addon_id: str) -> str:
@@ -392,7 +422,11 @@ def _check_ha_addon(prov: Provisioner, client: Api, addon_id: str) -> str:
                       max_seconds=HA_FAILURES * (HA_INTERVAL + 2), once=True):
             log.warning("addon %s failed over to its standby", addon_id)
             what = "failed over to the standby"
-        if prov.needs_rejoin(addon_id):
+        nodes = prov.needs_rejoin(addon_id)
+        if nodes is not None and not _host_back(client, *nodes):
+            log.info("addon %s: the old primary's host %s is away; rebuilt once it is "
+                     "back", addon_id, nodes[0])
+        elif nodes is not None:
             try:
                 prov.rejoin(addon_id)
                 what = (what + "; " if what != "ok" else "") + "old primary rebuilt as standby"
@@ -401,6 +435,7 @@ def _check_ha_addon(prov: Provisioner, client: Api, addon_id: str) -> str:
     creds = prov.live_credentials(addon_id)
     client.call("POST", f"/v1/platform/addons/{addon_id}/report",
                 {"op": MOVED, "outcome": "done", "credentials": asdict(creds),
+                 "services": [s.to_wire() for s in prov.services(addon_id)],
                  "step": what if what != "ok" else ""})
     return what
 
@@ -421,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
             raise BerthError("the controller setting broker_url is empty",
                              "point it at the platform's Redis (`berth up` starts one)")
     configure(s)
+    from controller import backupjobs  # the backup tasks and their beat schedule
+    backupjobs.install(s)
     logging.basicConfig(level=s.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.what == "stop-servers":

@@ -97,7 +97,7 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
     result = Plan()
     insts = [i for i in flatten(observed, pending)
              if i.state is not State.STOPPING and i.instance not in stopping]
-    load = {host: 0 for host in observed}
+    load = {host: 0 for host, report in observed.items() if report.runs_apps}
     for i in insts:
         if i.host in load:
             load[i.host] += 1
@@ -148,7 +148,7 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
         reason = ""
         if not backends:
             current = [i for i in mine if release and i.release == release.version]
-            reason = _reason(app, release, want["formation"], current, len(observed))
+            reason = _reason(app, release, want["formation"], current, len(load))
         result.routes[app] = Route(
             hosts=(f"{app}.{base_domain}", *want["domains"]),
             backends=tuple(backends),

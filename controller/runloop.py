@@ -134,6 +134,7 @@ class RunLoop:
         self.runs.forget_done(now)
 
     def _place(self, run: Run, observed: dict[str, HostReport], now: float) -> None:
+        observed = {h: r for h, r in observed.items() if r.runs_apps}
         if not observed:
             if now - run.queued_at > NO_RUNNER_WAIT:
                 self._over(run, now, error=no_runner())

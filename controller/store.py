@@ -23,6 +23,7 @@ from controller import addons as addon_rules
 from controller.addons import Addon, AddonState, Attachment
 from controller.errors import Conflict, Invalid, NotFound, app_not_found
 from messaging.manifest import Manifest
+from messaging.shapes import ServiceSpec
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -79,6 +80,11 @@ MIGRATIONS: list[list[str]] = [
         "expires_at DOUBLE PRECISION NOT NULL)",
         "ALTER TABLE tokens ADD COLUMN team VARCHAR(64)",
         "ALTER TABLE apps ADD COLUMN team VARCHAR(64)",
+    ],
+    [
+        # the servers of a dedicated/ha addon that runners supervise (JSON list of
+        # messaging.shapes.ServiceSpec), as its job worker last reported them
+        "ALTER TABLE addons ADD COLUMN services TEXT",
     ],
 ]
 
@@ -578,6 +584,10 @@ class Store:
                ) -> list[Addon]:
         found = self._addon_rows("WHERE app = ?", app) if app else self._addon_rows()
         return [a for a in found if with_destroyed or a.live]
+
+    def wanted_services(self) -> list[ServiceSpec]:
+        """Every addon server runners should supervise now (controller/services.py)."""
+        return [spec for addon in self.addons() for spec in addon.wanted_services()]
 
     def addons_in_flight(self) -> list[Addon]:
         """Addons with an op a job worker has not finished (controller/jobqueue.py)."""

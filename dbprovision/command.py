@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import time
@@ -114,6 +115,15 @@ def run(args: Sequence[str | Path], *, timeout: float, env: Mapping[str, str] | 
     if check and proc.returncode != 0:
         raise failure(result, hint)
     return result
+
+
+def program_path(program: str | Path) -> str:
+    """The absolute path of `program` (a runner starts supervised servers by path)."""
+    found = shutil.which(str(program))
+    if found is None:
+        raise ProgramMissing(f"{program} is not installed (not found on PATH)",
+                             program=Path(program).name)
+    return os.path.abspath(found)
 
 
 def failure(result: Result, hint: str = "") -> CommandFailed:

@@ -20,7 +20,9 @@ import signal
 import time
 from pathlib import Path
 
-from .command import RunAs, run
+from messaging.shapes import ServiceSpec
+
+from .command import RunAs, program_path, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import own_dir, write_file
 from .pidfile import read_pid, terminate
@@ -50,6 +52,15 @@ class PgBouncer:
         self.userlist = root / "userlist.txt"
         self.pid_file = root / "pgbouncer.pid"
         self.log_file = root / "pgbouncer.log"
+
+    def service(self, service_id: str, addon_id: str) -> ServiceSpec:
+        """PgBouncer in the foreground (no -d), for a runner to supervise; it logs to
+        its own logfile."""
+        return ServiceSpec(id=service_id, addon=addon_id, app="", kind="pgbouncer",
+                           argv=(program_path(self.program), str(self.ini)),
+                           cwd=str(self.root),
+                           user=self.user.name, address=self.address, port=self.port,
+                           pidfile=str(self.pid_file))
 
     def configure(self, database: str, role: str, verifier: str) -> None:
         """Write the ini and the user list; a running PgBouncer re-reads both."""

@@ -28,6 +28,8 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
+from messaging.shapes import ServiceSpec
+
 from .command import RunAs, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import check_socket_path, own_dir, write_file
@@ -74,6 +76,15 @@ class PgCluster:
         self.settings = settings or {}
 
     # -- life cycle ---------------------------------------------------------------
+
+    def service(self, service_id: str, addon_id: str) -> ServiceSpec:
+        """The postmaster in the foreground, for a runner to supervise (it adopts the
+        one `start` made through postmaster.pid); SIGINT is a fast shutdown."""
+        return ServiceSpec(id=service_id, addon=addon_id, app="", kind="postgres",
+                           argv=(str(self.bin / "postgres"), "-D", str(self.data)),
+                           cwd=str(self.root), user=self.user.name, address=self.address,
+                           port=self.port, pidfile=str(self.data / "postmaster.pid"),
+                           stop_signal="INT", log_file=str(self.log_file))
 
     def initialized(self) -> bool:
         return (self.data / "PG_VERSION").exists()

@@ -26,6 +26,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from messaging.shapes import ServiceSpec
+
 from .command import RunAs
 from .errors import ServerUnavailable
 from .pgbouncer import PgBouncer
@@ -102,6 +104,11 @@ class PgDedicated:
         self.ensure_running()
         verifier = self._set_role(name, password)
         self.bouncer.configure(name, name, verifier)
+
+    def services(self, addon_id: str) -> list[ServiceSpec]:
+        """The cluster and its PgBouncer, for a runner to supervise."""
+        return [self.cluster.service(f"{addon_id}-postgres", addon_id),
+                self.bouncer.service(f"{addon_id}-bouncer", addon_id)]
 
     def ensure_running(self) -> None:
         if self.cluster.initialized():

@@ -47,6 +47,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from messaging.shapes import ServiceSpec
+
 from .command import RunAs, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import own_dir, write_file
@@ -103,7 +105,8 @@ class PgHa:
 
     def state(self) -> dict[str, str]:
         """{"primary": "a"|"b", "fenced": ""|"a"|"b", "sync": "on"|"off"}: "off" when
-        the primary commits alone (its standby died, or was fenced)."""
+        the primary commits alone (its standby died, or was fenced); with "fenced_at"
+        (UTC seconds) while a node is fenced."""
         state = {"primary": "a", "fenced": "", "sync": "on"}
         if self.state_file.exists():
             state.update(json.loads(self.state_file.read_text()))
@@ -265,7 +268,9 @@ class PgHa:
                                     "bring the primary back, or failover with force=True "
                                     "to accept losing those commits")
         self._fence(old)
-        self._save({"primary": old, "fenced": old, "sync": "off"})
+        fenced_at = state.get("fenced_at") if state["fenced"] == old else None
+        fenced_at = fenced_at or f"{time.time():.3f}"
+        self._save({"primary": old, "fenced": old, "sync": "off", "fenced_at": fenced_at})
         standby = self.node(new)
         standby.start()                     # if it was down too (it may be in recovery)
         self._synchronous(standby, "")
@@ -275,7 +280,7 @@ class PgHa:
         if in_recovery:
             run([standby.bin / "pg_ctl", "promote", "-D", standby.data, "-w", "-t", "30",
                  "-s"], timeout=40, user=self.user, cwd=standby.root)
-        self._save({"primary": new, "fenced": old, "sync": "off"})
+        self._save({"primary": new, "fenced": old, "sync": "off", "fenced_at": fenced_at})
         # a reload would leave the clients whose query waits on the old primary's
         # backends waiting for as long as that host hangs: a restart cuts them (their
         # transaction was never acknowledged) and they reconnect to the new primary
@@ -367,6 +372,17 @@ class PgHa:
             cur.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(name), sql.Literal(verifier)))
         self.bouncer().configure(name, name, verifier)
+
+    def services(self, addon_id: str) -> list[ServiceSpec]:
+        """The nodes that are not fenced and PgBouncer, for runners to supervise (a
+        fenced node is left out: its runner stops it, and never starts it again until
+        `rejoin` made it the standby)."""
+        fenced = self.state().get("fenced")
+        out = [self.node(w).service(f"{addon_id}-node-{w}", addon_id)
+               for w in NODES if w != fenced and self.node(w).initialized()]
+        if self.bouncer().ini.exists():
+            out.append(self.bouncer().service(f"{addon_id}-bouncer", addon_id))
+        return out
 
     def ensure_running(self) -> None:
         """Start the nodes that are not fenced and PgBouncer (after a reboot)."""

@@ -37,6 +37,9 @@ class AddonRecord:
     quota_mb: int | None = None
     created: float = field(default_factory=time.time)
     direct_port: int = 0             # dedicated Postgres: the cluster's own, behind PgBouncer
+    # ha: the hosts of its nodes (primary, standby, third Sentinel), chosen at creation
+    # among the db hosts; empty: the provisioner's default ha addresses
+    nodes: list[str] = field(default_factory=list)
 
 
 class Records:

@@ -16,6 +16,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from messaging.shapes import ServiceSpec
+
 from .command import RunAs
 from .errors import InvalidAddon
 from .redisserver import RedisServer
@@ -68,6 +70,10 @@ class RedisDedicated:
     def usage_bytes(self) -> int:
         with self.server.admin() as admin:
             return int(admin.info("memory")["used_memory"])
+
+    def services(self, addon_id: str) -> list[ServiceSpec]:
+        """Its redis-server, for a runner to supervise."""
+        return [self.server.service(f"{addon_id}-redis", addon_id)]
 
     def destroy(self, final_dump: Path | None = None) -> None:
         """SAVE and copy the RDB (when asked), stop by PID, remove the directory."""

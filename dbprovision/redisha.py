@@ -39,7 +39,9 @@ from pathlib import Path
 
 import redis
 
-from .command import RunAs, run
+from messaging.shapes import ServiceSpec
+
+from .command import RunAs, program_path, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import own_dir, write_file
 from .pidfile import read_pid, terminate
@@ -89,6 +91,12 @@ class Sentinel:
                  f"user {ADMIN} on {acl_password(admin_password)} ~* &* +@all",
                  *users]
         write_file(self.conf, "\n".join(lines) + "\n", self.user)
+
+    def service(self, service_id: str, addon_id: str) -> ServiceSpec:
+        return ServiceSpec(id=service_id, addon=addon_id, app="", kind="sentinel",
+                           argv=(program_path(REDIS_SERVER), str(self.conf), "--sentinel",
+                                 "--daemonize", "no"), cwd=str(self.root), user=self.user.name,
+                           address=self.address, port=self.port, pidfile=str(self.pid_file))
 
     def start(self, timeout: float = 10) -> None:
         if self.is_running():
@@ -268,6 +276,13 @@ class RedisHa:
         node = self.node(self.addresses.index(host))
         with node.admin() as admin:
             return int(admin.info("memory")["used_memory"])
+
+    def services(self, addon_id: str) -> list[ServiceSpec]:
+        """Both nodes and the three Sentinels, for runners to supervise."""
+        nodes = [self.node(i).service(f"{addon_id}-node-{'ab'[i]}", addon_id)
+                 for i in (0, 1) if self.node(i).configured()]
+        return nodes + [s.service(f"{addon_id}-sentinel-{i}", addon_id)
+                        for i, s in enumerate(self.sentinels()) if s.conf.exists()]
 
     def primary_node(self, service: str) -> RedisServer:
         """The node the Sentinels call primary; the first node when no Sentinel

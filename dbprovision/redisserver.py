@@ -23,7 +23,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .command import RunAs, run
+from messaging.shapes import ServiceSpec
+
+from .command import RunAs, program_path, run
 from .errors import CommandFailed, ServerUnavailable
 from .files import check_socket_path, own_dir, write_file
 from .pidfile import read_pid, terminate
@@ -103,6 +105,15 @@ class RedisServer:
             "".join(f"{k} {v}\n" for k, v in values)
 
     # -- life cycle ---------------------------------------------------------------
+
+    def service(self, service_id: str, addon_id: str) -> ServiceSpec:
+        """redis-server in the foreground, for a runner to supervise (SIGTERM: it
+        writes its AOF and exits); it logs to its own logfile."""
+        return ServiceSpec(id=service_id, addon=addon_id, app="", kind="redis",
+                           argv=(program_path(self.program), str(self.conf), "--daemonize",
+                                 "no"),
+                           cwd=str(self.root), user=self.user.name, address=self.address,
+                           port=self.port, pidfile=str(self.pid_file))
 
     def start(self, timeout: float = 10) -> None:
         if self.is_running():

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from messaging.shapes import ServiceSpec
+
 from .errors import AddonNotFound, InvalidAddon, ServerUnavailable
 from .names import addon_name
 from .pgcluster import PgCluster
@@ -119,8 +121,9 @@ class Provisioner:
             return self.pg_shared.add_spares(SPARE_DATABASES)
 
     def ensure_dedicated_servers(self) -> None:
-        """Start every dedicated server recorded here that does not run (after a
-        reboot); until the runner supervises them, the controller calls this."""
+        """Start every dedicated server recorded here that does not run. Runners
+        supervise these servers (runner/services.py): this is for a platform without
+        runners, and for `python -m controller.jobs start-servers`."""
         for record in self.records.all():
             if record.plan in ("dedicated", "ha") and record.state == "ready":
                 with self.records.lock(record.name):
@@ -137,9 +140,14 @@ class Provisioner:
     # -- verbs -----------------------------------------------------------------------
 
     def provision(self, addon_id: str, engine: Engine, plan: Plan, *,
-                  quota_mb: int | None = None) -> Credentials:
+                  quota_mb: int | None = None, hosts: list[str] | None = None
+                  ) -> Credentials:
         """Make the addon, or finish a half-made one, or return the existing one's
-        credentials (the same password)."""
+        credentials (the same password). `hosts`: the addresses of the db hosts to
+        put its server(s) on, least busy first (the controller's runners with the db
+        role); a dedicated server takes the first, an ha addon's nodes the first two
+        (its third Sentinel the third, or the provisioner's own address). Without
+        them: the provisioner's address, and its default ha addresses."""
         self._check(engine, plan)
         name = addon_name(addon_id)
         started = time.monotonic()
@@ -153,6 +161,11 @@ class Provisioner:
                 record = AddonRecord(addon_id, engine, plan, name,
                                      secrets.token_urlsafe(24), self.address,
                                      quota_mb=quota_mb)
+                if plan == "dedicated" and hosts:
+                    record.host = hosts[0]
+                elif plan == "ha" and hosts and len(hosts) >= 2:
+                    third = hosts[2] if len(hosts) > 2 else self.address
+                    record.nodes = [hosts[0], hosts[1], third]
                 self.records.put(record)
             self._make(record)
             if record.state != "ready":
@@ -186,10 +199,10 @@ class Provisioner:
         if not record.port or not record.direct_port:
             if record.engine == "postgres":
                 record.port = free_port(self.address)
-                record.direct_port = self._free_on_all(self.ha_addresses[:2])
+                record.direct_port = self._free_on_all(self._ha_hosts(record)[:2])
             else:
-                record.port = self._free_on_all(self.ha_addresses[:2])
-                record.direct_port = self._free_on_all(self.ha_addresses)
+                record.port = self._free_on_all(self._ha_hosts(record)[:2])
+                record.direct_port = self._free_on_all(self._ha_hosts(record))
             self.records.put(record)
         server = self._dedicated(record)
         server.create(record.name, record.password)
@@ -209,7 +222,7 @@ class Provisioner:
         new ports and another try."""
         for attempt in range(tries):
             if not record.port or (record.engine == "postgres" and not record.direct_port):
-                record.port, record.direct_port = self._two_free_ports()
+                record.port, record.direct_port = self._two_free_ports(record.host)
                 self.records.put(record)
             server = self._dedicated(record)
             try:
@@ -229,10 +242,10 @@ class Provisioner:
         """One of the record's ports answers although its own server does not run."""
         if record.engine == "redis":
             return not self._dedicated_redis(record).server.is_running() and \
-                listening(self.address, record.port)
+                listening(record.host, record.port)
         pg = self._dedicated_pg(record)
-        return (not pg.cluster.is_running() and listening(self.address, record.direct_port)) \
-            or (not pg.bouncer.is_running() and listening(self.address, record.port))
+        return (not pg.cluster.is_running() and listening(record.host, record.direct_port)) \
+            or (not pg.bouncer.is_running() and listening(record.host, record.port))
 
     def destroy(self, addon_id: str, engine: Engine, plan: Plan, *,
                 final_dump: Path | None = None) -> None:
@@ -371,10 +384,24 @@ class Provisioner:
         return [r.addon_id for r in self.records.all()
                 if (r.engine, r.plan, r.state) == (engine, "ha", "ready")]
 
-    def needs_rejoin(self, addon_id: str) -> bool:
-        """An ha Postgres addon runs on one node since a failover: its fenced node
-        waits to be rebuilt as the standby."""
-        return bool(self._ha_pg_record(addon_id).state().get("fenced"))
+    def services(self, addon_id: str) -> list[ServiceSpec]:
+        """The servers of a dedicated or ha addon that runners supervise (none for a
+        shared one: the platform's shared servers are the job workers' own)."""
+        record = self._record(addon_id, addon_name(addon_id))
+        if record.plan == "shared":
+            return []
+        return self._dedicated(record).services(addon_id)
+
+    def needs_rejoin(self, addon_id: str) -> tuple[str, str, float] | None:
+        """(fenced node's address, the other's, when it was fenced) of an ha Postgres
+        addon that runs on one node since a failover (the fenced one waits to be
+        rebuilt as the standby), or None."""
+        ha = self._ha_pg_record(addon_id)
+        state = ha.state()
+        if not state.get("fenced"):
+            return None
+        return (ha.address(state["fenced"]), ha.address(ha.primary()),
+                float(state.get("fenced_at") or 0))
 
     def live_credentials(self, addon_id: str) -> Credentials:
         """The credentials of an ha addon as its nodes stand now (after a failover the
@@ -409,8 +436,10 @@ class Provisioner:
                 env.update(extra)
             elif record.plan == "ha":           # the nodes' own, as they are now
                 ha = self._pg_ha(record)
+                # no standby while one is fenced: reads go to the primary until then
+                reader = ha.primary() if ha.state().get("fenced") else ha.standby()
                 for key, node in (("DATABASE_DIRECT_URL", ha.primary()),
-                                  ("DATABASE_READ_URL", ha.standby())):
+                                  ("DATABASE_READ_URL", reader)):
                     extra[key] = (f"postgresql://{user}:{password}@{ha.address(node)}:"
                                   f"{record.direct_port}/{record.name}")
                 env.update(extra)
@@ -465,13 +494,18 @@ class Provisioner:
 
     def _pg_ha(self, record: AddonRecord) -> PgHa:
         return PgHa(self._dedicated_root("pgha", record.name),
-                    (self.ha_addresses[0], self.ha_addresses[1]), record.direct_port,
+                    (self._ha_hosts(record)[0], self._ha_hosts(record)[1]),
+                    record.direct_port,
                     record.host, record.port)
 
     def _redis_ha(self, record: AddonRecord) -> RedisHa:
-        return RedisHa(self._dedicated_root("redis-ha", record.name), self.ha_addresses,
+        return RedisHa(self._dedicated_root("redis-ha", record.name), self._ha_hosts(record),
                        record.port, record.direct_port,
                        maxmemory_mb=record.quota_mb or DEDICATED_REDIS_MB)
+
+    def _ha_hosts(self, record: AddonRecord) -> tuple[str, str, str]:
+        nodes = record.nodes
+        return (nodes[0], nodes[1], nodes[2]) if len(nodes) == 3 else self.ha_addresses
 
     def _dedicated_root(self, engine: str, name: str) -> Path:
         """`<data_dir>/dedicated/<engine>-<16 hex of the name's hash>`: short, since
@@ -487,9 +521,9 @@ class Provisioner:
         return PgDedicated(self._dedicated_root("postgres", record.name), record.host,
                            record.direct_port, record.port)
 
-    def _two_free_ports(self) -> tuple[int, int]:
-        first = free_port(self.address)
-        second = free_port(self.address)
+    def _two_free_ports(self, address: str) -> tuple[int, int]:
+        first = free_port(address)
+        second = free_port(address)
         while second == first:
-            second = free_port(self.address)
+            second = free_port(address)
         return first, second

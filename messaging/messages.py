@@ -170,6 +170,14 @@ ACTIONS: dict[str, Action] = {a.name: a for a in (
            "(run_started, run_output, run_exit); `detach` sends its output to the app's "
            "logs as proc run.<id> instead. Ended after `timeout` seconds; never "
            "restarted."),
+    Action("serve", ("service",), (),
+           "Supervise an addon's server (`service`: shapes.ServiceSpec) with the process "
+           "state machine of app instances: adopt the process its pidfile names when it "
+           "runs, else start argv; restart it with backoff when it dies; replies "
+           "{accepted} at once; it then shows in heartbeats under `services`."),
+    Action("unserve", ("service",), ("grace",),
+           "Stop supervising the service with id `service`: its stop_signal, SIGKILL "
+           "after `grace`; replies {stopping, known} at once."),
     Action("destroy_app", ("app",), (),
            "Stop the app's instances and runs and remove every file, cgroup and the "
            "system user "

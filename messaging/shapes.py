@@ -247,6 +247,75 @@ class Limits:
         return cls(**values)
 
 
+# what a host may run: app instances, one-off runs and builds ("app"); addon database
+# servers ("db"). A runner declares its roles (runner setting `roles`).
+HOST_ROLES = ("app", "db")
+SERVICE_KINDS = ("postgres", "pgbouncer", "redis", "sentinel")
+STOP_SIGNALS = ("TERM", "INT", "QUIT")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A platform server a runner supervises for an addon (a PostgreSQL node, its
+    PgBouncer, a Redis node, a Sentinel): the same process state machine as an app
+    instance, but no slug, no venv, no gunicorn. `argv` runs in the foreground as
+    the system user `user`, in `cwd`; `pidfile` names a process already running (its
+    provisioner started it), which the runner adopts instead of starting another;
+    `stop_signal` is its clean, quick shutdown (PostgreSQL: INT, a fast shutdown);
+    its output goes to `log_file`. `app` is the tenant whose log hears its
+    starts, crashes and restarts."""
+
+    id: str
+    addon: str
+    app: str
+    kind: str
+    argv: tuple[str, ...]
+    cwd: str
+    user: str
+    address: str
+    port: int
+    pidfile: str = ""
+    stop_signal: str = "TERM"
+    log_file: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["argv"] = list(self.argv)
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Any) -> ServiceSpec:
+        if not isinstance(data, dict):
+            raise ProtocolError("a service spec is not a JSON object")
+        try:
+            kept = {k: v for k, v in data.items() if k in _SERVICE_FIELDS}
+            argv = kept.get("argv")
+            if not isinstance(argv, list) or not argv or \
+                    not all(isinstance(a, str) and a for a in argv):
+                raise ProtocolError("a service's argv must be a non-empty list of strings")
+            kept["argv"] = tuple(argv)
+            spec = cls(**kept)
+        except TypeError as exc:
+            raise ProtocolError(f"service spec lacks fields: {exc}") from exc
+        if spec.kind not in SERVICE_KINDS:
+            raise ProtocolError(f"unknown service kind {spec.kind!r}; one of "
+                                f"{', '.join(SERVICE_KINDS)}")
+        if spec.stop_signal not in STOP_SIGNALS:
+            raise ProtocolError(f"stop_signal must be one of {', '.join(STOP_SIGNALS)}")
+        if not isinstance(spec.port, int) or isinstance(spec.port, bool) \
+                or not 0 < spec.port < 65536:
+            raise ProtocolError(f"service port {spec.port!r} is not a port")
+        for name in ("id", "addon", "app", "cwd", "user", "address"):
+            if not isinstance(getattr(spec, name), str) or not getattr(spec, name):
+                raise ProtocolError(f"service field {name!r} must be a non-empty string")
+        if not spec.cwd.startswith("/") or not spec.argv[0].startswith("/"):
+            raise ProtocolError("a service's cwd and program must be absolute paths")
+        return spec
+
+
+_SERVICE_FIELDS = _field_names(ServiceSpec)
+
+
 @dataclass
 class RunItem:
     """One one-off run as its host reports it in every heartbeat (`runs`, apart from
@@ -321,6 +390,18 @@ class HostReport:
     runs: list[RunItem] = field(default_factory=list)
     static_port: int | None = None
     static_roots: dict[str, dict[int, str]] = field(default_factory=dict)
+    # the addon servers it supervises (ServiceSpec ids as `instance`, the addon as
+    # `app`, the kind as `proc`); apart from the inventory: they are never routed
+    services: list[InventoryItem] = field(default_factory=list)
+    roles: tuple[str, ...] = HOST_ROLES     # an older runner sends none: both
+
+    @property
+    def runs_apps(self) -> bool:
+        return "app" in self.roles
+
+    @property
+    def runs_dbs(self) -> bool:
+        return "db" in self.roles
 
     @classmethod
     def from_heartbeat(cls, fields_: dict[str, Any]) -> HostReport:
@@ -332,7 +413,9 @@ class HostReport:
                    [InventoryItem.from_wire(i, host) for i in fields_.get("inventory") or []],
                    [str(a) for a in fields_.get("apps") or []], int(fields_.get("seq") or 0),
                    [RunItem.from_wire(r, host) for r in fields_.get("runs") or []], port,
-                   static_roots_from_wire(fields_.get("static_roots")) if port else {})
+                   static_roots_from_wire(fields_.get("static_roots")) if port else {},
+                   [InventoryItem.from_wire(i, host) for i in fields_.get("services") or []],
+                   tuple(r for r in (fields_.get("roles") or HOST_ROLES) if r in HOST_ROLES))
 
 
 def static_roots_to_wire(roots: dict[str, dict[int, str]]) -> dict[str, dict[str, str]]:

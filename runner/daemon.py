@@ -37,7 +37,13 @@ from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
 from messaging.heartbeat import PeerTracker
 from messaging.manifest import Manifest
-from messaging.shapes import Limits, State, static_prefix_ok, static_roots_to_wire
+from messaging.shapes import (
+    Limits,
+    ServiceSpec,
+    State,
+    static_prefix_ok,
+    static_roots_to_wire,
+)
 from messaging.waker import Waker
 from runner import actions, adopt, leftovers
 from runner.addonports import AddonPorts
@@ -60,6 +66,7 @@ from runner.process import (
 from runner.retention import prune_app
 from runner.runs import Run
 from runner.runtable import Runs, spec_from_args
+from runner.services import Services
 from runner.slug import SlugStore
 from runner.staticsup import StaticSupervisor
 from runner.venv import BuildContext, Venv, VenvBuilder, has_control_socket, kill_builds
@@ -112,6 +119,8 @@ class Runner(Hooks):
         self.addon_ports = AddonPorts(
             self.isolation.firewall if self.isolation.enabled else None, self.jobs,
             self.data_dir / "addon_ports.json")
+        self.services = Services(self.policy, self.data_dir / "services", self.spawns,
+                                 self.platform)
         self.runs = Runs(self.host, self._send_attach, self.jobs, self.waker.wake,
                          settings.stop_grace, marks=self.data_dir / "instances")
         self.controller = PeerTracker(settings.heartbeat_interval, settings.dead_after)
@@ -141,7 +150,7 @@ class Runner(Hooks):
         # the platform's own files are root's alone; app users may only pass through
         # the data dir on the way to their own dir when apps_dir lies inside it
         self.data_dir.chmod(0o711 if self.data_dir in self.apps_dir.parents else 0o700)
-        for sub in ("slugs", "logs", "instances", "locks"):
+        for sub in ("slugs", "logs", "instances", "locks", "services"):
             (self.data_dir / sub).mkdir(exist_ok=True)
             (self.data_dir / sub).chmod(0o700)
         self.isolation.start()
@@ -235,6 +244,7 @@ class Runner(Hooks):
             self._shutdown_at = time.monotonic() + grace + SHUTDOWN_SLACK
         for inst in list(self.instances.values()):
             inst.stop(grace)
+        self.services.stop_all(grace)
         self.runs.end(time.monotonic(), "the runner is shutting down", grace=grace)
 
     def close(self) -> None:
@@ -294,6 +304,7 @@ class Runner(Hooks):
                 self._static_of.pop(inst.id, None)
                 self._clean_up(inst.spec.app, inst.jail, inst.instance_dir)
                 changed = True
+        changed |= self.services.step()
         now = time.monotonic()
         changed |= self.runs.step(now)
         if self.static is not None:
@@ -306,7 +317,7 @@ class Runner(Hooks):
         for fh in self._log_files.values():
             fh.flush()
         if self.shutting_down:
-            if not self.instances and not self.runs.table:
+            if not self.instances and not self.runs.table and not self.services.table:
                 self.done = True
             elif now >= self._shutdown_at:
                 log.warning("instances still up after the grace; killing them")
@@ -314,6 +325,7 @@ class Runner(Hooks):
                     if inst.proc is not None:
                         inst.ops.signal_group(inst.proc.pid, signal.SIGKILL)
                         inst.ops.reap(inst.proc)
+                self.services.kill_all()
                 self.done = True
 
     def _heartbeat(self, now: float) -> None:
@@ -323,6 +335,8 @@ class Runner(Hooks):
                         interval=self.settings.heartbeat_interval,
                         address=self.settings.address, inventory=self.inventory(),
                         seq=self._seq, apps=self._apps_here(now),
+                        services=self.services.items(),
+                        roles=[str(r).strip() for r in self.settings.roles],
                         runs=self.runs.items(), **self._static_fields()))
 
     def _static_wanted(self) -> dict[tuple[str, int], tuple[Path, str]]:
@@ -436,6 +450,34 @@ class Runner(Hooks):
         grace = args.get("grace")
         inst.stop(float(grace) if isinstance(grace, (int, float)) else None)
         return {"stopping": True, "known": True}
+
+    @actions.action("serve")
+    def handle_serve(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
+        """serve {service}: replies {accepted} at once; the server then shows in
+        heartbeats under `services` (runner/services.py)."""
+        if self.shutting_down:
+            raise CommandError("runner is shutting down", "serve it on another host",
+                               code="shutting_down")
+        try:
+            spec = ServiceSpec.from_wire(args["service"])
+        except ProtocolError as exc:
+            raise CommandError(f"bad serve command: {exc}",
+                               "the controller sent a malformed service spec") from exc
+        if "db" not in [str(r).strip() for r in self.settings.roles] \
+                and spec.address != self.settings.address:
+            raise CommandError(f"this runner has no db role and {spec.address} is not "
+                               "its address", "serve addon servers on a runner whose "
+                               "`roles` has db", code="wrong_role")
+        result = self.services.serve(spec)
+        self._next_heartbeat = 0.0
+        return result
+
+    @actions.action("unserve")
+    def handle_unserve(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
+        """unserve {service, grace?}: replies at once {stopping, known}."""
+        grace = args.get("grace")
+        return self.services.unserve(str(args["service"]),
+                                     float(grace) if isinstance(grace, (int, float)) else None)
 
     @actions.action("run")
     def handle_run(self, msg: Message, args: dict[str, Any]) -> dict[str, Any]:
@@ -680,6 +722,12 @@ class Runner(Hooks):
 
     def _done_reaped(self, event: JobDone) -> None:
         pass
+
+    def _done_service_spawn(self, event: JobDone) -> None:
+        inst: Instance = event.tag[1]
+        result: SpawnResult = event.result if event.error is None else \
+            SpawnResult(event.tag[2], error=repr(event.error))
+        self.services.spawn_done(inst, result)
 
     def _done_health(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]

@@ -157,6 +157,7 @@ class InstanceSpec:
     memory_mb: int | None = None        # the app's own limits; None = the runner's default
     pids_max: int | None = None
     manifest: Manifest = field(default_factory=Manifest)   # the app's berth.yaml
+    stop_signal: int = signal.SIGTERM   # an addon server's may differ (runner/services.py)
 
     @property
     def web(self) -> bool:
@@ -402,9 +403,10 @@ class Instance:
             self._kill_at = None
             self._transition(State.STOPPED, "stopped by command")
             return
-        self.ops.signal_group(self.proc.pid, signal.SIGTERM)
+        self.ops.signal_group(self.proc.pid, self.spec.stop_signal)
         # STARTING / RUNNING -> STOPPING: waits for the group to exit
-        self._transition(State.STOPPING, f"SIGTERM sent, SIGKILL in {grace:g}s")
+        self._transition(State.STOPPING, f"{signal.Signals(self.spec.stop_signal).name} "
+                                         f"sent, SIGKILL in {grace:g}s")
 
     def tick(self) -> bool:
         """Time-driven step: reap exits, act on deadlines. True when something
@@ -543,7 +545,8 @@ class Instance:
             # the stop came first: the new process gets it now
             assert self._kill_at is not None
             late = self.clock() >= self._kill_at
-            self.ops.signal_group(self.proc.pid, signal.SIGKILL if late else signal.SIGTERM)
+            self.ops.signal_group(self.proc.pid, signal.SIGKILL if late
+                                  else self.spec.stop_signal)
             if late:
                 self._kill_at = None
         else:

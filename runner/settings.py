@@ -6,9 +6,10 @@ import sys
 from types import SimpleNamespace
 
 from config import Setting, Spec
-from config.checks import LOG_LEVELS, endpoint, http_url, not_empty, positive
+from config.checks import LOG_LEVELS, endpoint, host_roles, http_url, not_empty, positive
 from config.declare import Invalid
 from messaging.channels import LOOPBACK, api_url
+from messaging.shapes import HOST_ROLES
 
 
 def _uid_range(s: SimpleNamespace) -> None:
@@ -49,5 +50,6 @@ SPEC = Spec("runner", [
     Setting("start_retries", int, 5, "Consecutive failed starts before an instance is FATAL.", min=1),
     Setting("backoff_max", float, 30.0, "Longest wait between restarts of a crashing instance.", min=0),
     Setting("max_parallel_spawns", int, 4, "Instances spawned at once (fork/exec into their jails) by the spawn pool, off the runner's loop; more wait their turn in STARTING.", min=1, max=64),
+    Setting("roles", list, list(HOST_ROLES), "What this host runs: `app` (app instances, one-off runs, builds) and/or `db` (addon database servers: dedicated and ha PostgreSQL and Redis, which the job workers put on db hosts).", check=host_roles),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ], checks=[_uid_range])

@@ -54,6 +54,8 @@ def serve(client: socket.socket, backend_port: int) -> None:
             rhead, bbuf = read_head(backend, bbuf)
             if not rhead:
                 return
+            if close:
+                rhead = rhead.replace(b"onnection: keep-alive", b"onnection: close")
             remaining = content_length(rhead) - len(bbuf)
             out = [rhead, bbuf]
             bbuf = b""

@@ -76,8 +76,13 @@ CASES = {c.name: c for c in (
     Case("1m-ka", "/1m", (), BIG, "1 MB body, keep-alive"),
 )}
 TARGETS = ("berth", "berth-asyncio", "haproxy", "nginx", "direct")
-ENGINES = {"berth": "eventlet", "berth-asyncio": "asyncio"}   # balancer targets
-EXTRA_TARGETS = ("floor",)     # floor.py: a bare eventlet relay, on request only
+# balancer targets: (engine, native); the native core is used when built (--no-native:
+# not built here), "-py" targets never use it
+ENGINES = {"berth": ("eventlet", True), "berth-asyncio": ("asyncio", True),
+           "berth-asyncio-py": ("asyncio", False)}
+# on request only: floor.py, a bare eventlet relay; aio_floor.py, bare uvloop Protocols
+EXTRA_TARGETS = ("floor", "floor-aio", "berth-asyncio-py")
+FLOORS = {"floor": "floor.py", "floor-aio": "aio_floor.py"}
 
 
 # -- small helpers -------------------------------------------------------------------
@@ -371,7 +376,8 @@ class Bench:
         conf = render("berth-balancer.yaml", self.prefix / f"berth-{port}.yaml",
                       port=port, routes_endpoint=c.routes_endpoint,
                       snapshot_endpoint=c.snapshot_endpoint,
-                      logs_endpoint=c.logs_endpoint, engine=ENGINES[target])
+                      logs_endpoint=c.logs_endpoint, engine=ENGINES[target][0],
+                      native=str(ENGINES[target][1]).lower())
         py = sys.executable
         if profiler == "cprofile":
             cmd = [py, "-m", "cProfile", "-o", str(self.prefix / "balancer.prof"),
@@ -385,13 +391,13 @@ class Bench:
         self.procs[target] = child
         return child
 
-    def start_floor(self) -> None:
+    def start_floor(self, name: str) -> None:
         port = free_port()
-        child = self.spawn("floor", [sys.executable, str(HERE / "floor.py"), str(port),
-                                     str(self.ports["direct"])])
+        child = self.spawn(name, [sys.executable, str(HERE / FLOORS[name]), str(port),
+                                  str(self.ports["direct"])])
         self._ready(child, port)
-        self.ports["floor"] = port
-        self.procs["floor"] = child
+        self.ports[name] = port
+        self.procs[name] = child
 
     def _ready(self, child: Child, port: int) -> None:
         try:
@@ -426,6 +432,7 @@ class Bench:
         result.cpu_share = cpu / wall
         result.sys_pct = 100 * system / cpu if cpu else float("nan")
         result.cpu_us = 1e6 * cpu / result.requests if result.requests else float("nan")
+        result.load = loadavg()
         return result
 
 
@@ -440,6 +447,7 @@ class Result:
     cpu_share: float = float("nan")   # cores the target's processes kept busy
     cpu_us: float = float("nan")      # their CPU microseconds per request
     sys_pct: float = float("nan")     # the kernel's share of that CPU time
+    load: str = "?"                   # 1-minute load average when the run ended
 
     UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -488,8 +496,8 @@ def measure(bench: Bench, targets: list[str], cases: list[Case]
 def table(results: dict[tuple[str, str], Result], targets: list[str],
           cases: list[Case]) -> str:
     rows = ["| target | case | req/s | p50 ms | p99 ms | vs HAProxy | CPU cores | "
-            "CPU us/req | kernel % | errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU us/req | kernel % | errors | load |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in cases:
         base = results.get(("haproxy", case.name))
         for target in targets:
@@ -499,7 +507,7 @@ def table(results: dict[tuple[str, str], Result], targets: list[str],
             ratio = f"{r.rps / base.rps:.2f}" if base and base.rps else "-"
             rows.append(f"| {target} | {case.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
                         f"{r.p99_ms:.2f} | {ratio} | {r.cpu_share:.2f} | "
-                        f"{r.cpu_us:.1f} | {r.sys_pct:.0f} | {r.errors} |")
+                        f"{r.cpu_us:.1f} | {r.sys_pct:.0f} | {r.errors} | {r.load} |")
     return "\n".join(rows)
 
 
@@ -517,11 +525,12 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
     if tool_name == "py-spy":
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         raw = bench.prefix / "balancer.pyspy.txt"
-        # the eventlet engine runs a master and one worker: sample the worker
+        # a master and one worker: sample the worker
         spy = bench.spawn("py-spy", [pyspy, "record", "--pid", str(worker_pid(child.pid)),
                                      "--duration", f"{a.duration + 1:g}",
                                      "--rate", "200", "--format", "raw",
-                                     "--output", str(raw)])
+                                     "--output", str(raw)]
+                          + (["--native"] if a.profile_native else []))
         time.sleep(1.0)
     if a.warmup > 0 and spy is None:
         bench.wrk(target, case, a.warmup)
@@ -546,7 +555,7 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
 
 def worker_pid(pid: int) -> int:
     """The first child of `pid` (the balancer master's worker), else `pid` itself
-    (the asyncio engine runs as one process)."""
+    (a worker started by hand runs as one process)."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
@@ -609,11 +618,33 @@ def machine() -> str:
         f"load average (1 min): {loadavg()}",
         f"python {sys.version.split()[0]} ({os.path.realpath(sys.executable)})  "
         f"eventlet {version('eventlet')}  "
-        f"pyzmq {zmq.__version__}",
+        f"pyzmq {zmq.__version__}  uvloop {_version('uvloop')}  "
+        f"httptools {_version('httptools')}",
         f"{first([tool('wrk'), '-v'])}",
         f"{first([tool('haproxy'), '-v'])}",
         f"{first([tool('nginx'), '-v'])}",
     ])
+
+
+def build_native() -> str:
+    """Build the mypyc-compiled balancer core (balancer/native.py) if it is not."""
+    from balancer import native
+    path = native.build()
+    return f"native core (mypyc) for these sources: {path}"
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except Exception:        # not installed
+        return "-"
+
+
+def failures(results: dict[tuple[str, str], Result]) -> list[str]:
+    """Targets whose run had errors (socket errors, timeouts, non-2xx): their
+    figures are not comparable and the run fails."""
+    return [f"{target} {case}: {r.errors} errors" for (target, case), r in results.items()
+            if r.errors or not r.requests]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -633,9 +664,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the table, profile the balancer during one wrk run")
     p.add_argument("--profile-case", choices=sorted(CASES), default="small-ka")
     p.add_argument("--profile-top", type=int, default=25)
-    p.add_argument("--profile-target", choices=sorted(ENGINES), default="berth",
-                   help="which balancer to profile (cProfile sees only the eventlet "
-                        "master's process: use py-spy for that engine)")
+    p.add_argument("--profile-native", action="store_true",
+                   help="py-spy --native: C frames too (uvloop, the compiled core)")
+    p.add_argument("--profile-target", choices=sorted(ENGINES), default="berth-asyncio",
+                   help="which balancer to profile (cProfile sees only the master's "
+                        "process: use py-spy, which samples the worker)")
+    p.add_argument("--no-native", action="store_true",
+                   help="do not build the mypyc-compiled core (the balancer then runs "
+                        "pure Python unless a build for these sources exists)")
     p.add_argument("--no-install", action="store_true",
                    help="do not apt-get install missing wrk/haproxy/nginx")
     p.add_argument("--keep", action="store_true", help="keep configs and logs")
@@ -675,11 +711,14 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_haproxy()
         if "nginx" in args.target_list:
             bench.start_nginx_proxy()
-        if "floor" in args.target_list:
-            bench.start_floor()
+        for name in FLOORS:
+            if name in args.target_list:
+                bench.start_floor(name)
         need_berth = any(t in ENGINES for t in args.target_list) or args.profile
         if need_berth:
             bench.start_controller()
+        if need_berth and not args.no_native:
+            print(f"-----> {build_native()}", flush=True)
         for target in ENGINES:
             if target in args.target_list:
                 bench.start_berth(target=target)
@@ -693,8 +732,14 @@ def main(argv: list[str] | None = None) -> int:
             c = bench.controller
             print(f"       balancer: {c.snapshots_served} snapshot(s) served, "
                   f"{c.access_logs} access log lines received")
+        failed = failures(results)
+        if failed:
+            print("Error: targets returned errors, their figures do not count: "
+                  + "; ".join(failed), file=sys.stderr)
         if args.profile:
             profile(bench, args.profile, CASES[args.profile_case])
+        if failed:
+            return 1
         if bench.controller is not None and bench.controller.error is not None:
             print(f"Error: the route publisher failed: {bench.controller.error!r}",
                   file=sys.stderr)

@@ -161,7 +161,12 @@ def test_pg_failover_by_attempt(prov: Provisioner):
     # fenced: not running, its data dir renamed, so nothing starts it as a primary
     assert not old.is_running() and not old.initialized()
     assert (old.root / "data.fenced").is_dir()
-    assert ha.state() == {"primary": "b", "fenced": "a", "sync": "off"}
+    state = ha.state()
+    assert float(state.pop("fenced_at")) <= time.time()
+    assert state == {"primary": "b", "fenced": "a", "sync": "off"}
+    # no standby while one is fenced: reads go to the primary
+    assert urlsplit(prov.credentials(prov._record(addon, addon_name(addon))).env[
+        "DATABASE_READ_URL"]).hostname == "127.0.0.3"
 
     started = time.monotonic()
     creds = prov.rejoin(addon)              # rebuilt as the new standby, synchronous again

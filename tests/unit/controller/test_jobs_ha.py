@@ -6,6 +6,10 @@ tests/integration/test_dbprovision_ha.py, and through the platform in
 tests/integration/test_addon_jobs.py)."""
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,11 +31,15 @@ class FakeProvisioner:
             raise RuntimeError("standby behind")
         return addon_id == "pg-dead"
 
-    def needs_rejoin(self, addon_id: str) -> bool:
-        return addon_id == "pg-dead" and addon_id not in self.rejoined
+    def needs_rejoin(self, addon_id: str) -> tuple[str, str] | None:
+        return ("127.0.0.2", "127.0.0.3", time.time() - 60) \
+            if addon_id == "pg-dead" and addon_id not in self.rejoined else None
 
     def rejoin(self, addon_id: str) -> None:
         self.rejoined.append(addon_id)
+
+    def services(self, addon_id: str) -> list[Any]:
+        return []
 
     def live_credentials(self, addon_id: str) -> Any:
         from dbprovision.service import Credentials
@@ -44,6 +52,8 @@ class FakeApi:
         self.calls: list[tuple[str, str, Any]] = []
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        if path == "/v1/platform/hosts":
+            return {"live": ["127.0.0.2"], "lost": []}
         self.calls.append((method, path, body))
         return {}
 
@@ -52,6 +62,15 @@ def test_check_ha_watches_each_ha_addon_bounded(monkeypatch: pytest.MonkeyPatch)
     fake, api = FakeProvisioner(), FakeApi()
     monkeypatch.setattr(jobs, "_provisioner", fake)
     monkeypatch.setattr(jobs, "api", lambda: api)
+    monkeypatch.setattr(jobs, "_settings", SimpleNamespace(heartbeat_interval=1.0,
+                                                           dead_after=5))
+    locked: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def lock(addon_id: str, wait: float = 120) -> Iterator[None]:
+        locked.append((addon_id, wait))     # the real one is a lock in the broker
+        yield
+    monkeypatch.setattr(jobs, "addon_lock", lock)
     assert jobs.check_ha() == {
         "pg-dead": "failed over to the standby; old primary rebuilt as standby",
         "pg-fine": "ok", "pg-broken": "check failed", "rd-ha": "ok"}
@@ -61,6 +80,8 @@ def test_check_ha_watches_each_ha_addon_bounded(monkeypatch: pytest.MonkeyPatch)
         assert kwargs["max_seconds"] <= 10
         assert kwargs["once"] is True       # a healthy pair ends the run at once
     assert fake.rejoined == ["pg-dead"]
+    # each addon checked under its lock, never waiting for it
+    assert locked == [(a, 0) for a in ("pg-dead", "pg-fine", "pg-broken", "rd-ha")]
     reported = {path.split("/")[4]: body for _, path, body in api.calls}
     assert set(reported) == {"pg-dead", "pg-fine", "rd-ha"}
     assert all(b["op"] == "moved" and b["outcome"] == "done" for b in reported.values())
