@@ -12,6 +12,11 @@ complete only then (manifest.is_complete). rsync's quick check can take a file
 rewritten at the same size and mtime tick as unchanged; the manifest catches that and
 one `--checksum` pass fixes it. A pull that fails or is interrupted leaves
 at most a `.partial`, removed at the next pull; a complete copy is never replaced.
+
+Verifying a copy reads only what it does not share with the previous complete copy
+(manifest.verify's `trusted`: hard links here, cloned extents in the btrfs flavour):
+bytes already verified are not hashed again at every pull. `rehash=True` reads
+everything (do it now and then, or run btrfs scrub, for rot in what copies share).
 """
 from __future__ import annotations
 
@@ -45,16 +50,22 @@ class Pulled:
     seconds: float
 
 
-def _rsync(args: list[str | Path], *, password_file: Path | None, timeout: float) -> str:
+def _rsync(args: list[str | Path], *, password_file: Path | None, timeout: float,
+           address: str | None = None) -> str:
+    """`address`: the offsite host's own address, the one the served host's module
+    allows (rsync --address binds the outgoing socket to it)."""
     extra: list[str | Path] = [f"--password-file={password_file}"] if password_file else []
+    if address:
+        extra.append(f"--address={address}")
     return command.run(["rsync", *extra, *args], timeout=timeout,
                        hint="is the served host's read-only module reachable?").stdout
 
 
 def list_remote(source: str, *, password_file: Path | None = None,
-                timeout: float = 60) -> list[str]:
+                timeout: float = 60, address: str | None = None) -> list[str]:
     """Snapshot names in the served host's module (`rsync://host:port/module`)."""
-    out = _rsync(["--list-only", f"{source}/"], password_file=password_file, timeout=timeout)
+    out = _rsync(["--list-only", f"{source}/"], password_file=password_file, timeout=timeout,
+                 address=address)
     names = [line.split()[-1] for line in out.splitlines() if line.strip()]
     return sorted(n for n in names if NAME.match(n))
 
@@ -69,7 +80,7 @@ def complete_copies(copies: Path, volume: str | None = None) -> list[Path]:
 
 
 def pull(source: str, name: str, copies: Path, *, password_file: Path | None = None,
-         timeout: float = 3600) -> Pulled:
+         timeout: float = 3600, address: str | None = None, rehash: bool = False) -> Pulled:
     """Pull snapshot `name` into `copies/name`, link-dest against the newest complete
     copy of its volume, and verify it against the served side's manifest."""
     volume, _ = parse_name(name)
@@ -89,11 +100,11 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
     if previous is not None:
         args.append(f"--link-dest={previous.resolve()}")
     out = _rsync([*args, f"{source}/{name}/", f"{partial}/"], password_file=password_file,
-                 timeout=timeout)
+                 timeout=timeout, address=address)
     received = int(m.group(1).replace(",", "")) if (m := RECEIVED.search(out)) else 0
     try:
         _rsync(["--no-motd", f"{source}/{name}.manifest.json", partial_manifest],
-               password_file=password_file, timeout=timeout)
+               password_file=password_file, timeout=timeout, address=address)
     except CommandFailed as exc:
         raise ManifestMissing(f"the served host has no manifest for {name}",
                               "write it there after the snapshot (backup.manifest.write), "
@@ -102,7 +113,7 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
     os.rename(partial_manifest, manifest.manifest_path(final))
     manifest.stamp_path(final).unlink(missing_ok=True)
     try:
-        manifest.verify(final)
+        manifest.verify(final, trusted=None if rehash else previous)
     except ManifestMismatch as exc:
         # rsync's quick check (size + mtime) links a file rewritten at the same size
         # within one timestamp tick; the manifest caught it. One more pass comparing
@@ -112,9 +123,9 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
                     extra={"copy": str(final), "why": exc.message})
         out = _rsync(["-a", "-H", "--numeric-ids", "--delete", "--stats", "--checksum",
                       f"{source}/{name}/", f"{final}/"], password_file=password_file,
-                     timeout=timeout)
+                     timeout=timeout, address=address)
         received += int(m.group(1).replace(",", "")) if (m := RECEIVED.search(out)) else 0
-        manifest.verify(final)
+        manifest.verify(final, trusted=None if rehash else previous)
     seconds = time.monotonic() - started
     log.info("copy pulled", extra={"copy": str(final), "previous": str(previous or ""),
                                    "bytes": received, "seconds": round(seconds, 3)})
@@ -122,15 +133,17 @@ def pull(source: str, name: str, copies: Path, *, password_file: Path | None = N
 
 
 def pull_new(source: str, copies: Path, *, password_file: Path | None = None,
-             timeout: float = 3600) -> list[Pulled]:
+             timeout: float = 3600, address: str | None = None,
+             rehash: bool = False) -> list[Pulled]:
     """Every snapshot the served host has and this side holds no complete copy of,
     oldest first (so each links against the one before)."""
     have = {p.name for p in complete_copies(copies)}
-    todo = [n for n in list_remote(source, password_file=password_file, timeout=timeout)
+    todo = [n for n in list_remote(source, password_file=password_file, timeout=timeout,
+                                   address=address)
             if n not in have]
     todo.sort(key=lambda n: parse_name(n)[1])
-    return [pull(source, n, copies, password_file=password_file, timeout=timeout)
-            for n in todo]
+    return [pull(source, n, copies, password_file=password_file, timeout=timeout,
+                 address=address, rehash=rehash) for n in todo]
 
 
 # -- btrfs flavour: the served host's forced command (backup/forced.py) --------------
@@ -140,7 +153,8 @@ Remote = Callable[[list[str]], list[str]]
 `lambda req: ["ssh", "-i", key, "-o", "BatchMode=yes", "backup@served", *req]`."""
 
 
-def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600) -> list[Pulled]:
+def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600,
+               rehash: bool = False) -> list[Pulled]:
     """Every read-only snapshot the served host lists that `copies` (on btrfs) holds
     no complete copy of, oldest first, each incremental against the newest complete
     copy of its volume, received, given the served side's manifest, verified."""
@@ -163,7 +177,7 @@ def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600) -> list[P
         partial.write_text(body)
         os.rename(partial, target)
         manifest.stamp_path(final).unlink(missing_ok=True)
-        manifest.verify(final)
+        manifest.verify(final, trusted=None if rehash else previous)
         log.info("copy pulled", extra={"copy": str(final), "previous": str(previous or ""),
                                        "bytes": moved, "seconds": round(seconds, 3)})
         out.append(Pulled(name, final, previous, moved, seconds))

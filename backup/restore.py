@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from dbprovision import command
 
 from . import btrfs, manifest
 from .errors import BackupError
-from .snapshots import Snapshot, Snapshots, parse_name
+from .snapshots import Snapshot, Snapshots, parse_name, snapshot_name
 from .volumes import Volume
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,12 @@ def restore_in_place(snaps: Snapshots, volume: Volume, source: Path, *,
         _remove(staging)
     stop()
     try:
-        kept = snaps.take(volume, now=now)      # the replaced data, read-only, kept
+        # the replaced data, read-only, kept; named to the second, so a restore in the
+        # second of another snapshot takes the next free one
+        t = (now or snaps.clock()).astimezone(UTC).replace(microsecond=0)
+        while (snaps.store.snapshots_dir / snapshot_name(volume.name, t)).exists():
+            t += timedelta(seconds=1)
+        kept = snaps.take(volume, now=t)
         _copy_writable(source, staging)
         fixup(staging)
         exchange(staging, volume.path)

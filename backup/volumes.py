@@ -47,7 +47,10 @@ class BtrfsSnapshotter:
         return btrfs.snapshot_readonly(src, dest)
 
     def delete(self, path: Path) -> None:
-        btrfs.delete_subvolume(path)
+        if btrfs.is_subvolume(path):
+            btrfs.delete_subvolume(path)
+        else:       # taken by the fallback before the volume became a subvolume
+            LinkDestSnapshotter().delete(path)
 
     def describe(self) -> str:
         return ("btrfs: each snapshot is an atomic, read-only subvolume snapshot (every "
@@ -100,6 +103,9 @@ class LinkDestSnapshotter:
         return seconds
 
     def delete(self, path: Path) -> None:
+        if btrfs.is_subvolume(path):    # a btrfs snapshot of a volume that was adopted
+            btrfs.delete_subvolume(path)
+            return
         path.chmod(0o755)
         command.run(["rm", "-rf", "--one-file-system", path], timeout=600)
 

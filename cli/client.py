@@ -139,11 +139,15 @@ class Client:
             err = {"message": f"the API answered {status} to an upgrade: {rest[:200]!r}"}
         raise BerthError.from_dict(err, status=status or 502)
 
-    def stream(self, path: str) -> Iterator[str]:
+    def stream(self, path: str, method: str = "GET", body: Any = None) -> Iterator[str]:
         """Yield lines of a streamed (chunked) text response as they come."""
         conn = self._conn(timeout=3600)
         try:
-            conn.request("GET", path, headers=self._headers())
+            if body is None:
+                conn.request(method, path, headers=self._headers())
+            else:
+                conn.request(method, path, body=json.dumps(body).encode(),
+                             headers=self._headers({"Content-Type": "application/json"}))
             resp = conn.getresponse()
             if resp.status >= 400:
                 self._raise_for(resp, resp.read())

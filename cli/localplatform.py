@@ -165,7 +165,10 @@ class LocalPlatform:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         jobs = {"broker_url": self.broker_url, "addons_dir": str(self.data_dir / "addons"),
                 "addon_pg_port": p.addon_pg, "addon_redis_port": p.addon_redis,
-                "job_retry_seconds": self.job_retry_seconds} if self.jobs else {}
+                "job_retry_seconds": self.job_retry_seconds,
+                # backups of the apps' data dirs: every runner here is on this host
+                "backup_apps_dirs": [str(self.runner_apps_dir(name))
+                                     for name, *_ in self.runners]} if self.jobs else {}
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
                            "balancer_port": p.balancer, "drain_seconds": self.drain_seconds,
@@ -260,6 +263,10 @@ class LocalPlatform:
 
     def start_controller(self) -> None:
         self._spawn("controller", "controller", {})
+
+    def runner_apps_dir(self, name: str) -> Path:
+        """Where runner `name` keeps its apps (its apps_dir setting's default otherwise)."""
+        return Path(self.apps_dir) / name if self.apps_dir else self.data_dir / name / "apps"
 
     def start_runner(self, name: str, address: str, token: str | None = None,
                      roles: str | None = None) -> None:

@@ -3,7 +3,21 @@ from __future__ import annotations
 
 import click
 
-from cli import addons, apps, configvars, deploy, domains, limits, logs, ps, run, stats, tokens, up
+from cli import (
+    addons,
+    apps,
+    backup,
+    configvars,
+    deploy,
+    domains,
+    limits,
+    logs,
+    ps,
+    run,
+    stats,
+    tokens,
+    up,
+)
 from cli.output import Group, console
 from config.describe import COMPONENTS, print_settings, specs
 
@@ -25,7 +39,8 @@ def settings(component: str | None) -> None:
 for command in (apps.login, apps.apps, deploy.push, deploy.releases, deploy.rollback,
                 ps.ps, ps.scale, configvars.config_group, logs.logs, domains.domains,
                 limits.maintenance, limits.limits, stats.stats, stats.hosts, run.run, up.up,
-                up.down, addons.addons, addons.psql, addons.redis_cli, tokens.tokens, settings):
+                up.down, addons.addons, addons.psql, addons.redis_cli, tokens.tokens,
+                backup.backup, settings):
     cli.add_command(command)
 
 

@@ -102,3 +102,14 @@ def endpoint(channel: str, help: str) -> Setting:
     """The setting holding `channel`'s endpoint, defaulting to the channel's own."""
     ch = CHANNELS[channel]
     return Setting(ch.endpoint_setting, str, ch.default_endpoint, help, check=zmq_endpoint)
+
+
+@describe_check("e.g. 24h 7d 4w 12m min=3")
+def retention_policy(value: str) -> None:
+    """A backup retention policy (backup/retention.py)."""
+    from backup.errors import InvalidPolicy
+    from backup.retention import Policy
+    try:
+        Policy.parse(value)
+    except InvalidPolicy as exc:
+        raise Invalid(exc.message, exc.hint) from None

@@ -17,6 +17,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 from controller import addons as addon_rules
 from controller import attach, slugcheck
 from controller.addons import Addon, AddonState
+from controller.backups import (
+    BACKUP_ADMIN,
+    PAUSE_SECONDS,
+    Catalog,
+    ControllerSupervisor,
+    forget_formation,
+    remember_formation,
+)
 from controller.errors import Forbidden, Invalid, NotFound, Unauthorized, internal
 from controller.httpserver import BoundedHandler, BoundedHTTPServer, ServerLimits
 from controller.logstore import format_line
@@ -39,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_JSON = 1 << 20
+APP_STOP_SECONDS = 60.0
 SLUG_NAME = re.compile(r"^[0-9a-f]{64}$")
 ROUTES: list[tuple[str, re.Pattern[str], str]] = []
 # who may call each endpoint (by handler name), beyond a valid token:
@@ -62,13 +72,15 @@ def route(method: str, pattern: str, scope: str = "admin"
     return deco
 
 
-# requests that last (a follow, an upload, a run's session, a slug download): each
-# gets a thread of its own (bounded by api_streams) instead of a pool worker
+# requests that last (a follow, an upload, a run's session): each gets a thread of
+# its own (bounded by api_streams) instead of a pool worker. Slug downloads stay in
+# the pool: runners are trusted and fast readers, and a runner starting 200 apps
+# at once should queue for workers, not be refused beyond api_streams
 LONG = (re.compile(r"^GET /v1/runs/[^/?]+/attach(\?|$)"),
         re.compile(r"^POST /v1/apps/[^/?]+/builds(\?|$)"),
         re.compile(r"^GET /v1/builds/[^/?]+/log(\?|$)"),
-        re.compile(r"^GET /v1/slugs/"),
-        re.compile(r"^GET /v1/[^?]*\?(.*&)?follow=(1|true)(&|$)"))
+        re.compile(r"^GET /v1/[^?]*\?(.*&)?follow=(1|true)(&|$)"),
+        re.compile(r"^POST /v1/backups/[^?]*(\?|$)"))
 
 
 def is_long(method: str, target: str) -> bool:
@@ -92,6 +104,8 @@ class Handler(BoundedHandler):
                 if m and method == self.command:
                     if name.startswith("platform_"):
                         self._platform_auth()
+                    elif name.startswith("backup_"):
+                        self._backup_auth()
                     elif name != "health":
                         self._auth(slug=name == "get_slug")
                         if name != "get_slug":
@@ -197,6 +211,16 @@ class Handler(BoundedHandler):
             raise Unauthorized("the token is not recognized",
                                "log in again with `berth login --token TOKEN`")
         self.team = found[1]
+
+    def _backup_auth(self) -> None:
+        """Backups (restore replaces tenants' data): a token of the backup-admin role,
+        the platform's token named backup-admin (no team's)."""
+        self._auth()
+        token = self.headers.get("Authorization", "")[7:].strip()
+        if self.server.controller.store.token_identity(token) != (BACKUP_ADMIN, None):
+            raise Forbidden("backups are for backup admins; this token is not one",
+                            f"log in with the {BACKUP_ADMIN} token (the controller writes "
+                            f"it to its data directory's {BACKUP_ADMIN}.token)")
 
     def _platform_auth(self) -> None:
         """The job workers' endpoints: the platform token, and only it."""
@@ -714,6 +738,23 @@ class Handler(BoundedHandler):
         first)."""
         self._json(200, self.c.host_addresses())
 
+    @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/pause")
+    def platform_pause(self, addon_id: str) -> None:
+        """{seconds}: a backup job stops the addon's servers: runners stop serving them
+        for that long (0: serve them again); answered once none is reported running.
+        {supervised}: whether a runner was serving them."""
+        seconds = self._body().get("seconds", PAUSE_SECONDS)
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 86400:
+            raise Invalid(f"seconds={seconds!r} is not a number from 0 to 86400",
+                          "give how long the servers stay stopped, 0 to serve them again")
+        self.c.store.addon(addon_id)            # 404 for an addon the store lacks
+        sup = ControllerSupervisor(self.c)
+        if seconds == 0:
+            sup.resume(addon_id)
+            self._json(200, {"paused": False})
+            return
+        self._json(200, {"paused": True, "supervised": sup.pause(addon_id, seconds)})
+
     @route("POST", r"/v1/platform/addons/([a-z0-9-]+)/quota")
     def platform_quota(self, addon_id: str) -> None:
         """{state: ok|warn|blocked|restored, usage_mb}: a change goes to the app's log."""
@@ -726,6 +767,119 @@ class Handler(BoundedHandler):
         if changed and state != "ok":
             self.c.addon_log(addon.app, addon_rules.quota_line(addon))
         self._json(200, {"addon": addon.public(), "changed": changed})
+
+    # -- backups (the backup-admin role): controller/backups.py -----------------------
+    @route("GET", r"/v1/backups")
+    def backup_list(self) -> None:
+        cat = self.server.backups()
+        self._json(200, {"volumes": [cat.describe(pv) for pv in cat.volumes()]})
+
+    @route("GET", r"/v1/backups/([A-Za-z0-9_.-]+)")
+    def backup_show(self, name: str) -> None:
+        cat = self.server.backups()
+        self._json(200, cat.describe(cat.volume(name)))
+
+    @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/snapshots")
+    def backup_snapshot(self, name: str) -> None:
+        snap = self.server.backups().snapshot(name)
+        self._json(200, {"snapshot": snap.name})
+
+    @route("POST", r"/v1/backups/prune")
+    def backup_prune(self) -> None:
+        """{dry_run?, volume?}: every decision with its reason."""
+        body = self._body()
+        cat = self.server.backups()
+        names = [str(body["volume"])] if body.get("volume") else \
+            [pv.name for pv in cat.volumes()]
+        out = {}
+        for name in names:
+            out[name] = [{"snapshot": snap.name, "keep": keep, "why": why} for snap, keep, why
+                         in cat.prune(name, dry_run=bool(body.get("dry_run")))]
+        self._json(200, {"policy": str(cat.policy), "dry_run": bool(body.get("dry_run")),
+                         "volumes": out})
+
+    @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/restore")
+    def backup_restore(self, name: str) -> None:
+        """{at?: ISO UTC, into?: new volume, from_copies?: a dir of verified offsite
+        copies on this host}: NDJSON lines {step} then {done} or {error}."""
+        body = self._body()
+        cat = self.server.backups()
+        pv = cat.volume(name)
+        at, into = _when(body.get("at")), body.get("into") or None
+        copies = Path(str(body["from_copies"])) if body.get("from_copies") else None
+        stop = start = None
+        if pv.kind == "app-data" and into is None:
+            stop, start = self._app_consumers(pv.owner)
+
+        def work(progress: Callable[[str], None]) -> dict[str, Any]:
+            done = cat.restore(name, at, into=into, from_copies=copies, stop=stop,
+                               start=start, progress=progress)
+            return {"volume": done.volume.name, "path": str(done.volume.path),
+                    "source": done.source.name, "kept": done.kept.name if done.kept else None,
+                    "seconds": round(done.seconds, 3)}
+        self._job_stream(work)
+
+    @route("POST", r"/v1/backups/([A-Za-z0-9_.-]+)/verify")
+    def backup_verify(self, name: str) -> None:
+        body = self._body()
+        at = _when(body.get("at"))
+        cat = self.server.backups()
+        cat.volume(name)
+        self._job_stream(lambda progress: cat.verify(name, at, progress=progress))
+
+    def _job_stream(self, work: Callable[[Callable[[str], None]], dict[str, Any]]) -> None:
+        """Run a long backup step here, streaming its steps as NDJSON as they come."""
+        self._stream_start("application/x-ndjson")
+
+        gone = [False]
+
+        def send(event: dict[str, Any]) -> None:
+            """A client that went away does not stop the job half-way (its consumers
+            stopped): the job goes on, unwatched."""
+            if gone[0]:
+                return
+            try:
+                self._chunk(json.dumps(event) + "\n")
+            except OSError:
+                gone[0] = True
+                log.warning("backup job's client went away; the job goes on")
+        try:
+            send({"done": work(lambda step: send({"step": step}))})
+        except BerthError as exc:
+            send({"error": exc.to_dict()})
+        except Exception as exc:
+            log.exception("backup job failed")
+            send({"error": internal(exc).to_dict()})
+        if not gone[0]:
+            self._stream_end()
+
+    def _app_consumers(self, app: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """An app's instances as a restore's consumers: scaled to 0 (and waited for
+        until none is reported), then back to the formation they had."""
+        saved = self.c.store.formation(app)
+        maximum = self.c.settings.max_per_process_type
+
+        def stop() -> None:
+            if saved:       # written down first: a restarted controller scales it back
+                remember_formation(self.c.data_dir, app, saved)
+                self.c.store.scale(app, {proc: 0 for proc in saved}, maximum)
+                self.c.wake()
+            deadline = time.monotonic() + APP_STOP_SECONDS
+            while self.c.instances(app):
+                if time.monotonic() > deadline:
+                    start()
+                    raise BerthError(f"{app}'s instances did not stop within "
+                                     f"{APP_STOP_SECONDS:g} s; nothing was restored",
+                                     "see `berth ps` and the runner's log; try again",
+                                     code="consumers_running", status=503)
+                time.sleep(0.1)
+
+        def start() -> None:
+            if saved:
+                self.c.store.scale(app, saved, maximum)
+                self.c.wake()
+                forget_formation(self.c.data_dir, app)
+        return stop, start
 
     @route("GET", r"/v1/slugs/([^/]+)")
     def get_slug(self, sha: str) -> None:
@@ -744,6 +898,21 @@ class Handler(BoundedHandler):
                 self.wfile.write(chunk)
 
 
+def _when(value: Any) -> datetime | None:
+    """A restore's `at`: an ISO 8601 time with its offset (the CLI sends UTC)."""
+    if value in (None, ""):
+        return None
+    try:
+        at = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise Invalid(f"cannot read the time {value!r}",
+                      "send ISO 8601 with an offset, e.g. 2026-11-30T14:00:00+00:00") from None
+    if at.tzinfo is None:
+        raise Invalid(f"the time {value!r} has no UTC offset",
+                      "send it in UTC, e.g. 2026-11-30T14:00:00+00:00")
+    return at.astimezone(UTC)
+
+
 def limits(settings: Any) -> ServerLimits:
     """The server's bounds, from the controller's api_* settings."""
     return ServerLimits(workers=settings.api_workers, streams=settings.api_streams,
@@ -758,3 +927,11 @@ class ApiServer(BoundedHTTPServer):
     def __init__(self, controller: Controller, host: str, port: int) -> None:
         super().__init__((host, port), Handler, limits(controller.settings), is_long)
         self.controller = controller
+        self._backups: Catalog | None = None
+
+    def backups(self) -> Catalog:
+        """The backup volumes this host holds (one-host platform: the job workers')."""
+        if self._backups is None:
+            self._backups = Catalog.from_settings(
+                self.controller.settings, supervisor=ControllerSupervisor(self.controller))
+        return self._backups

@@ -28,6 +28,7 @@ import zmq
 
 from controller import appenv, services
 from controller.api import ApiServer
+from controller.backups import ServerPauses
 from controller.builds import BUILD_TIMEOUT, NO_RUNNER_WAIT, Build, Builds, BuildState
 from controller.commands import Command, Commands
 from controller.errors import ReleasePhaseFailed, Unavailable, build_interrupted, no_runner
@@ -106,6 +107,7 @@ class Controller:
         self.stopping: dict[str, float] = {}              # instance -> stop sent at
         self.destroy_sent: dict[tuple[str, str], float] = {}  # (host, app) -> when
         self.serve_sent: dict[str, float] = {}     # addon server id -> serve sent when
+        self.server_pauses = ServerPauses()        # addons a backup job stopped for now
         self.lost_addresses: set[str] = set()      # runners lost there (and not back)
         self.deploy_leases: dict[str, Lease] = {}         # build -> its deploy/<app> lease
         self.deploy_waits: set[str] = set()               # builds told they wait for one
@@ -136,8 +138,28 @@ class Controller:
             path.chmod(0o600)
         return path
 
+    def ensure_backup_admin_token(self) -> Path:
+        """The backup-admin role's first token (controller/backups.py), beside admin.token."""
+        from controller.backups import BACKUP_ADMIN
+        path = self.data_dir / f"{BACKUP_ADMIN}.token"
+        if not path.exists() or self.store.token_name(path.read_text().strip()) is None:
+            path.write_text(self.store.add_token(BACKUP_ADMIN) + "\n")
+            path.chmod(0o600)
+        return path
+
+    def resume_interrupted_restores(self) -> None:
+        """Apps a restore scaled to 0 when this controller died: scaled back."""
+        from controller.backups import forget_formation, interrupted_restores
+        for app, formation in interrupted_restores(self.data_dir).items():
+            log.warning("restore interrupted: scaling back", extra={"app": app,
+                                                                    "formation": formation})
+            self.store.scale(app, formation, self.settings.max_per_process_type)
+            forget_formation(self.data_dir, app)
+
     def start(self) -> None:
         self.ensure_admin_token()
+        self.ensure_backup_admin_token()
+        self.resume_interrupted_restores()
         self.ctx = zmq.Context()
         s = self.settings
         self.locks = LockServer(self.ctx, s.locks_endpoint, s.lock_events_endpoint,
@@ -541,7 +563,7 @@ class Controller:
     def _serve_addon_servers(self, observed: dict[str, HostReport], now: float) -> None:
         """Have runners supervise the addon servers the store wants, and stop the ones
         it no longer does (controller/services.py)."""
-        wanted = self.store.wanted_services()
+        wanted = self.server_pauses.filter(self.store.wanted_services())
         sp = services.plan(wanted, observed, self.serve_sent, now, self.lost_addresses)
         ids = {spec.id for spec in wanted}
         for sid in list(self.serve_sent):

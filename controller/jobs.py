@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
             raise BerthError("the controller setting broker_url is empty",
                              "point it at the platform's Redis (`berth up` starts one)")
     configure(s)
+    from controller import backupjobs  # the backup tasks and their beat schedule
+    backupjobs.install(s)
     logging.basicConfig(level=s.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.what == "stop-servers":

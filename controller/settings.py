@@ -10,6 +10,7 @@ from config.checks import (
     loopback,
     positive,
     redis_url_or_empty,
+    retention_policy,
 )
 from messaging.channels import API_PORT, BALANCER_PORT, LOOPBACK
 
@@ -59,5 +60,10 @@ SPEC = Spec("controller", [
     Setting("addon_address", str, LOOPBACK, "Job workers: the address addon servers listen on (loopback only here).", check=loopback),
     Setting("addon_pg_port", int, 0, "Job workers: the shared PostgreSQL server's port; 0 lets the provisioner pick and keep one.", min=0, max=65535),
     Setting("addon_redis_port", int, 0, "Job workers: the shared Redis server's port; 0 lets the provisioner pick and keep one.", min=0, max=65535),
+    Setting("backup_dir", str, "", "Job workers: where addon volumes' snapshots live (`snapshots/`, and `volumes/` for shared-PostgreSQL tenants' dumps); empty means <addons_dir>/backups. Keep it on the addons_dir's filesystem: btrfs snapshots do not cross filesystems."),
+    Setting("backup_apps_dirs", list, [], "Job workers: runner apps_dirs on this host whose apps' data dirs (<apps_dir>/<app>/data, BERTH_DATA_DIR) are snapshotted; their snapshots go to <apps_dir>/../backups."),
+    Setting("backup_policy", str, "24h 7d 4w 12m min=3", "Retention of every volume's snapshots: counts of hourly/daily/weekly/monthly/yearly periods (h d w m y) whose first snapshot is kept, and min=N newest always kept.", check=retention_policy),
+    Setting("backup_snapshot_seconds", float, 3600.0, "How often celery beat has every tenant volume snapshotted.", check=positive),
+    Setting("backup_prune_seconds", float, 3600.0, "How often celery beat prunes every volume's snapshots by backup_policy.", check=positive),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ])

@@ -50,6 +50,21 @@ if [ "$(id -u)" -eq 0 ]; then
   done
 fi
 
+# The offsite backup host, simulated on this machine (issue 10): its own user, its own
+# directory (0700, only that user's) and its own address, 127.0.0.9. It pulls with
+# `berth backup pull` and holds no credential of the served hosts' platform; they
+# hold none for it (root on one machine could of course reach it; real hosts are apart).
+if [ "$(id -u)" -eq 0 ]; then
+  if ! id berth-offsite >/dev/null 2>&1; then
+    echo "-----> Adding the simulated offsite host's user berth-offsite (/var/lib/berth-offsite)"
+    useradd --system --home-dir /var/lib/berth-offsite --create-home \
+      --shell /usr/sbin/nologin berth-offsite
+  fi
+  mkdir -p /var/lib/berth-offsite/copies
+  chown -R berth-offsite: /var/lib/berth-offsite
+  chmod 0700 /var/lib/berth-offsite /var/lib/berth-offsite/copies
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "-----> Creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv

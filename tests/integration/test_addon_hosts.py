@@ -1,13 +1,13 @@
 """An ha PostgreSQL through the whole platform, its nodes on the two simulated db
 hosts (runners with the db role on 127.0.0.5 and 127.0.0.6, each supervising its
 node; PgBouncer on the app runner of 127.0.0.1), and the primary's host killed with
--9 under a bounded write load: its runner and its postmaster die together, nothing restarts them. The periodic
-ha check (celery beat) promotes the standby, the app keeps writing through its
-unchanged DATABASE_URL, and every acknowledged row is there; reads move to the new
-primary while the old host is away; when the host comes back its node is rebuilt as
-the standby, supervised by its runner again, and DATABASE_READ_URL follows in a new
-release. Real everything: controller, three runners, Redis broker, Celery worker and
-beat, PostgreSQL 15, PgBouncer."""
+-9 under a bounded write load: its runner and its postmaster die together, nothing
+restarts them. The periodic ha check (celery beat) promotes the standby, the app
+keeps writing through its unchanged DATABASE_URL, and every acknowledged row is
+there; reads move to the new primary while the old host is away; when the host
+comes back its node is rebuilt as the standby, supervised by its runner again, and
+DATABASE_READ_URL follows in a new release. Real everything: controller, three
+runners, Redis broker, Celery worker and beat, PostgreSQL 15, PgBouncer."""
 from __future__ import annotations
 
 import os
@@ -27,13 +27,9 @@ import pytest
 from cli.client import Client
 from cli.credentials import Credentials
 from cli.localplatform import LocalPlatform, Ports
-from tests.integration.test_addon_jobs import app_log, ready, url_of, wait_addon
+from tests.integration.test_addon_jobs import app_log, ready, url_of, wait_addon, writer
 
 pytestmark = pytest.mark.timeout(420)
-
-MAX_WRITES = 30_000         # the writer is bounded in count ...
-MAX_SECONDS = 120           # ... and in time
-
 
 @pytest.fixture(scope="module")
 def platform(berth_root: Path) -> Iterator[LocalPlatform]:
@@ -68,30 +64,6 @@ def wait_servers(api: Client, addon_id: str, want: dict[str, str],
         time.sleep(0.2)
 
 
-def writer(url: str, acked: list[int], times: list[float], stop: threading.Event) -> None:
-    deadline = time.monotonic() + MAX_SECONDS
-    conn = None
-    for i in range(MAX_WRITES):
-        if stop.is_set() or time.monotonic() > deadline:
-            break
-        try:
-            if conn is None:
-                conn = psycopg2.connect(url, connect_timeout=3)
-                conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("INSERT INTO acked VALUES (%s)", (i,))
-            acked.append(i)
-            times.append(time.monotonic())
-        except psycopg2.Error:
-            if conn is not None:
-                conn.close()
-            conn = None
-            time.sleep(0.05)
-        time.sleep(0.002)
-    if conn is not None:
-        conn.close()
-
-
 def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
     api = Client(Credentials(platform.api_url, platform.admin_token), timeout=30)
     api.post("/v1/apps", {"name": "bank"})
@@ -116,7 +88,8 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
     acked: list[int] = []
     times: list[float] = []
     stop = threading.Event()
-    thread = threading.Thread(target=writer, args=(url, acked, times, stop), daemon=True)
+    thread = threading.Thread(target=writer, args=(url, acked, times, stop, 0.002),
+                              daemon=True)
     thread.start()
     while len(acked) < 200:
         assert thread.is_alive(), "the writer stopped before the kill"
@@ -141,7 +114,7 @@ def test_ha_primary_host_killed_under_load(platform: LocalPlatform):
         while sum(1 for t in times if t > killed) < 100:    # writes go on after it
             assert thread.is_alive(), "the writer gave up after the failover"
             time.sleep(0.05)
-        gap = max(b - a for a, b in zip(times, times[1:]) if b > killed)
+        gap = max(b - a for a, b in zip(times, times[1:], strict=False) if b > killed)
         print(f"\nprimary host killed: failover reported after "
               f"{time.monotonic() - killed:.1f} s; no acknowledged write for {gap:.2f} s")
         # while the host is away, reads go to the new primary; nothing rebuilds there

@@ -11,9 +11,9 @@ new release while its DATABASE_URL keeps working."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -188,9 +188,10 @@ MAX_WRITES = 20_000         # the writer below is bounded in count ...
 MAX_SECONDS = 90            # ... and in time
 
 
-def _writer(url: str, acked: list[int], after: list[float], stop: Any) -> None:
-    """Insert through the app's DATABASE_URL (PgBouncer) one row at a time, keeping
-    the ids whose COMMIT returned."""
+def writer(url: str, acked: list[int], after: list[float], stop: Any,
+           pause: float = 0.0) -> None:
+    """Insert through the app's DATABASE_URL (PgBouncer) one row at a time (`pause`
+    seconds apart), keeping the ids whose COMMIT returned."""
     deadline = time.monotonic() + MAX_SECONDS
     conn = None
     for i in range(MAX_WRITES):
@@ -209,6 +210,7 @@ def _writer(url: str, acked: list[int], after: list[float], stop: Any) -> None:
                 conn.close()
             conn = None
             time.sleep(0.05)
+        time.sleep(pause)
     if conn is not None:
         conn.close()
 
@@ -244,10 +246,10 @@ def test_ha_postgres_fails_over_and_the_app_follows(api: Client, platform: Local
     acked: list[int] = []
     times: list[float] = []
     stop = threading.Event()
-    writer = threading.Thread(target=_writer, args=(url, acked, times, stop), daemon=True)
-    writer.start()
+    thread = threading.Thread(target=writer, args=(url, acked, times, stop), daemon=True)
+    thread.start()
     while len(acked) < 100:
-        assert writer.is_alive(), "the writer stopped before the kill"
+        assert thread.is_alive(), "the writer stopped before the kill"
         time.sleep(0.01)
     killed = time.monotonic()
     # the primary's host stops answering. SIGSTOP, not SIGKILL: on this one machine the
@@ -266,15 +268,15 @@ def test_ha_postgres_fails_over_and_the_app_follows(api: Client, platform: Local
         moved = wait_addon(api, addon["id"], lambda a: "rebuilt" in (a["step"] or ""), 120)
         release = api.get("/v1/apps/ledger/releases")["releases"][0]
         while sum(1 for t in times if t > killed) < 50:     # writes go on after it
-            assert writer.is_alive(), "the writer gave up after the failover"
+            assert thread.is_alive(), "the writer gave up after the failover"
             time.sleep(0.05)
     finally:
         stop.set()
-        writer.join(30)
+        thread.join(30)
         for p in frozen:                        # fencing killed the postmaster only
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-    gap = max(b - a for a, b in zip(times, times[1:]) if b > killed)
+    gap = max(b - a for a, b in zip(times, times[1:], strict=False) if b > killed)
     print(f"\nha postgres through the platform: {len(acked)} acknowledged, no write for "
           f"{gap:.1f} s; failover and rebuild reported {time.monotonic() - killed:.1f} s "
           f"after the stop; step {moved['step']!r}")
@@ -307,8 +309,9 @@ def test_ha_postgres_fails_over_and_the_app_follows(api: Client, platform: Local
 
 
 def test_ha_redis_sentinel_failover_moves_redis_url(api: Client, platform: LocalPlatform):
-    import redis
     from urllib.parse import urlsplit
+
+    import redis
 
     from dbprovision.names import addon_name
     from dbprovision.service import Provisioner

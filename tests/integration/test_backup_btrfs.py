@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -49,6 +49,13 @@ def _mounted(path: Path) -> bool:
 
 @pytest.fixture
 def make_btrfs() -> Iterator[Callable[[str], Path]]:
+    with btrfs_filesystems() as make:
+        yield make
+
+
+@contextmanager
+def btrfs_filesystems() -> Iterator[Callable[[str], Path]]:
+    """make(size) -> the mount point of a new loop-mounted btrfs; all removed after."""
     made: list[tuple[Path, str, Path]] = []      # (work dir, loop device, mount point)
 
     def make(size: str = "512M") -> Path:
@@ -64,12 +71,14 @@ def make_btrfs() -> Iterator[Callable[[str], Path]]:
         mnt.chmod(0o711)
         return mnt
 
-    yield make
-    for work, device, mnt in reversed(made):
-        if _mounted(mnt):
-            run(["umount", mnt], timeout=60)
-        run(["losetup", "-d", device], timeout=10, check=False)
-        shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield make
+    finally:
+        for work, device, mnt in reversed(made):
+            if _mounted(mnt):
+                run(["umount", mnt], timeout=60)
+            run(["losetup", "-d", device], timeout=10, check=False)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def write_random(path: Path, size: int) -> None:
@@ -302,6 +311,17 @@ def test_offsite_pull_through_the_forced_command(make_btrfs):
     assert all(manifest.is_complete(p.copy) and btrfs.is_readonly(p.copy)
                for p in first + second)
     assert (copies / s2.name / "f.txt").read_text() == "two"
+    # the second copy's unchanged file is the first's blocks (verified then, not
+    # hashed again); a changed one is not
+    big2 = copies / s2.name / "big.bin"
+    assert manifest.same_blocks(copies / s1.name / "big.bin", big2, big2.lstat())
+    (vol.path / "big.bin").write_bytes(os.urandom(16 << 20))
+    s3 = snaps.take(vol, now=datetime(2026, 11, 30, 22, 0, tzinfo=UTC))
+    manifest.write(s3.path)
+    third = offsite.pull_btrfs(remote, copies)
+    big3 = copies / s3.name / "big.bin"
+    assert not manifest.same_blocks(big2, big3, big3.lstat())
+    assert third[0].bytes_received > 16 << 20 and manifest.is_complete(third[0].copy)
     assert offsite.pull_btrfs(remote, copies) == []
     print(f"\noffsite pull (btrfs, forced command): first {first[0].bytes_received / 1e6:.1f}"
           f" MB in {first[0].seconds:.2f} s, second {second[0].bytes_received / 1e3:.1f} kB "
@@ -312,7 +332,7 @@ def test_offsite_pull_through_the_forced_command(make_btrfs):
                 ["sh", "-c", "rm -rf /"], ["list;", "rm"], []):
         done = subprocess.run(remote(bad), capture_output=True, timeout=30)
         assert done.returncode == 2 and b"refused" in done.stderr, bad
-    assert {s.name for s in snaps.list()} == {s1.name, s2.name}
+    assert {s.name for s in snaps.list()} == {s1.name, s2.name, s3.name}
 
 
 def test_a_transfer_cut_short_leaves_no_copy(make_btrfs):

@@ -57,3 +57,35 @@ def test_a_rewritten_manifest_needs_a_new_verify(copy):
     manifest.verify(copy)
     manifest.write(copy)
     assert not manifest.is_complete(copy)
+
+
+def test_a_trusted_copy_spares_rereading_only_what_is_the_same_inode(tmp_path, caplog):
+    """verify(copy, trusted=previous): a hard link to the verified previous copy's file
+    (listed alike in both manifests) is not read again; a file that is not shared is,
+    and a mismatch there is caught; an untrusted (unverified) previous spares nothing."""
+    import logging
+    one, two = tmp_path / "v@20261130T200000Z", tmp_path / "v@20261130T210000Z"
+    one.mkdir()
+    (one / "same.bin").write_bytes(os.urandom(1000))
+    (one / "changed.txt").write_text("old")
+    manifest.write(one)
+    manifest.verify(one)
+    two.mkdir()
+    os.link(one / "same.bin", two / "same.bin")
+    (two / "changed.txt").write_text("new")
+    manifest.write(two)
+    with caplog.at_level(logging.INFO, logger="backup.manifest"):
+        assert manifest.verify(two, trusted=one) == 2
+    assert [r.shared_with_trusted for r in caplog.records    # type: ignore[attr-defined]
+            if r.getMessage() == "copy verified"][-1] == 1
+    (two / "changed.txt").write_text("rot")                  # not shared: it is read
+    with pytest.raises(ManifestMismatch):
+        manifest.verify(two, trusted=one)
+    (two / "changed.txt").write_text("new")
+    (one / "changed.txt").write_text("x")     # the previous copy no longer verified...
+    manifest.stamp_path(one).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="backup.manifest"):
+        manifest.verify(two, trusted=one)     # ... so nothing is taken from it
+    assert [r.shared_with_trusted for r in caplog.records    # type: ignore[attr-defined]
+            if r.getMessage() == "copy verified"][-1] == 0

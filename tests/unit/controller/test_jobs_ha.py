@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from types import SimpleNamespace
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
