@@ -71,12 +71,13 @@ def route(method: str, pattern: str, scope: str = "admin"
     return deco
 
 
-# requests that last (a follow, an upload, a run's session, a slug download): each
-# gets a thread of its own (bounded by api_streams) instead of a pool worker
+# requests that last (a follow, an upload, a run's session): each gets a thread of
+# its own (bounded by api_streams) instead of a pool worker. Slug downloads stay in
+# the pool: runners are trusted and fast readers, and a runner starting 200 apps
+# at once should queue for workers, not be refused beyond api_streams
 LONG = (re.compile(r"^GET /v1/runs/[^/?]+/attach(\?|$)"),
         re.compile(r"^POST /v1/apps/[^/?]+/builds(\?|$)"),
         re.compile(r"^GET /v1/builds/[^/?]+/log(\?|$)"),
-        re.compile(r"^GET /v1/slugs/"),
         re.compile(r"^GET /v1/[^?]*\?(.*&)?follow=(1|true)(&|$)"),
         re.compile(r"^POST /v1/backups/[^?]*(\?|$)"))
 

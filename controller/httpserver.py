@@ -15,8 +15,8 @@ How it is bounded:
   connection (or of its first byte after a keep-alive pause), a buffered body within
   `body_timeout` after it; otherwise 408. Heads over `max_header` bytes: 431.
 - A whole request goes to a pool of `workers` threads; at most `queue` may wait for
-  one (503 beyond). Requests that last (follows, uploads, `berth run`'s attach,
-  slug downloads; `is_long(method, target)` says which) get a thread of their own,
+  one (503 beyond). Requests that last (follows, uploads, `berth run`'s attach;
+  `is_long(method, target)` says which) get a thread of their own,
   at most `streams` of them at once (503 beyond).
 - At most `max_connections` connections; at the limit the one that waited longest
   without a whole request is closed to make room. Buffers of all waiting

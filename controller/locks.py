@@ -1,7 +1,7 @@
 """Named leases at the controller: the locks channel's server and its watchdog.
 
 A lease is (name, owner, fence, ttl, expires_at). `LeaseTable` is the rule, free of
-sockets: grant a free or expired name (fence + 1), renew for the owner holding the
+sockets: grant a free or expired name (a new fence), renew for the owner holding the
 current fence, release, and `expire(now)` reclaims every lease whose holder stopped
 renewing (the watchdog). Every change is written through to the store, so a
 restarted controller keeps its leases; their holders, who could not renew while it
@@ -13,10 +13,12 @@ driven by the controller's loop thread alone: `drain()` answers what arrived,
 app) through `acquire`/`renew`/`release` on the same table, so tenants' workers and
 the platform see one set of leases and one event stream.
 
-Times are wall-clock (`time.time()`): leases outlive the process.
+Times are wall-clock (`time.time()`): leases outlive the process. Bounded: at most
+MAX_HELD leases held at once; the watchdog pops due leases off a heap.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -33,22 +35,24 @@ from messaging.shapes import LEASE_NAME, LEASE_TTL, Lease
 log = logging.getLogger(__name__)
 
 MAX_OWNER = 200
+MAX_HELD = 100_000          # leases held at once
+FENCE_ROW = "#fence"        # the store row keeping the highest fence (no lease's name)
 
 
 @dataclass
 class Held:
     name: str
-    owner: str | None       # None: free (the row stays, keeping the fence)
+    owner: str
     fence: int
     ttl: float
     expires_at: float
 
     def lease(self, now: float) -> Lease:
-        return Lease(self.name, self.owner or "", self.fence, self.ttl,
+        return Lease(self.name, self.owner, self.fence, self.ttl,
                      round(max(0.0, self.expires_at - now), 3))
 
     def held(self, now: float) -> bool:
-        return self.owner is not None and self.expires_at > now
+        return self.expires_at > now
 
 
 def check_request(name: str, owner: str, ttl: float | None = None) -> None:
@@ -66,19 +70,35 @@ def check_request(name: str, owner: str, ttl: float | None = None) -> None:
 
 
 class LeaseTable:
+    """Held leases in memory; grants and frees written through to the store (a
+    renewal is not: a restarted table gives every holder a whole TTL anyway). Fences
+    come from one counter, kept in the store as the row FENCE_ROW, so a freed name's
+    row can go and no fence is ever granted twice."""
+
     def __init__(self, store: Store, now: float | None = None) -> None:
         self.store = store
         now = time.time() if now is None else now
         self.leases: dict[str, Held] = {}
+        self.fence = 0
+        self._due: list[tuple[float, str, int]] = []     # (expires_at, name, fence) heap
         for name, owner, fence, ttl, expires_at in store.leases():
-            held = Held(name, owner, fence, ttl, expires_at)
-            if owner is not None:
-                # its holder could not renew while no controller answered
-                held.expires_at = max(expires_at, now + ttl)
-            self.leases[name] = held
+            self.fence = max(self.fence, fence)
+            if name == FENCE_ROW or owner is None:
+                continue
+            # its holder could not renew while no controller answered
+            self._hold(Held(name, owner, fence, ttl, max(expires_at, now + ttl)))
 
-    def _save(self, held: Held) -> None:
-        self.store.save_lease(held.name, held.owner, held.fence, held.ttl, held.expires_at)
+    def _hold(self, held: Held) -> None:
+        self.leases[held.name] = held
+        heapq.heappush(self._due, (held.expires_at, held.name, held.fence))
+
+    def _extend(self, held: Held, ttl: float, now: float) -> None:
+        held.ttl, held.expires_at = ttl, now + ttl
+        heapq.heappush(self._due, (held.expires_at, held.name, held.fence))
+
+    def _free(self, held: Held) -> None:
+        del self.leases[held.name]
+        self.store.drop_lease(held.name)
 
     def acquire(self, name: str, owner: str, ttl: float, now: float) -> tuple[Lease, bool]:
         """The lease for `owner`, and whether it is a new grant (False: the owner held
@@ -89,13 +109,16 @@ class LeaseTable:
             if held.owner != owner:
                 raise LeaseBusy(f"lease {name} is held by {held.owner} for "
                                 f"{held.expires_at - now:.1f}s more (fence {held.fence})")
-            held.ttl, held.expires_at = ttl, now + ttl
-            self._save(held)
+            self._extend(held, ttl, now)
             return held.lease(now), False
-        fence = (held.fence if held else 0) + 1
-        held = Held(name, owner, fence, ttl, now + ttl)
-        self.leases[name] = held
-        self._save(held)
+        if held is None and len(self.leases) >= MAX_HELD:
+            raise BerthError(f"the controller holds {MAX_HELD} leases already",
+                             "release leases when their work is done", code="too_many",
+                             status=503)
+        self.fence += 1
+        held = Held(name, owner, self.fence, ttl, now + ttl)
+        self.store.grant_lease(name, owner, held.fence, ttl, held.expires_at, FENCE_ROW)
+        self._hold(held)
         return held.lease(now), True
 
     def _current(self, name: str, owner: str, fence: int, now: float) -> Held:
@@ -110,16 +133,14 @@ class LeaseTable:
     def renew(self, name: str, owner: str, fence: int, ttl: float, now: float) -> Lease:
         check_request(name, owner, ttl)
         held = self._current(name, owner, fence, now)
-        held.ttl, held.expires_at = ttl, now + ttl
-        self._save(held)
+        self._extend(held, ttl, now)
         return held.lease(now)
 
     def release(self, name: str, owner: str, fence: int, now: float) -> Lease:
         check_request(name, owner)
         held = self._current(name, owner, fence, now)
         lease = held.lease(now)
-        held.owner, held.expires_at = None, now
-        self._save(held)
+        self._free(held)
         return lease
 
     def holder(self, name: str, now: float) -> Lease | None:
@@ -129,11 +150,12 @@ class LeaseTable:
     def expire(self, now: float) -> list[Lease]:
         """The watchdog: free every lease whose holder stopped renewing."""
         gone = []
-        for held in self.leases.values():
-            if held.owner is not None and held.expires_at <= now:
+        while self._due and self._due[0][0] <= now:
+            _, name, fence = heapq.heappop(self._due)
+            held = self.leases.get(name)
+            if held is not None and held.fence == fence and held.expires_at <= now:
                 gone.append(held.lease(now))
-                held.owner = None
-                self._save(held)
+                self._free(held)
         return gone
 
 

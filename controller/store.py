@@ -72,8 +72,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE releases ADD COLUMN addon_keys TEXT",
     ],
     [
-        # named leases (controller/locks.py): a row per name ever granted, so its fence
-        # only grows; owner NULL when free. And tenancy: the team a token acts for and
+        # named leases (controller/locks.py): a row per held lease and one keeping the
+        # highest fence granted, so none repeats. And tenancy: the team a token acts for and
         # the team an app belongs to (NULL: the platform's admins)
         "CREATE TABLE leases (name VARCHAR(200) PRIMARY KEY, owner VARCHAR(200), "
         "fence INTEGER NOT NULL, ttl DOUBLE PRECISION NOT NULL, "
@@ -218,19 +218,29 @@ class Store:
 
     # -- leases (controller/locks.py keeps them in memory and writes through) ----
     def leases(self) -> list[tuple[str, str | None, int, float, float]]:
-        """(name, owner or None, fence, ttl, expires_at) of every name ever granted."""
+        """(name, owner or None, fence, ttl, expires_at) of every lease held, and the
+        fence counter's row."""
         return [(str(r[0]), r[1], int(r[2]), float(r[3]), float(r[4])) for r in self._q(
             "SELECT name, owner, fence, ttl, expires_at FROM leases")]
 
-    def save_lease(self, name: str, owner: str | None, fence: int, ttl: float,
+    def _put_lease(self, name: str, owner: str | None, fence: int, ttl: float,
                    expires_at: float) -> None:
+        if self._q("SELECT 1 FROM leases WHERE name = ?", name):
+            self._q("UPDATE leases SET owner = ?, fence = ?, ttl = ?, expires_at = ? "
+                    "WHERE name = ?", owner, fence, ttl, expires_at, name)
+        else:
+            self._q("INSERT INTO leases (name, owner, fence, ttl, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?)", name, owner, fence, ttl, expires_at)
+
+    def grant_lease(self, name: str, owner: str, fence: int, ttl: float, expires_at: float,
+                    counter: str) -> None:
+        """A granted lease and, in row `counter`, the highest fence, at once."""
         with self._tx():
-            if self._q("SELECT 1 FROM leases WHERE name = ?", name):
-                self._q("UPDATE leases SET owner = ?, fence = ?, ttl = ?, expires_at = ? "
-                        "WHERE name = ?", owner, fence, ttl, expires_at, name)
-            else:
-                self._q("INSERT INTO leases (name, owner, fence, ttl, expires_at) "
-                        "VALUES (?, ?, ?, ?, ?)", name, owner, fence, ttl, expires_at)
+            self._put_lease(name, owner, fence, ttl, expires_at)
+            self._put_lease(counter, None, fence, 0.0, 0.0)
+
+    def drop_lease(self, name: str) -> None:
+        self._q("DELETE FROM leases WHERE name = ?", name)
 
     # -- apps ---------------------------------------------------------------
     def create_app(self, name: str, team: str | None = None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def test_two_pushes_of_one_app_deploy_one_after_the_other(berth, tmp_path):
     # acquired, released, acquired, released: never two holders at once
     assert [e[0] for e in events] == ["acquired", "released"] * 2, events
     assert events[0][1:] == events[1][1:] and events[2][1:] == events[3][1:]
-    assert events[2][2] == events[0][2] + 1
+    assert events[2][2] > events[0][2]                      # a newer fence
     waited = [o for o in outs if "Waiting for" in o[0] + o[1]]
     assert len(waited) == 1 and "one deploy of serial at a time" in waited[0][0] + waited[0][1]
     releases = berth.json("releases", "-a", "serial")

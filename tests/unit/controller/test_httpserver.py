@@ -40,7 +40,7 @@ def test_malformed_heads_are_refused_with_what_was_wrong(data, status, needle):
     ("GET", "/v1/builds/abc/log", True),
     ("GET", "/v1/builds/abc", False),
     ("GET", "/v1/runs/abc/attach", True),
-    ("GET", "/v1/slugs/" + "0" * 64, True),
+    ("GET", "/v1/slugs/" + "0" * 64, False),
     ("POST", "/v1/apps", False),
 ])
 def test_requests_that_last_get_their_own_threads(method, target, long):

@@ -39,7 +39,7 @@ def test_the_watchdog_frees_expired_leases_and_the_old_holder_cannot_renew(tmp_p
     assert [(g.name, g.owner, g.fence) for g in gone] == [("rec/1", "w1", 1)]
     with pytest.raises(LeaseLost, match="no longer w1's"):
         t.renew("rec/1", "w1", 1, 5, 105.1)
-    assert t.acquire("rec/1", "w3", 5, 105.2)[0].fence == 2
+    assert t.acquire("rec/1", "w3", 5, 105.2)[0].fence == 3     # one counter for all
     assert t.holder("rec/2", 106.0).owner == "w2"
 
 
@@ -73,3 +73,22 @@ def test_bad_requests_say_what_is_wrong(tmp_path, name, owner, ttl, needle):
     with pytest.raises(BerthError, match=needle) as err:
         table(tmp_path).acquire(name, owner, ttl, 100.0)
     assert err.value.hint
+
+
+def test_fences_never_repeat_across_restarts_even_when_nothing_is_held(tmp_path):
+    t = table(tmp_path)
+    for i in range(3):
+        lease, _ = t.acquire(f"rec/{i}", "w", 5, 100.0)
+        t.release(lease.name, "w", lease.fence, 100.0)
+    assert t.leases == {}
+    again = LeaseTable(t.store, now=200.0)
+    assert again.acquire("rec/0", "w", 5, 200.0)[0].fence == 4
+    assert sorted(r[0] for r in t.store.leases()) == ["#fence", "rec/0"]
+
+
+def test_renewals_move_the_deadline_the_watchdog_sees(tmp_path):
+    t = table(tmp_path)
+    t.acquire("rec/1", "w1", 5, 100.0)
+    t.renew("rec/1", "w1", 1, 5, 104.0)
+    assert t.expire(105.0) == []               # the first deadline passed, renewed
+    assert [g.owner for g in t.expire(109.0)] == ["w1"]
