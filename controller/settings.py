@@ -65,5 +65,6 @@ SPEC = Spec("controller", [
     Setting("backup_policy", str, "24h 7d 4w 12m min=3", "Retention of every volume's snapshots: counts of hourly/daily/weekly/monthly/yearly periods (h d w m y) whose first snapshot is kept, and min=N newest always kept.", check=retention_policy),
     Setting("backup_snapshot_seconds", float, 3600.0, "How often celery beat has every tenant volume snapshotted.", check=positive),
     Setting("backup_prune_seconds", float, 3600.0, "How often celery beat prunes every volume's snapshots by backup_policy.", check=positive),
+    Setting("keys_dir", str, "", "CURVE keys of the platform's ZeroMQ channels (`berth admin init` makes them; messaging/curve.py): the controller binds every channel as a CURVE server and admits only the hosts whose public keys are in its admitted/ directory. Empty: plain sockets, open to any local process."),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ])
