@@ -2,11 +2,12 @@
 tasks and the loop's timers under the balancer's shared coroutines (see
 engines.py).
 
-A connection is a small asyncio.Protocol instead of asyncio streams: reads hand back whatever
-arrived (like a socket recv), a read that finds data buffered returns without
-suspending, and a timeout costs one timer handle instead of a wait_for task
-wrapper. Flow control both ways: reading pauses past READ_HIGH buffered bytes,
-and a write waits when the transport says its buffer is full.
+A connection is a small asyncio.Protocol instead of asyncio streams: reads hand
+back whatever arrived (like a socket recv), a read that finds data buffered
+returns without suspending, and a timeout costs one timer handle instead of a
+wait_for task wrapper. Flow control both ways: reading pauses past READ_HIGH
+buffered bytes, and a write waits when the transport says its buffer is full. A
+Content-Length body moves through Stream.pipe inside the protocol callbacks.
 """
 from __future__ import annotations
 

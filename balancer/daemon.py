@@ -35,7 +35,7 @@ from balancer.routes import RouteIndex
 from balancer.stats import Stats
 from balancer.subscriber import RouteSubscriber
 from balancer.telemetry import LOG_FLUSH_INTERVAL, Telemetry
-from messaging import channels
+from messaging import channels, curve
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Balancer:
             sock = socket.socket(fileno=listen_fd)
         self.s.listen_port = sock.getsockname()[1]
         self.server = await self.engine.listen(sock, self.proxy.accept, self.proxy.handle)
+        curve.use_setting(self.s.keys_dir, self.s.key_name or self.s.host_id)
         self.ctx = self.engine.zmq_context()
         # access logs and stats leave with NOBLOCK (dropped when the channel is
         # full): plain sockets on the same context never wait

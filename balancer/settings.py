@@ -29,6 +29,8 @@ SPEC = Spec("balancer", [
     Setting("startup_routes_wait", float, 5.0, "Seconds a starting worker waits for its route table before accepting anyway (503 until it arrives).", min=0),
     Setting("reload_timeout", float, 15.0, "Seconds new workers get to load routes on SIGHUP before the reload is abandoned.", check=positive),
     Setting("max_open_files", int, 0, "Raise RLIMIT_NOFILE to this at start (0: up to the hard limit).", min=0),
+    Setting("keys_dir", str, "", "CURVE keys of the platform's ZeroMQ channels (`berth admin init` makes them; messaging/curve.py): this balancer connects with its own pair (hosts/<key_name>) and the controller's public key. Empty: plain sockets, open to any local process."),
+    Setting("key_name", str, "", "This host's name among the keys (hosts/<key_name>.key_secret); empty: host_id."),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
     Setting("engine", str, "asyncio", "I/O engine: asyncio or eventlet (same core, same behaviour).", choices=("asyncio", "eventlet")),
     Setting("uvloop", bool, True, "With engine asyncio: run on uvloop when it is installed."),

@@ -23,6 +23,7 @@ import yaml
 from balancer import settings as balancer_settings
 from config import Spec
 from controller import settings as controller_settings
+from messaging import curve
 from messaging.channels import (
     ADDON_PG_PORT,
     ADDON_REDIS_PORT,
@@ -144,6 +145,10 @@ class LocalPlatform:
     def admin_token(self) -> str:
         return (self.data_dir / "controller" / "admin.token").read_text().strip()
 
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
     def config_path(self) -> Path:
         return self.data_dir / "berth.yaml"
 
@@ -169,13 +174,18 @@ class LocalPlatform:
                 # backups of the apps' data dirs: every runner here is on this host
                 "backup_apps_dirs": [str(self.runner_apps_dir(name))
                                      for name, *_ in self.runners]} if self.jobs else {}
+        # this platform's own CURVE keys: another platform on this machine (a stray
+        # test, a second `berth up`) is refused on every channel
+        keys = {"keys_dir": str(self.keys_dir)}
+        curve.init(self.keys_dir, [])
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
                            "balancer_port": p.balancer, "drain_seconds": self.drain_seconds,
-                           **p.endpoints(controller_settings.SPEC), **jobs},
+                           **p.endpoints(controller_settings.SPEC), **jobs, **keys},
             "runner": {"controller_url": self.api_url, "wheel_cache_dir": self.wheel_cache_dir,
-                       **p.endpoints(runner_settings.SPEC)},
-            "balancer": {"listen_port": p.balancer, **p.endpoints(balancer_settings.SPEC)},
+                       **p.endpoints(runner_settings.SPEC), **keys},
+            "balancer": {"listen_port": p.balancer, **p.endpoints(balancer_settings.SPEC),
+                         **keys},
         }
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # app users pass through on the way to their runner's apps dir; nothing here
@@ -276,13 +286,17 @@ class LocalPlatform:
                "BERTH_RUNNER_RUNNER_TOKEN": token}
         if roles:
             env["BERTH_RUNNER_ROLES"] = roles
+        curve.init(self.keys_dir, [name])          # its own pair, admitted
+        env["BERTH_RUNNER_KEY_NAME"] = name
         if self.apps_dir:
             env["BERTH_RUNNER_APPS_DIR"] = str(Path(self.apps_dir) / name)
         self._spawn(name, "runner", env)
 
     def start_balancer(self, name: str, port: int, timeout: float = 30.0) -> None:
+        curve.init(self.keys_dir, [name])
         self._spawn(name, "balancer", {"BERTH_BALANCER_HOST_ID": name,
-                                       "BERTH_BALANCER_LISTEN_PORT": str(port)})
+                                       "BERTH_BALANCER_LISTEN_PORT": str(port),
+                                       "BERTH_BALANCER_KEY_NAME": name})
         self._wait(lambda: port_in_use("127.0.0.1", port), timeout, name)
 
     def _health(self) -> dict[str, int] | None:

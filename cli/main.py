@@ -5,6 +5,7 @@ import click
 
 from cli import (
     addons,
+    admin,
     apps,
     backup,
     configvars,
@@ -40,7 +41,7 @@ for command in (apps.login, apps.apps, deploy.push, deploy.releases, deploy.roll
                 ps.ps, ps.scale, configvars.config_group, logs.logs, domains.domains,
                 limits.maintenance, limits.limits, stats.stats, stats.hosts, run.run, up.up,
                 up.down, addons.addons, addons.psql, addons.redis_cli, tokens.tokens,
-                backup.backup, settings):
+                backup.backup, admin.admin, settings):
     cli.add_command(command)
 
 

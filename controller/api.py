@@ -123,6 +123,12 @@ class Handler(BoundedHandler):
             self._json(exc.status, {"error": exc.to_dict()}, close=unread)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except TimeoutError as exc:            # a client too slow to send or to read
+            log.info("api request timed out", extra={"path": self.url.path,
+                                                     "error": str(exc)})
+            self._json(408, {"error": {"code": "timeout", "message": str(exc) or
+                                       "the request timed out", "hint": "send the whole "
+                                       "request without pauses"}}, close=True)
         except Exception as exc:               # keep the server up; tell the user
             log.exception("api error", extra={"path": self.url.path})
             self._json(500, {"error": internal(exc).to_dict()})

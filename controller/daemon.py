@@ -40,7 +40,7 @@ from controller.runloop import RunLoop
 from controller.runs import Attachment, LineSplitter, Run, RunState
 from controller.stats import StatsHub
 from controller.store import Release, Store
-from messaging import channels, envelope
+from messaging import channels, curve, envelope
 from messaging.clone import ClonePublisher
 from messaging.envelope import Message, make
 from messaging.errors import BerthError, LeaseBusy, LeaseLost, ProtocolError
@@ -160,6 +160,7 @@ class Controller:
         self.ensure_admin_token()
         self.ensure_backup_admin_token()
         self.resume_interrupted_restores()
+        curve.use_setting(self.settings.keys_dir, curve.SERVER)
         self.ctx = zmq.Context()
         s = self.settings
         self.locks = LockServer(self.ctx, s.locks_endpoint, s.lock_events_endpoint,
@@ -234,6 +235,7 @@ class Controller:
                      self.attach):
             sock.close(0)
         self.locks.close()
+        curve.stop(self.ctx)
         self.ctx.term()
         self.logs.close()           # what the writer thread has not written yet
         log.info("controller stopped")

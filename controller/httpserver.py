@@ -21,7 +21,9 @@ How it is bounded:
 - At most `max_connections` connections; at the limit the one that waited longest
   without a whole request is closed to make room. Buffers of all waiting
   connections together stay under `max_buffered` bytes (503 beyond).
-- On a dispatched connection every read and write times out after `io_timeout`.
+- On a dispatched connection every read and write times out after `io_timeout`,
+  and a body the handler reads itself (a push) must average `min_body_rate` bytes/s
+  once `body_timeout` has passed (BodyTooSlow, answered 408).
 - Keep-alive: after a response the connection goes back to the selector (idle for at
   most `idle_timeout`), so an idle client never holds a worker.
 - A malformed head (request line, header line, Content-Length, Transfer-Encoding)
@@ -61,6 +63,7 @@ class ServerLimits:
     io_timeout: float = 60.0
     max_header: int = 64 * 1024
     max_body_buffered: int = 1 << 20        # larger bodies only for `is_long` requests
+    min_body_rate: int = 4096               # bytes/s a handler's reads must average
     max_buffered: int = 64 << 20
 
 
@@ -149,14 +152,23 @@ class Conn:
     registered: bool = False    # with the selector (and counted in its buffers)
 
 
-class _Prefixed(io.RawIOBase):
-    """A connection's bytes: what the selector buffered first, then the socket.
-    Once `stop` is set it reads nothing more (what the reader buffered is kept)."""
+class BodyTooSlow(TimeoutError):
+    """A request body arriving slower than the server's minimum rate."""
 
-    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
+
+class _Prefixed(io.RawIOBase):
+    """A connection's bytes: what the selector buffered first, then the socket, at
+    `min_rate` bytes/s on average once `grace` seconds have passed. Once `stop` is
+    set it reads nothing more (what the reader buffered is kept)."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes, grace: float = 30.0,
+                 min_rate: int = 0) -> None:
         self.sock = sock
         self.prefix = memoryview(prefix)
         self.stop = False
+        self.grace, self.min_rate = grace, min_rate
+        self.started: float | None = None
+        self.count = 0
 
     def readable(self) -> bool:
         return True
@@ -169,7 +181,16 @@ class _Prefixed(io.RawIOBase):
             return n
         if self.stop:
             return None
-        return self.sock.recv_into(b)
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        elapsed = now - self.started
+        if self.min_rate and elapsed > self.grace and self.count < elapsed * self.min_rate:
+            raise BodyTooSlow(f"the request body came at {self.count / elapsed:.0f} bytes/s, "
+                              f"below the API's {self.min_rate} bytes/s")
+        n = self.sock.recv_into(b)
+        self.count += n
+        return n
 
     def close(self) -> None:        # the socket belongs to the server
         super().close()
@@ -197,7 +218,8 @@ class BoundedHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         sock, prefix = self.request
         self.connection = sock
-        self._raw = _Prefixed(sock, prefix)
+        limits: ServerLimits = getattr(self.server, "limits", ServerLimits())
+        self._raw = _Prefixed(sock, prefix, limits.body_timeout, limits.min_body_rate)
         self.rfile = io.BufferedReader(self._raw, 1 << 16)
         self.wfile = _SocketWriter(sock)
 

@@ -67,5 +67,6 @@ SPEC = Spec("controller", [
     Setting("backup_volume_policies", list, [], "Retention per volume, overriding backup_policy: VOLUME-PATTERN=POLICY items, the first whose shell pattern matches the volume's name wins, e.g. 'addon-*=48h 14d 8w min=5'.", check=volume_policies),
     Setting("backup_snapshot_seconds", float, 3600.0, "How often celery beat has every tenant volume snapshotted.", check=positive),
     Setting("backup_prune_seconds", float, 3600.0, "How often celery beat prunes every volume's snapshots by backup_policy.", check=positive),
+    Setting("keys_dir", str, "", "CURVE keys of the platform's ZeroMQ channels (`berth admin init` makes them; messaging/curve.py): the controller binds every channel as a CURVE server and admits only the hosts whose public keys are in its admitted/ directory. Empty: plain sockets, open to any local process."),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ])

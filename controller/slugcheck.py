@@ -48,17 +48,20 @@ def receive(stream: Readable, length: int, dest_dir: Path, max_bytes: int) -> tu
     dest_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd = tempfile.NamedTemporaryFile(dir=dest_dir, suffix=".upload", delete=False)
-    with fd:
-        left = length
-        while left:
-            chunk = stream.read(min(left, 1 << 16))
-            if not chunk:
-                Path(fd.name).unlink()
-                raise Invalid(f"the upload ended after {length - left} of {length} bytes",
-                              "push again; check your network connection")
-            digest.update(chunk)
-            fd.write(chunk)
-            left -= len(chunk)
+    try:
+        with fd:
+            left = length
+            while left:
+                chunk = stream.read(min(left, 1 << 16))
+                if not chunk:
+                    raise Invalid(f"the upload ended after {length - left} of {length} "
+                                  "bytes", "push again; check your network connection")
+                digest.update(chunk)
+                fd.write(chunk)
+                left -= len(chunk)
+    except BaseException:               # cut short, too slow: no partial upload left
+        Path(fd.name).unlink(missing_ok=True)
+        raise
     return Path(fd.name), digest.hexdigest()
 
 

@@ -137,13 +137,17 @@ def by_setting(setting: str) -> Channel:
 
 
 def bind(ctx: zmq.Context, channel: str, endpoint: str) -> zmq.Socket:
-    """Open the binding end of a channel."""
+    """Open the binding end of a channel (a CURVE server when the process stated its
+    keys: messaging/curve.py)."""
     import zmq
+
+    from messaging import curve
 
     ch = CHANNELS[channel]
     sock_type = getattr(zmq, ch.bind_type)
     sock = ctx.socket(sock_type)
     sock.setsockopt(zmq.LINGER, 0)
+    curve.serve(sock, ctx)
     if sock_type == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     sock.bind(endpoint)
@@ -152,13 +156,17 @@ def bind(ctx: zmq.Context, channel: str, endpoint: str) -> zmq.Socket:
 
 def connect(ctx: zmq.Context, channel: str, endpoint: str,
             identity: str | None = None) -> zmq.Socket:
-    """Open a connecting end of a channel; SUB ends subscribe to their topics."""
+    """Open a connecting end of a channel; SUB ends subscribe to their topics (a CURVE
+    client of the controller when the process stated its keys: messaging/curve.py)."""
     import zmq
+
+    from messaging import curve
 
     ch = CHANNELS[channel]
     sock_type = getattr(zmq, ch.connect_type)
     sock = ctx.socket(sock_type)
     sock.setsockopt(zmq.LINGER, 0)
+    curve.client(sock)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity.encode())
     if sock_type == zmq.SUB:

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import zmq
 
+from messaging import curve
 from messaging.channels import connect
 from messaging.envelope import Message, make, recv, reply, send
 from messaging.errors import BerthError, ProtocolError
@@ -146,6 +147,8 @@ class Runner(Hooks):
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
+        curve.use_setting(self.settings.keys_dir,
+                          self.settings.key_name or self.settings.host_id)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # the platform's own files are root's alone; app users may only pass through
         # the data dir on the way to their own dir when apps_dir lies inside it

@@ -345,6 +345,7 @@ class Bench:
     def start_haproxy(self) -> None:
         port = free_port()
         conf = render("haproxy.cfg", self.prefix / "haproxy.cfg", port=port,
+                      threads=self.args.workers,
                       backend_port=self.ports["direct"])
         child = self.spawn("haproxy", [tool("haproxy"), "-db", "-f", str(conf)])
         self._ready(child, port)
@@ -377,7 +378,8 @@ class Bench:
                       port=port, routes_endpoint=c.routes_endpoint,
                       snapshot_endpoint=c.snapshot_endpoint,
                       logs_endpoint=c.logs_endpoint, engine=ENGINES[target][0],
-                      native=str(ENGINES[target][1]).lower())
+                      native=str(ENGINES[target][1]).lower(),
+                      processes=self.args.workers)
         py = sys.executable
         if profiler == "cprofile":
             cmd = [py, "-m", "cProfile", "-o", str(self.prefix / "balancer.prof"),
@@ -656,6 +658,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=0.5, help="seconds between runs")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--workers", type=int, default=1,
+                   help="balancer worker processes, against HAProxy's nbthread")
     p.add_argument("--only", action="append", choices=sorted(CASES),
                    help="run only this case (repeatable)")
     p.add_argument("--targets", default=",".join(TARGETS),

@@ -255,3 +255,51 @@ def test_every_endpoint_answers_malformed_input_without_a_5xx(ctl):
                 elif status >= 400:
                     assert answer["error"]["message"], answer
     assert not failures, "\n".join(failures)
+
+
+def test_a_push_trickling_in_below_the_minimum_rate_is_408(ctl):
+    raw(ctl, post(ctl, "/v1/apps", b'{"name": "trickle"}'))
+    head = (f"POST /v1/apps/trickle/builds HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            f"{ctl.admin_token}\r\nContent-Length: 100000\r\n\r\n").encode()
+    with connect(ctl, 15) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        sock.setblocking(False)
+        answer = b""
+        while b"\r\n\r\n" not in answer and time.monotonic() - started < 10:
+            try:
+                sock.send(b"x" * 10)                # 20 bytes/s, far below 4 kB/s
+            except OSError:
+                pass
+            time.sleep(0.5)
+            try:
+                answer += sock.recv(65536)
+            except BlockingIOError:
+                pass
+        took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"bytes/s, below the API's 4096 bytes/s" in answer
+    assert BODY_TIMEOUT <= took <= BODY_TIMEOUT + 2.0, took
+    uploads = ctl.data_dir / "controller" / "uploads"
+    assert not list(uploads.glob("*.upload"))           # nothing half-written left
+
+
+def test_at_the_connection_limit_the_longest_waiting_are_shed(tmp_path):
+    with running_controller(tmp_path / "few", api_max_connections=50) as few:
+        silent = [connect(few) for _ in range(60)]
+        try:
+            time.sleep(0.5)
+            assert raw(few, get(few, "/v1/apps"))[0] == 200
+            shed = 0
+            for sock in silent[:12]:
+                sock.settimeout(2.0)
+                try:
+                    shed += sock.recv(10) == b""
+                except (TimeoutError, ConnectionResetError):
+                    pass
+            assert shed >= 10, shed            # the oldest made room for the newest
+            silent[-1].sendall(get(few, "/v1/health", token=False))
+            assert read_response(silent[-1])[0] == 200
+        finally:
+            for sock in silent:
+                sock.close()
