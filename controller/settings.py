@@ -22,7 +22,7 @@ SPEC = Spec("controller", [
     Setting("api_port", int, API_PORT, "HTTP API port.", min=1, max=65535),
     Setting("api_workers", int, 16, "API threads answering ordinary requests (requests beyond wait in a queue of api_queue).", min=1, max=512),
     Setting("api_queue", int, 256, "API requests that may wait for a worker; 503 beyond.", min=1),
-    Setting("api_streams", int, 64, "API requests that last (log and stats follows, uploads, `berth run` sessions, slug downloads) served at once, a thread each; 503 beyond.", min=1, max=4096),
+    Setting("api_streams", int, 64, "API requests that last (log and stats follows, uploads, `berth run` sessions) served at once, a thread each; 503 beyond.", min=1, max=4096),
     Setting("api_max_connections", int, 2000, "Open API connections without a whole request (half-open, slow, idle keep-alive); at the limit the longest waiting is closed.", min=1),
     Setting("api_header_timeout", float, 10.0, "Seconds a client has to send a request's head (408 after).", check=positive),
     Setting("api_body_timeout", float, 30.0, "Seconds a client has to send a JSON body after its head (408 after).", check=positive),
