@@ -23,14 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dbprovision import command
 from dbprovision.errors import CommandFailed
+from dbprovision.ports import free_port
 
 from . import btrfs, manifest
 from .errors import BackupError, ManifestMismatch, ManifestMissing
@@ -182,3 +186,46 @@ def pull_btrfs(remote: Remote, copies: Path, *, timeout: float = 3600,
                                        "bytes": moved, "seconds": round(seconds, 3)})
         out.append(Pulled(name, final, previous, moved, seconds))
     return out
+
+
+# -- checking what the offsite host holds ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checked:
+    copy: Path
+    files: int
+    databases: list[str] | None        # a PostgreSQL copy, started and queried
+    start_seconds: float | None
+
+
+def check_copy(copies: Path, volume: str, at: datetime | None = None) -> Checked:
+    """Re-verify the copy of `volume` in `copies` newest at or before `at` (default:
+    the newest): every file hashed again against its manifest (nothing trusted), and,
+    when it holds a PostgreSQL cluster, the cluster started on a scratch copy beside
+    it (as whoever runs this: the offsite user owns its copies) and its databases
+    listed. The scratch copy is removed."""
+    from .pgverify import verify_postgres
+    from .restore import as_of
+    from .snapshots import Snapshot
+    found = [Snapshot(parse_name(p.name)[1], volume, p) for p in copies.iterdir()
+             if NAME.match(p.name) and parse_name(p.name)[0] == volume
+             and manifest.manifest_path(p).exists()]
+    chosen = as_of(found, at or datetime.now(UTC)).path
+    files = manifest.verify(chosen)
+    if not (chosen / "data" / "PG_VERSION").exists():
+        return Checked(chosen, files, None, None)
+    # beside the copies (a btrfs clone when they are on btrfs), in a dir the cluster's
+    # user can pass: postgres when root runs this, else the offsite user itself
+    work = Path(tempfile.mkdtemp(prefix=".berth-check-", dir=copies.parent))
+    work.chmod(0o711)
+    scratch = work / secrets.token_hex(4)
+    try:
+        got = verify_postgres(chosen, scratch, free_port("127.0.0.1"),
+                              "SELECT datname FROM pg_database WHERE NOT datistemplate "
+                              "ORDER BY 1")
+    finally:
+        if scratch.exists() and btrfs.is_subvolume(scratch):
+            btrfs.delete_subvolume(scratch)
+        shutil.rmtree(work, ignore_errors=True)
+    return Checked(chosen, files, [str(r[0]) for r in got.rows], got.start_seconds)

@@ -157,9 +157,24 @@ def restore(volume: str, at_text: str | None, into: str | None, from_copies: Pat
 @backup.command("verify")
 @click.argument("volume")
 @click.option("--at", "at_text", help="Which snapshot, by time (default: the newest).")
-def verify(volume: str, at_text: str | None) -> None:
+@click.option("--copies", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="On the offsite host: check its copy in this directory instead (every "
+              "file hashed again; a PostgreSQL copy started as this user), no API.")
+def verify(volume: str, at_text: str | None, copies: Path | None) -> None:
     """Check a snapshot against its checksums; a PostgreSQL one is also started in a
     scratch directory and queried."""
+    if copies is not None:
+        from datetime import datetime
+
+        from backup import offsite
+        when = datetime.fromisoformat(_at(at_text) or "") if at_text else None
+        with console.status(f"checking the copy of {volume} in {copies}"):
+            checked = offsite.check_copy(copies, volume, when)
+        step(f"{checked.copy.name}: {checked.files} files match the manifest")
+        if checked.databases is not None:
+            step(f"PostgreSQL started from it in {checked.start_seconds:.2f} s; "
+                 f"databases: {', '.join(checked.databases)}")
+        return
     at = _at(at_text)
     done = _follow(Client().stream(f"/v1/backups/{volume}/verify", "POST", {"at": at}),
                    VERIFY_STEPS, f"verifying {volume}")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli import appname
 from cli.client import Client
-from cli.output import console
+from cli.output import console, step
 from messaging.shapes import InventoryItem
 
 
@@ -50,10 +50,14 @@ def stats(app: str | None, all_apps: bool, follow: bool, count: int, as_json: bo
             click.echo(_line(name, fig))
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def hosts(as_json: bool) -> None:
-    """Every runner host and the instances it runs (operators)."""
+@click.pass_context
+def hosts(ctx: click.Context, as_json: bool) -> None:
+    """Every runner host: its roles, memory given and free, and what it runs
+    (operators). `berth hosts drain HOST` empties one."""
+    if ctx.invoked_subcommand is not None:
+        return
     data = Client().get("/v1/hosts")
     if as_json:
         console.print_json(data=data)
@@ -61,7 +65,13 @@ def hosts(as_json: bool) -> None:
     for name, info in sorted(data["runners"].items()):
         static = (f", static files on port {info['static_port']}"
                   if info.get("static_port") else "")
-        click.echo(f"=== {name} ({info['address']}): {info['instances']} instances{static}")
+        cap = info.get("capacity_mb") or 0
+        memory = (f"{info.get('used_mb', 0)} of {cap} MB given" if cap
+                  else f"{info.get('used_mb', 0)} MB given, no cap")
+        roles = ",".join(info.get("roles") or ())
+        draining = " DRAINING" if info.get("draining") else ""
+        click.echo(f"=== {name} ({info['address']}){draining}: roles {roles}; "
+                   f"{info['instances']} instances; {memory}{static}")
         table = Table("instance", "app", "proc", "release", "state", "port", "restarts",
                       box=None)
         for i in (InventoryItem.from_wire(raw) for raw in info["inventory"]):
@@ -69,3 +79,34 @@ def hosts(as_json: bool) -> None:
                           str(i.port or "-"), str(i.restarts))
         console.print(table)
     click.echo(f"stats from: {', '.join(data['stats_from']) or 'nobody yet'}")
+
+
+@hosts.command("drain")
+@click.argument("host")
+@click.option("--undo", is_flag=True, help="Let the host take work again.")
+@click.option("--wait/--no-wait", default=True, help="Wait until nothing runs there.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait.")
+def drain(host: str, undo: bool, wait: bool, timeout: float) -> None:
+    """Move everything off HOST (each instance is replaced elsewhere first, then
+    stopped: no request fails), or with --undo let it take work again."""
+    client = Client()
+    client.post(f"/v1/hosts/{host}/drain", {"drain": not undo})
+    if undo:
+        step(f"{host} takes work again")
+        return
+    if not wait:
+        step(f"Draining {host}; `berth hosts` follows it")
+        return
+    deadline = time.monotonic() + timeout
+    with console.status(f"Draining {host}") as status:
+        while True:
+            info = client.get("/v1/hosts")["runners"].get(host)
+            left = len(info["inventory"]) if info else 0
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"{host} still runs {left} instances after "
+                                           f"{timeout:.0f}s; `berth hosts` shows which")
+            status.update(f"Draining {host}: {left} instances left")
+            time.sleep(0.5)
+    step(f"{host} is empty; it takes no work until `berth hosts drain {host} --undo`")

@@ -305,6 +305,18 @@ class Handler(BoundedHandler):
         self._json(200, {"runners": runners, "routes_seq": seq,
                          "stats_from": self.c.stats.current()["hosts"]})
 
+    @route("POST", r"/v1/hosts/([A-Za-z0-9_.-]+)/drain", scope="admin")
+    def drain_host(self, host: str) -> None:
+        """{drain: true|false}: empty the host (its instances are replaced elsewhere
+        first, then stopped; nothing new goes there) or let it take work again."""
+        on = self._body().get("drain", True)
+        if not isinstance(on, bool):
+            raise Invalid("drain must be true or false", "send {\"drain\": false} to undo")
+        if on and host not in self.c.hosts():
+            raise NotFound(f"no live runner host {host!r}", "`berth hosts` lists them")
+        self.c.drain_host(host, on)
+        self._json(200, {"host": host, "draining": on})
+
     @route("GET", r"/v1/stats", scope="admin")
     def all_stats(self) -> None:
         self._stats(None)

@@ -35,7 +35,15 @@ from controller.jobqueue import JobQueue
 from controller.locks import LockServer
 from controller.logstore import LogStore
 from controller.pauses import ServerPauses
-from controller.reconciler import RELEASE_PHASE, Plan, StartSpec, draining_view, flatten, plan
+from controller.reconciler import (
+    RELEASE_PHASE,
+    Plan,
+    StartSpec,
+    draining_view,
+    flatten,
+    memory_mb,
+    plan,
+)
 from controller.runloop import RunLoop
 from controller.runs import Attachment, LineSplitter, Run, RunState
 from controller.stats import StatsHub
@@ -63,6 +71,7 @@ START_PENDING = 15.0
 WARM_UP_INTERVALS = 2       # heartbeat intervals a starting controller only listens
 STOP_RETRY = 60.0
 DESTROY_RETRY = 30.0
+FENCE_MEMORY = 3600.0       # seconds a lost host's instances stay fenced, unseen
 DEPLOY_LEASE_TTL = 30.0     # a build's deploy/<app> lease, renewed every heartbeat
 
 
@@ -109,6 +118,9 @@ class Controller:
         self.serve_sent: dict[str, float] = {}     # addon server id -> serve sent when
         self.server_pauses = ServerPauses()        # addons a backup job stopped for now
         self.lost_addresses: set[str] = set()      # runners lost there (and not back)
+        self.fenced: dict[str, tuple[float, bool]] = {}   # instance -> (lost at, seen since)
+        self.draining_hosts: set[str] = set()      # `berth hosts drain` (memory only)
+        self._desired: dict[str, dict[str, Any]] = {}
         self.deploy_leases: dict[str, Lease] = {}         # build -> its deploy/<app> lease
         self.deploy_waits: set[str] = set()               # builds told they wait for one
         self._view_lock = threading.Lock()
@@ -294,6 +306,11 @@ class Controller:
             log.warning("runner lost", extra={"runner": peer.name})
             if isinstance(peer.payload, HostReport) and peer.payload.address:
                 self.lost_addresses.add(peer.payload.address)
+            if isinstance(peer.payload, HostReport):
+                # the generation fence: should this host come back, what it ran then
+                # is stale (its places are filled elsewhere from now on)
+                for item in peer.payload.inventory:
+                    self.fenced[item.instance] = (now, False)
             self.commands.host_lost(peer.name)
             self._wake.set()
         beat = make("heartbeat", self.settings.host_id, host=self.settings.host_id,
@@ -544,9 +561,12 @@ class Controller:
                     del table[iid]
         desired = self.store.desired()
         self.addon_ports = self.store.addon_ports()
+        stale = self._stale_instances(reported, now)
         p = plan(desired, observed, self.pending, self.draining, set(self.stopping), now,
                  self.settings.drain_seconds, self.settings.base_domain,
-                 self.settings.default_max_body_mb << 20)
+                 self.settings.default_max_body_mb << 20,
+                 draining_hosts=self.draining_hosts, stale=stale)
+        self._desired = desired
         for spec in p.starts:
             self._start(spec, observed[spec.host].address, now, desired[spec.app])
         for iid in p.drains:
@@ -561,6 +581,28 @@ class Controller:
         self._update_view(observed)
         self._destroy_leftovers(observed, set(desired), now)
         return p
+
+    def _stale_instances(self, reported: set[str], now: float) -> set[str]:
+        """The fenced generation: instances a lost host ran, now reported again (the
+        host came back after its places were filled elsewhere). Forgotten once
+        they are gone after showing up, or after FENCE_MEMORY seconds unseen."""
+        stale = set()
+        for iid, (lost_at, seen) in list(self.fenced.items()):
+            if iid in reported:
+                stale.add(iid)
+                self.fenced[iid] = (lost_at, True)
+            elif seen or now - lost_at > FENCE_MEMORY:
+                del self.fenced[iid]
+        return stale
+
+    def drain_host(self, host: str, on: bool = True) -> None:
+        """Thread-safe: empty a host (`berth hosts drain`), or let it take work again."""
+        with self._view_lock:
+            if on:
+                self.draining_hosts.add(host)
+            else:
+                self.draining_hosts.discard(host)
+        self.wake()
 
     def _serve_addon_servers(self, observed: dict[str, HostReport], now: float) -> None:
         """Have runners supervise the addon servers the store wants, and stop the ones
@@ -635,7 +677,11 @@ class Controller:
 
     def _update_view(self, observed: dict[str, HostReport]) -> None:
         insts = draining_view(flatten(observed, self.pending), self.draining)
-        hosts = {h: HostView(r.address, len(r.inventory), r.static_port)
+        used: dict[str, int] = {}
+        for h, r in observed.items():
+            used[h] = sum(memory_mb(self._desired.get(i.app), r) for i in r.inventory)
+        hosts = {h: HostView(r.address, len(r.inventory), r.static_port, r.roles,
+                             r.capacity_mb, used[h], h in self.draining_hosts)
                  for h, r in observed.items()}
         live = frozenset(r.address for r in observed.values() if r.address)
         self.lost_addresses -= live

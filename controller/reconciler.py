@@ -36,6 +36,7 @@ class Plan:
     drains: list[str] = field(default_factory=list)
     stops: list[tuple[str, str]] = field(default_factory=list)   # (host, instance)
     routes: dict[str, Route] = field(default_factory=dict)
+    unplaced: list[tuple[str, str]] = field(default_factory=list)   # no host has room
 
 
 def new_instance_id() -> str:
@@ -90,17 +91,55 @@ def static_part(app: str, serving: list[InventoryItem],
             "static_releases": tuple(versions)}
 
 
+def memory_mb(want: dict[str, Any] | None, report: HostReport | None) -> int:
+    """What one instance of an app may use (its limit): the app's own setting, its
+    berth.yaml's, else the host's default."""
+    release = want.get("release") if want else None
+    own = (want or {}).get("memory_mb") or (release.manifest.memory_mb if release else None)
+    return int(own or (report.default_memory_mb if report else 0))
+
+
 def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
          pending: dict[str, InventoryItem], draining: dict[str, float],
          stopping: set[str], now: float, drain_seconds: float,
-         base_domain: str, default_max_body: int = 100 << 20) -> Plan:
+         base_domain: str, default_max_body: int = 100 << 20,
+         draining_hosts: frozenset[str] | set[str] = frozenset(),
+         stale: frozenset[str] | set[str] = frozenset()) -> Plan:
+    """`draining_hosts`: hosts being emptied (`berth hosts drain`): nothing new goes
+    there, and what runs there is replaced elsewhere first, then retired, as in a
+    deploy. `stale`: instances of a host that was lost and came back (a partition
+    healed): their places were filled elsewhere, so they are never routed and are
+    stopped (the generation fence)."""
     result = Plan()
-    insts = [i for i in flatten(observed, pending)
+    every = [i for i in flatten(observed, pending)
              if i.state is not State.STOPPING and i.instance not in stopping]
-    load = {host: 0 for host, report in observed.items() if report.runs_apps}
+    for i in every:
+        if i.instance in stale and i.state is not State.PENDING:
+            result.stops.append((i.host, i.instance))
+    insts = [i for i in every if i.instance not in stale]
+    load = {host: 0 for host, report in observed.items()
+            if report.runs_apps and host not in draining_hosts}
+    used = dict.fromkeys(load, 0)
+    spread: dict[tuple[str, str, str], int] = {}        # (host, app, proc) -> count
     for i in insts:
         if i.host in load:
             load[i.host] += 1
+            used[i.host] += memory_mb(desired.get(i.app), observed.get(i.host))
+            spread[(i.host, i.app, i.proc)] = spread.get((i.host, i.app, i.proc), 0) + 1
+
+    def place(app: str, proc: str) -> str | None:
+        """The host for one more instance: one with room for its memory limit, with
+        the fewest of this process type (spread: never all on one host when more
+        can take them), then the fewest instances."""
+        room = [h for h in sorted(load) if not observed[h].capacity_mb or
+                used[h] + memory_mb(desired.get(app), observed[h]) <= observed[h].capacity_mb]
+        if not room:
+            return None
+        host = min(room, key=lambda h: (spread.get((h, app, proc), 0), load[h]))
+        load[host] += 1
+        used[host] += memory_mb(desired.get(app), observed[host])
+        spread[(host, app, proc)] = spread.get((host, app, proc), 0) + 1
+        return host
 
     def retire(inst: InventoryItem) -> None:
         if inst.instance in draining:
@@ -124,17 +163,22 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
         for proc in sorted(set(wanted) | {i.proc for i in mine}):
             n = wanted.get(proc, 0)
             cur = [i for i in mine if i.proc == proc and release
-                   and i.release == release.version and i.state in LIVE]
+                   and i.release == release.version and i.state in LIVE
+                   and i.host not in draining_hosts]
             old = [i for i in mine if i.proc == proc and i not in cur]
             missing = n - len(cur)
             for _ in range(max(0, missing)):
-                if not load:
+                host = place(app, proc)
+                if host is None:
+                    result.unplaced.append((app, proc))
                     break
-                host = min(sorted(load), key=lambda h: load[h])
-                load[host] += 1
                 result.starts.append(StartSpec(host, new_instance_id(), app, release, proc))
             if missing < 0:
-                extras = sorted(cur, key=lambda i: (i.state is State.RUNNING, -i.since))
+                # what goes first: not serving yet, then from the host with the most
+                # of this process type (the spread stays), then the newest
+                per_host = {h: sum(1 for i in cur if i.host == h) for h in {i.host for i in cur}}
+                extras = sorted(cur, key=lambda i: (i.state is State.RUNNING,
+                                                    -per_host[i.host], -i.since))
                 for inst in extras[:-missing]:
                     retire(inst)
             ready = sum(1 for i in cur if i.state is State.RUNNING)
@@ -149,6 +193,9 @@ def plan(desired: dict[str, dict[str, Any]], observed: dict[str, HostReport],
         if not backends:
             current = [i for i in mine if release and i.release == release.version]
             reason = _reason(app, release, want["formation"], current, len(load))
+            if (app, "web") in result.unplaced and load:
+                reason = (f"no host has the memory for another instance of {app}; the "
+                          "operator has been told (`berth hosts` shows what is free)")
         result.routes[app] = Route(
             hosts=(f"{app}.{base_domain}", *want["domains"]),
             backends=tuple(backends),

@@ -368,6 +368,10 @@ class HostView:
     address: str | None
     instances: int
     static_port: int | None = None      # its static file server, while up
+    roles: tuple[str, ...] = HOST_ROLES
+    capacity_mb: int = 0                # 0: not bounded
+    used_mb: int = 0                    # the memory limits of what runs there
+    draining: bool = False              # `berth hosts drain`: being emptied
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -394,6 +398,8 @@ class HostReport:
     # `app`, the kind as `proc`); apart from the inventory: they are never routed
     services: list[InventoryItem] = field(default_factory=list)
     roles: tuple[str, ...] = HOST_ROLES     # an older runner sends none: both
+    capacity_mb: int = 0                    # memory its instances may take; 0: unbounded
+    default_memory_mb: int = 0              # an instance's limit when its app sets none
 
     @property
     def runs_apps(self) -> bool:
@@ -415,7 +421,14 @@ class HostReport:
                    [RunItem.from_wire(r, host) for r in fields_.get("runs") or []], port,
                    static_roots_from_wire(fields_.get("static_roots")) if port else {},
                    [InventoryItem.from_wire(i, host) for i in fields_.get("services") or []],
-                   tuple(r for r in (fields_.get("roles") or HOST_ROLES) if r in HOST_ROLES))
+                   tuple(r for r in (fields_.get("roles") or HOST_ROLES) if r in HOST_ROLES),
+                   _count(fields_.get("capacity_mb")), _count(fields_.get("default_memory_mb")))
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer of a heartbeat, or 0 (absent or nonsense)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        and value > 0 else 0
 
 
 def static_roots_to_wire(roots: dict[str, dict[int, str]]) -> dict[str, dict[str, str]]:

@@ -340,6 +340,8 @@ class Runner(Hooks):
                         seq=self._seq, apps=self._apps_here(now),
                         services=self.services.items(),
                         roles=[str(r).strip() for r in self.settings.roles],
+                        capacity_mb=self.settings.capacity_mb,
+                        default_memory_mb=self.settings.memory_mb,
                         runs=self.runs.items(), **self._static_fields()))
 
     def _static_wanted(self) -> dict[tuple[str, int], tuple[Path, str]]:

@@ -50,6 +50,7 @@ SPEC = Spec("runner", [
     Setting("start_retries", int, 5, "Consecutive failed starts before an instance is FATAL.", min=1),
     Setting("backoff_max", float, 30.0, "Longest wait between restarts of a crashing instance.", min=0),
     Setting("max_parallel_spawns", int, 4, "Instances spawned at once (fork/exec into their jails) by the spawn pool, off the runner's loop; more wait their turn in STARTING.", min=1, max=64),
+    Setting("capacity_mb", int, 0, "Memory this host gives app instances in all (the sum of their limits); the controller places no instance beyond it. 0: not bounded.", min=0),
     Setting("roles", list, list(HOST_ROLES), "What this host runs: `app` (app instances, one-off runs, builds) and/or `db` (addon database servers: dedicated and ha PostgreSQL and Redis, which the job workers put on db hosts).", check=host_roles),
     Setting("keys_dir", str, "", "CURVE keys of the platform's ZeroMQ channels (`berth admin init` makes them; messaging/curve.py): this runner connects with its own pair (hosts/<key_name>) and the controller's public key. Empty: plain sockets, open to any local process."),
     Setting("key_name", str, "", "This host's name among the keys (hosts/<key_name>.key_secret); empty: host_id."),

@@ -37,8 +37,8 @@ def size():
     return "%dx%d" % tuple(os.get_terminal_size()) if sys.stdout.isatty() else "-"
 
 signal.signal(signal.SIGWINCH, lambda *_: print("size " + size(), flush=True))
-print("ready " + size(), flush=True)
 try:
+    print("ready " + size(), flush=True)   # a ^C right after it is still caught
     while True:
         time.sleep(0.05)
 except KeyboardInterrupt:

@@ -128,6 +128,18 @@ def test_dedicated_postgres_and_app_data_snapshot_restore_through_the_platform(p
     checked = catalog.verify("addon-pgd1", snap.time)
     assert checked["files"] > 100 and "pgd1" in " ".join(checked["databases"])
 
+    # what the offsite host holds of it, checked there: received, re-hashed, started
+    from backup import offsite
+    away = mnt / "offsite"
+    away.mkdir(mode=0o700)
+    btrfs.send_receive(snap.path, away)
+    (away / manifest.manifest_path(snap.path).name).write_bytes(
+        manifest.manifest_path(snap.path).read_bytes())
+    held = offsite.check_copy(away, "addon-pgd1")
+    assert held.copy.name == snap.name and held.files == checked["files"]
+    assert held.databases == checked["databases"]
+    assert [p.name for p in mnt.iterdir() if p.name.startswith(".berth-check")] == []
+
     # one job per volume
     with catalog.busy(catalog.volume("addon-pgd1")), pytest.raises(BackupBusy):
         catalog.snapshot("addon-pgd1")

@@ -123,6 +123,14 @@ def test_offsite_user_pulls_twice_and_the_served_side_cannot_touch_the_copies(se
         nothing = as_user(OFFSITE_USER, *pull)
         assert "Nothing new to pull" in nothing.stdout
 
+        # the offsite host re-checks what it holds, by time, hashing everything again
+        check = [sys.executable, "-m", "cli.main", "backup", "verify", "app9-data",
+                 "--copies", str(copies)]
+        older = as_user(OFFSITE_USER, *check, "--at", "2026-11-30T22:30:00Z")
+        assert older.returncode == 0 and f"{s1.name}: 2 files match" in older.stdout, \
+            older.stdout + older.stderr
+        assert f"{s2.name}: 2 files match" in as_user(OFFSITE_USER, *check).stdout
+
         # the served side: an app's user cannot list, read, change or delete the copies
         for argv in (["ls", str(copies)], ["cat", str(copies / s2.name / "small.txt")],
                      ["rm", "-rf", str(copies / s1.name)],

@@ -662,7 +662,7 @@ def test_killing_one_of_two_backends_fails_no_get(tmp, balancer, publisher):
             t.start()
         # the load reaches both backends before one of them dies...
         wait_for(lambda: "GET /sleep" in one.requests() and "GET /sleep" in two.requests(),
-                 what="load on both backends")
+                 timeout=30.0, what="load on both backends")     # slow on a busy machine
         one.kill()
         # ...and keeps going until the balancer has found it dead twice: marked down,
         # tried again when that backoff (0.5 s) ran out, and marked down for 1 s

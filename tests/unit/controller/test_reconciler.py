@@ -149,3 +149,64 @@ def test_static_during_a_deploy_serves_the_newest_release_and_falls_back_to_olde
     # once v2 alone serves, v1 is drained and its files are no longer asked for
     route = plan(desired(2), observed, {}, {}, set(), 0, 2.0, "localhost").routes["app"]
     assert route.static_releases == (2,)
+
+
+def test_instances_of_a_process_type_spread_over_hosts():
+    # r1 is less loaded overall, but already runs this app's web: the next goes to r2
+    other = [InventoryItem(instance=f"o{i}", app="other", release=1, proc="web",
+                           state=State.RUNNING, host="r2") for i in range(3)]
+    observed = {"r1": report("r1", [inst("a", 1)]), "r2": report("r2", other)}
+    p = plan(desired(1, web=2), observed, {}, {}, set(), 0, 2.0, "localhost")
+    assert [s.host for s in p.starts] == ["r2"]
+    # four at once on two hosts: two each, never all on one
+    observed = {"r1": report("r1", []), "r2": report("r2", [])}
+    p = plan(desired(1, web=4), observed, {}, {}, set(), 0, 2.0, "localhost")
+    assert sorted(s.host for s in p.starts) == ["r1", "r1", "r2", "r2"]
+
+
+def test_capacity_bounds_placement_and_the_route_says_why():
+    def host(name, capacity, items):
+        return HostReport(name, "127.0.0.2", items, capacity_mb=capacity,
+                          default_memory_mb=256)
+    observed = {"r1": host("r1", 512, [inst("a", 1), inst("b", 1, port=5001)]),
+                "r2": host("r2", 600, [])}
+    p = plan(desired(1, web=5), observed, {}, {}, set(), 0, 2.0, "localhost")
+    assert [s.host for s in p.starts] == ["r2", "r2"]      # 2 x 256 fit in 600, not 3
+    assert p.unplaced == [("app", "web")]
+    d = desired(1, web=1)
+    d["app"]["memory_mb"] = 1024                            # the app's own limit
+    p = plan(d, {"r1": host("r1", 512, [])}, {}, {}, set(), 0, 2.0, "localhost")
+    assert p.starts == [] and "no host has the memory" in p.routes["app"].reason
+
+
+def test_a_drained_host_is_emptied_after_its_replacements_run():
+    observed = {"r1": report("r1", [inst("a", 1)]), "r2": report("r2", [])}
+    p = plan(desired(1), observed, {}, {}, set(), 0, 2.0, "localhost",
+             draining_hosts={"r1"})
+    assert [s.host for s in p.starts] == ["r2"] and p.drains == []
+    assert [b.id for b in p.routes["app"].backends] == ["a"]     # still serving
+    observed["r2"] = report("r2", [inst("n", 1, host="r2", port=6000)])
+    p = plan(desired(1), observed, {}, {}, set(), 0, 2.0, "localhost",
+             draining_hosts={"r1"})
+    assert p.starts == [] and p.drains == ["a"]
+    assert [b.id for b in p.routes["app"].backends] == ["n"]
+
+
+def test_a_lost_hosts_instances_are_fenced_when_it_comes_back():
+    # r1 was lost, its web replaced on r2; r1 returns still running "old"
+    observed = {"r1": report("r1", [inst("old", 1)]),
+                "r2": report("r2", [inst("new", 1, host="r2", port=6000)])}
+    p = plan(desired(1), observed, {}, {}, set(), 0, 2.0, "localhost", stale={"old"})
+    assert p.stops == [("r1", "old")] and p.starts == [] and p.drains == []
+    assert [b.id for b in p.routes["app"].backends] == ["new"]   # never both
+
+
+def test_scaling_down_keeps_the_spread():
+    # runner r1 has two, r2 one (the newest): scaling to 2 retires one of r1's
+    observed = {"r1": report("r1", [inst("a", 1), inst("b", 1, port=5001)]),
+                "r2": report("r2", [InventoryItem(instance="c", app="app", release=1,
+                                                  proc="web", state=State.RUNNING,
+                                                  address="127.0.0.3", port=5002,
+                                                  since=9.0, host="r2")])}
+    p = plan(desired(1, web=2), observed, {}, {}, set(), 0, 2.0, "localhost")
+    assert len(p.drains) == 1 and p.drains[0] in ("a", "b")
