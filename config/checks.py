@@ -82,6 +82,13 @@ def networks(value: list[str]) -> None:
                           "list addresses or CIDRs such as 10.0.0.0/8") from exc
 
 
+@describe_check("a postgresql:// URL or empty")
+def postgres_url_or_empty(value: str) -> None:
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise Invalid(f"is {value!r}, not a postgresql:// URL",
+                      "give postgresql://user@host:port/db (or leave it empty for SQLite)")
+
+
 @describe_check("one or more of app, db")
 def host_roles(value: list[str]) -> None:
     roles = [str(v).strip() for v in value]

@@ -9,6 +9,7 @@ from config.checks import (
     http_url_or_empty,
     loopback,
     positive,
+    postgres_url_or_empty,
     redis_url_or_empty,
     retention_policy,
     volume_policies,
@@ -68,5 +69,6 @@ SPEC = Spec("controller", [
     Setting("backup_snapshot_seconds", float, 3600.0, "How often celery beat has every tenant volume snapshotted.", check=positive),
     Setting("backup_prune_seconds", float, 3600.0, "How often celery beat prunes every volume's snapshots by backup_policy.", check=positive),
     Setting("keys_dir", str, "", "CURVE keys of the platform's ZeroMQ channels (`berth admin init` makes them; messaging/curve.py): the controller binds every channel as a CURVE server and admits only the hosts whose public keys are in its admitted/ directory. Empty: plain sockets, open to any local process."),
+    Setting("store_url", str, "", "PostgreSQL URL of the controller's store and leader lease (controller/pgstore.py): controllers sharing it elect one leader; a standby waits and takes over when the leader dies. Empty: SQLite in data_dir, one controller.", check=postgres_url_or_empty),
     Setting("log_level", str, "info", "Platform log level.", choices=LOG_LEVELS),
 ])
