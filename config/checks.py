@@ -105,6 +105,16 @@ def not_empty(value: str) -> None:
         raise Invalid("is empty", "give it a value")
 
 
+def heartbeat_settings(dead_means: str) -> list[Setting]:
+    """heartbeat_interval and dead_after, with the defaults messaging/heartbeat.py
+    declares once; `dead_means` says what a silent peer is taken as."""
+    from messaging.heartbeat import DEAD_AFTER, INTERVAL
+    return [Setting("heartbeat_interval", float, INTERVAL, "Seconds between heartbeats.",
+                    check=positive),
+            Setting("dead_after", int, DEAD_AFTER,
+                    f"Silent heartbeat intervals before {dead_means}.", min=1)]
+
+
 def endpoint(channel: str, help: str) -> Setting:
     """The setting holding `channel`'s endpoint, defaulting to the channel's own."""
     ch = CHANNELS[channel]

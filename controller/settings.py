@@ -6,6 +6,7 @@ from config import Setting, Spec
 from config.checks import (
     LOG_LEVELS,
     endpoint,
+    heartbeat_settings,
     http_url_or_empty,
     loopback,
     positive,
@@ -46,8 +47,7 @@ SPEC = Spec("controller", [
     Setting("balancer_port", int, BALANCER_PORT, "Port the balancers listen on, for the URLs the CLI prints.", min=1, max=65535),
     Setting("runner_token", str, "", "Shared secret runners present to fetch slugs; empty makes one."),
     Setting("admin_token_file", str, "", "Where the first admin token is written; empty means <data_dir>/admin.token."),
-    Setting("heartbeat_interval", float, 1.0, "Seconds between heartbeats.", check=positive),
-    Setting("dead_after", int, 5, "Silent heartbeat intervals before a runner is dead.", min=1),
+    *heartbeat_settings("a runner is dead (its instances start elsewhere)"),
     Setting("drain_seconds", float, 2.0, "Seconds an instance stays out of routes before it is stopped.", min=0),
     Setting("max_upload_mb", int, 200, "Largest compressed push accepted (413 beyond).", min=1),
     Setting("max_unpacked_mb", int, 1000, "Largest unpacked app accepted.", min=1),
