@@ -25,7 +25,7 @@ from controller.pgstore import LeaderLease
 from controller.store import Store
 from dbprovision.pgcluster import PgCluster
 from dbprovision.ports import free_port
-from tests.e2e.conftest import Berth, copy_example
+from tests.e2e.conftest import Berth, serve_example
 from tests.e2e.test_supervision import Load
 
 pytestmark = pytest.mark.timeout(600)
@@ -82,14 +82,7 @@ def pair(store_url: str, tmp_path_factory: pytest.TempPathFactory, venv_cache: P
     try:
         platform.start()
         platform.start_standby_controller("controller-2")
-        b = Berth(platform, tmp_path_factory.mktemp("cli"))
-        b("apps", "create", "steady")
-        b("push", str(copy_example(tmp_path_factory.mktemp("app") / "steady")),
-          "-a", "steady", timeout=600)
-        b("scale", "web=2", "-a", "steady")
-        b.wait_for(lambda: sum(i["state"] == "RUNNING" for i in b.json(
-            "ps", "-a", "steady")["instances"]) == 2, 120, "two RUNNING")
-        yield platform, b
+        yield platform, serve_example(platform, tmp_path_factory)
     finally:
         platform.stop()
         forget_apps(apps)
