@@ -126,6 +126,7 @@ class LocalPlatform:
     drain_seconds: float = 2.0
     jobs: bool = True           # broker + job workers + beat: addons (controller/jobs.py)
     job_retry_seconds: float = 30.0
+    store_url: str = ""         # the controller's store on PostgreSQL (a standby can follow)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # how each child was started (module, env, argv): what `respawn` repeats
     launches: dict[str, tuple[str, dict[str, str], list[str] | None]] = \
@@ -181,7 +182,8 @@ class LocalPlatform:
         cfg = {
             "controller": {"data_dir": str(self.data_dir / "controller"), "api_port": p.api,
                            "balancer_port": p.balancer, "drain_seconds": self.drain_seconds,
-                           **p.endpoints(controller_settings.SPEC), **jobs, **keys},
+                           **p.endpoints(controller_settings.SPEC), **jobs, **keys,
+                           **({"store_url": self.store_url} if self.store_url else {})},
             "runner": {"controller_url": self.api_url, "wheel_cache_dir": self.wheel_cache_dir,
                        **p.endpoints(runner_settings.SPEC), **keys},
             "balancer": {"listen_port": p.balancer, **p.endpoints(balancer_settings.SPEC),
@@ -274,6 +276,14 @@ class LocalPlatform:
     def start_controller(self) -> None:
         self._spawn("controller", "controller", {})
 
+    def start_standby_controller(self, name: str = "controller-2") -> None:
+        """Another controller on the same settings (needs `store_url`): it waits for
+        the leader lease and takes over when the leader dies (controller/pgstore.py)."""
+        if not self.store_url:
+            raise BerthError("a standby controller needs the store on PostgreSQL",
+                             "give the platform a store_url")
+        self._spawn(name, "controller", {"BERTH_CONTROLLER_HOST_ID": name})
+
     def runner_apps_dir(self, name: str) -> Path:
         """Where runner `name` keeps its apps (its apps_dir setting's default otherwise)."""
         return Path(self.apps_dir) / name if self.apps_dir else self.data_dir / name / "apps"
@@ -346,7 +356,8 @@ class LocalPlatform:
         the controller, the broker, and the addon servers the workers started."""
         rank = {"controller": 3, "broker": 4}
         order = sorted(self.procs, key=lambda n: rank.get(
-            n, 2 if n.startswith("jobs-") else 1 if n.startswith("runner") else 0))
+            n, 3 if n.startswith("controller") else 2 if n.startswith("jobs-")
+            else 1 if n.startswith("runner") else 0))
         had_jobs = self.jobs and self.config_path().exists()
         for name in order:
             self.stop_one(name)

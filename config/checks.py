@@ -82,6 +82,13 @@ def networks(value: list[str]) -> None:
                           "list addresses or CIDRs such as 10.0.0.0/8") from exc
 
 
+@describe_check("a postgresql:// URL or empty")
+def postgres_url_or_empty(value: str) -> None:
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise Invalid(f"is {value!r}, not a postgresql:// URL",
+                      "give postgresql://user@host:port/db (or leave it empty for SQLite)")
+
+
 @describe_check("one or more of app, db")
 def host_roles(value: list[str]) -> None:
     roles = [str(v).strip() for v in value]
@@ -96,6 +103,16 @@ def host_roles(value: list[str]) -> None:
 def not_empty(value: str) -> None:
     if not value.strip():
         raise Invalid("is empty", "give it a value")
+
+
+def heartbeat_settings(dead_means: str) -> list[Setting]:
+    """heartbeat_interval and dead_after, with the defaults messaging/heartbeat.py
+    declares once; `dead_means` says what a silent peer is taken as."""
+    from messaging.heartbeat import DEAD_AFTER, INTERVAL
+    return [Setting("heartbeat_interval", float, INTERVAL, "Seconds between heartbeats.",
+                    check=positive),
+            Setting("dead_after", int, DEAD_AFTER,
+                    f"Silent heartbeat intervals before {dead_means}.", min=1)]
 
 
 def endpoint(channel: str, help: str) -> Setting:

@@ -1,6 +1,8 @@
 """`python -m controller --config berth.yaml`"""
 from __future__ import annotations
 
+import sys
+
 import click
 import zmq
 
@@ -25,6 +27,8 @@ def main(config_path: str | None) -> None:
         install_signals(controller)
         controller.start()
     controller.run()
+    if controller.stepped_down:
+        sys.exit(3)         # lost the leader lease: its supervisor starts it as a standby
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from controller.jobqueue import JobQueue
 from controller.locks import LockServer
 from controller.logstore import LogStore
 from controller.pauses import ServerPauses
+from controller.pgstore import LeaderLease
 from controller.reconciler import (
     RELEASE_PHASE,
     Plan,
@@ -96,7 +97,13 @@ class Controller:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)      # state, tokens, slugs: the platform's alone
         (self.data_dir / "slugs").mkdir(exist_ok=True)
-        self.store = Store(self.data_dir / "state.db")
+        self.lease: LeaderLease | None = None
+        self.stepped_down = False
+        if settings.store_url:
+            # a standby waits here until the leader's lease is free (it died)
+            self.lease = LeaderLease(settings.store_url, settings.host_id)
+            self.lease.acquire()
+        self.store = Store(self.data_dir / "state.db", settings.store_url)
         self.logs = LogStore(self.data_dir / "logs")
         self.runner_token = settings.runner_token or self._secret("runner.token")
         self.platform_token = settings.platform_token or self._secret("platform.token")
@@ -302,6 +309,11 @@ class Controller:
             self.logs.append(msg["app"], {**msg.fields, "ts": msg.ts})
 
     def _beat(self, now: float) -> None:
+        if self.lease is not None and not self.lease.held():
+            log.error("lost the leader lease (the store is unreachable); stepping down")
+            self.stepped_down = True
+            self.stop()
+            return
         for peer in self.tracker.reap(now):
             log.warning("runner lost", extra={"runner": peer.name})
             if isinstance(peer.payload, HostReport) and peer.payload.address:

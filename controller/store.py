@@ -138,12 +138,20 @@ def hash_token(token: str) -> str:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, url: str = "") -> None:
+        """SQLite at `path`; or, with `url` (postgresql://...), PostgreSQL: the store a
+        standby controller shares (controller/pgstore.py)."""
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db: Any
+        if url:
+            from controller.pgstore import PgConnection
+            self._db = PgConnection(url)
+        else:
+            self._db = sqlite3.connect(str(path), check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
         self.migrate()
 
     # -- plumbing -----------------------------------------------------------

@@ -9,6 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+# the one declaration of liveness: a heartbeat every INTERVAL seconds, a peer dead
+# after DEAD_AFTER silent intervals (the controller's and runners' settings default
+# to these: config.checks.heartbeat_settings)
+INTERVAL = 1.0
+DEAD_AFTER = 5
+
 
 @dataclass
 class Peer:
@@ -18,7 +24,7 @@ class Peer:
 
 
 class PeerTracker:
-    def __init__(self, interval: float = 1.0, dead_after: int = 5) -> None:
+    def __init__(self, interval: float = INTERVAL, dead_after: int = DEAD_AFTER) -> None:
         self.interval = interval
         self.dead_after = dead_after
         self.peers: dict[str, Peer] = {}

@@ -11,7 +11,10 @@ controller's watchdog frees the record for the next worker)::
             step()
 
 `hold` renews the lease from a thread every third of its TTL and releases it at the
-end; `acquire`/`renew`/`release` are the single requests. `LeaseEvents` follows the
+end; `acquire`/`renew`/`release` are the single requests. Like every socket
+messaging/channels.py opens, the client's are CURVE clients of the controller under
+the keys its process stated (`messaging.curve.use`): a worker needs an admitted key
+of its own where the platform runs with keys. `LeaseEvents` follows the
 lock_events channel (acquired, released, expired): a retrier redoes the work of a
 lease that `expired`, since its holder died before finishing it. Every request waits at
 most `timeout` seconds for its lock_reply (LocksUnavailable after). A client is

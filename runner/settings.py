@@ -6,7 +6,15 @@ import sys
 from types import SimpleNamespace
 
 from config import Setting, Spec
-from config.checks import LOG_LEVELS, endpoint, host_roles, http_url, not_empty, positive
+from config.checks import (
+    LOG_LEVELS,
+    endpoint,
+    heartbeat_settings,
+    host_roles,
+    http_url,
+    not_empty,
+    positive,
+)
 from config.declare import Invalid
 from messaging.channels import LOOPBACK, api_url
 from messaging.shapes import HOST_ROLES
@@ -43,8 +51,7 @@ SPEC = Spec("runner", [
     endpoint("attach", "Controller's attach ROUTER: the streams of one-off runs."),
     Setting("controller_url", str, api_url(), "Controller HTTP API, for fetching slugs.", check=http_url),
     Setting("runner_token", str, "", "Shared secret runners present to fetch slugs."),
-    Setting("heartbeat_interval", float, 1.0, "Seconds between heartbeats.", check=positive),
-    Setting("dead_after", int, 5, "Silent heartbeat intervals before the controller is taken as away.", min=1),
+    *heartbeat_settings("the controller is taken as away"),
     Setting("health_timeout", float, 60.0, "Seconds a new web instance has to answer HTTP before it is failed.", check=positive),
     Setting("stop_grace", float, 10.0, "Seconds between SIGTERM and SIGKILL when stopping an instance.", min=0),
     Setting("start_retries", int, 5, "Consecutive failed starts before an instance is FATAL.", min=1),

@@ -124,3 +124,16 @@ def berth(platform: LocalPlatform, tmp_path_factory: pytest.TempPathFactory) -> 
 def copy_example(dest: Path) -> Path:
     shutil.copytree(EXAMPLE, dest)
     return dest
+
+
+def serve_example(platform: LocalPlatform, factory: pytest.TempPathFactory,
+                  app: str = "steady", web: int = 2) -> Berth:
+    """The example app pushed as `app` and scaled to `web` RUNNING web instances; the
+    CLI that did it."""
+    b = Berth(platform, factory.mktemp("cli"))
+    b("apps", "create", app)
+    b("push", str(copy_example(factory.mktemp("app") / app)), "-a", app, timeout=600)
+    b("scale", f"web={web}", "-a", app)
+    b.wait_for(lambda: sum(i["state"] == "RUNNING" for i in b.json(
+        "ps", "-a", app)["instances"]) == web, 120, f"{web} RUNNING web instances")
+    return b

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from messaging import curve
 from messaging.locks import LeaseEvents
 from tests.e2e.conftest import ROOT, copy_example
 
@@ -17,7 +18,14 @@ def test_two_pushes_of_one_app_deploy_one_after_the_other(berth, tmp_path):
     berth("apps", "create", "serial")
     app = copy_example(tmp_path / "serial")
     (app / "Procfile").write_text(SLOW_RELEASE)
-    sub = LeaseEvents(f"tcp://127.0.0.1:{berth.platform.ports.lock_events}")
+    # a watcher of lease events is a peer like any other: admitted by its CURVE key
+    keys_dir = berth.platform.keys_dir
+    curve.init(keys_dir, ["deploys-watcher"])
+    curve.use(curve.load(keys_dir, "deploys-watcher"))
+    try:
+        sub = LeaseEvents(f"tcp://127.0.0.1:{berth.platform.ports.lock_events}")
+    finally:
+        curve.use(None)
     time.sleep(0.3)
 
     def push() -> subprocess.Popen[str]:

@@ -19,7 +19,7 @@ import pytest
 from cli.client import Client
 from cli.credentials import Credentials
 from cli.localplatform import LocalPlatform
-from tests.e2e.conftest import Berth, copy_example, start_platform
+from tests.e2e.conftest import Berth, serve_example, start_platform
 from tests.e2e.test_supervision import Load
 
 pytestmark = pytest.mark.timeout(600)
@@ -33,13 +33,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory, venv_cache: Path,
     platform = start_platform(tmp_path_factory.mktemp("hosts"), venv_cache, apps,
                               runners=[("runner-1", "127.0.0.2"), ("runner-2", "127.0.0.3")])
     try:
-        b = Berth(platform, tmp_path_factory.mktemp("cli"))
-        b("apps", "create", "steady")
-        b("push", str(copy_example(tmp_path_factory.mktemp("app") / "steady")),
-          "-a", "steady", timeout=600)
-        b("scale", "web=2", "-a", "steady")
-        b.wait_for(lambda: len(running(b)) == 2, 120, "two RUNNING web instances")
-        yield platform, b
+        yield platform, serve_example(platform, tmp_path_factory)
     finally:
         platform.stop()
         forget_apps(apps)

@@ -8,7 +8,7 @@ import urllib.request
 
 import zmq
 
-from messaging import channels, envelope
+from messaging import channels, curve, envelope
 from tests.e2e.conftest import EXAMPLE
 
 
@@ -18,6 +18,8 @@ def test_stats_are_forwarded_and_summed_per_app(berth):
     and the API sums them per app."""
     p = berth.platform
     ctx = zmq.Context()
+    curve.init(p.keys_dir, ["operator"])        # an admitted host's key: CURVE is on
+    curve.use(curve.load(p.keys_dir, "operator"))
     try:
         sub = channels.connect(ctx, "stats_out", f"tcp://127.0.0.1:{p.ports.stats_out}")
         pubs = [channels.connect(ctx, "stats", f"tcp://127.0.0.1:{p.ports.stats}")
@@ -42,6 +44,7 @@ def test_stats_are_forwarded_and_summed_per_app(berth):
         assert total["requests"] == 20 and total["status"] == {"2xx": 18, "5xx": 2}
         assert total["p99_ms"] == 8.0 and total["sources"] == 2
     finally:
+        curve.use(None)
         ctx.destroy(0)
 
 

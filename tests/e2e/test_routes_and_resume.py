@@ -9,7 +9,7 @@ import urllib.request
 import zmq
 
 from cli.localplatform import free_port
-from messaging import channels, envelope
+from messaging import channels, curve, envelope
 from messaging.clone import CloneReplica
 from tests.e2e.conftest import EXAMPLE, request, start_platform
 
@@ -26,6 +26,8 @@ def test_replica_that_drops_updates_converges_to_the_controller(berth):
     the gap (or the next tick) makes it ask for a snapshot, and it ends equal."""
     p = berth.platform
     ctx = zmq.Context()
+    curve.init(p.keys_dir, ["replica-test"])    # an admitted host's key: CURVE is on
+    curve.use(curve.load(p.keys_dir, "replica-test"))
     sub = channels.connect(ctx, "routes", f"tcp://127.0.0.1:{p.ports.routes}")
     snap = channels.connect(ctx, "routes_snapshot", f"tcp://127.0.0.1:{p.ports.snapshot}")
     replica = CloneReplica()
@@ -63,6 +65,7 @@ def test_replica_that_drops_updates_converges_to_the_controller(berth):
         assert replica.table == truth["routes"] and replica.seq == truth["seq"]
         assert "www.drop3.example.com" in replica.table["drop3"]["hosts"]
     finally:
+        curve.use(None)
         ctx.destroy(0)
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from cli.localplatform import LocalPlatform
 from cli.supervisor import Supervisor
-from tests.e2e.conftest import ROOT, Berth, copy_example, start_platform
+from tests.e2e.conftest import ROOT, Berth, serve_example, start_platform
 from tests.e2e.test_up import free_block
 
 LOAD_SECONDS_AFTER = 3.0     # load kept up after the platform serves again
@@ -86,14 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, venv_cache: Path,
     thread = threading.Thread(target=sup.run, daemon=True)
     thread.start()
     try:
-        b = Berth(platform, tmp_path_factory.mktemp("cli"))
-        b("apps", "create", "steady")
-        b("push", str(copy_example(tmp_path_factory.mktemp("app") / "steady")),
-          "-a", "steady", timeout=600)
-        b("scale", "web=2", "-a", "steady")
-        b.wait_for(lambda: sum(i["state"] == "RUNNING" for i in b.json(
-            "ps", "-a", "steady")["instances"]) == 2, 120, "two RUNNING web instances")
-        yield platform, b, sup
+        yield platform, serve_example(platform, tmp_path_factory), sup
     finally:
         sup.stopping.set()
         thread.join(5)
