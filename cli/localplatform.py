@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -37,9 +38,26 @@ from messaging.channels import (
 from messaging.errors import BerthError
 from runner import settings as runner_settings
 
+# Ports handed to daemons are picked below the kernel's ephemeral range (32768 up): a
+# port picked there can be taken by an outgoing connection between the check and the
+# daemon's bind. BERTH_TEST_PORTS ("low-high") narrows the range, so two test runs
+# side by side (scripts/test.sh) never pick the same one.
+PORT_RANGE = (20000, 32000)
+_given: set[int] = set()
+
 
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as s:
+    """A port free on `host` now and not handed out before by this process."""
+    low, high = PORT_RANGE
+    if os.environ.get("BERTH_TEST_PORTS"):
+        first, _, last = os.environ["BERTH_TEST_PORTS"].partition("-")
+        low, high = int(first), int(last)
+    for _ in range(1000):
+        port = random.randint(low, high)
+        if port not in _given and not port_in_use(host, port):
+            _given.add(port)
+            return port
+    with socket.socket() as s:             # the range is full: any free port
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from cli import localplatform
 from messaging import channels
 from messaging.clone import ClonePublisher
 from messaging.envelope import Message, recv, send
@@ -78,9 +79,7 @@ def _bounded():
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return localplatform.free_port(host)
 
 
 def wait_port(host: str, port: int, timeout: float = 20.0,
@@ -705,7 +704,7 @@ class FlakyBackend(threading.Thread):
         while not self.halt.is_set():
             try:
                 sock, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.connections += 1
             threading.Thread(target=self._serve, args=(sock, self.connections),

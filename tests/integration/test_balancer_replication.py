@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import threading
 import time
 import warnings
@@ -13,6 +12,8 @@ import warnings
 import pytest
 import zmq
 import zmq.asyncio as zmqa
+
+from cli import localplatform
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 import eventlet  # noqa: E402
@@ -38,9 +39,7 @@ def _bounded():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return localplatform.free_port()
 
 
 class Publisher(threading.Thread):
