@@ -20,21 +20,23 @@ everything (do it now and then, or run btrfs scrub, for rot in what copies share
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dbprovision import command
 from dbprovision.errors import CommandFailed
-from dbprovision.ports import free_port
+from dbprovision.ports import free_port, listening
 
 from . import btrfs, manifest
 from .errors import BackupError, ManifestMismatch, ManifestMissing
@@ -229,3 +231,35 @@ def check_copy(copies: Path, volume: str, at: datetime | None = None) -> Checked
             btrfs.delete_subvolume(scratch)
         shutil.rmtree(work, ignore_errors=True)
     return Checked(chosen, files, [str(r[0]) for r in got.rows], got.start_seconds)
+
+
+@contextlib.contextmanager
+def read_only_module(path: Path, work: Path, allow: str = "127.0.0.1",
+                     timeout: float = 10.0) -> Iterator[str]:
+    """The served host's side: `path` as a read-only, listable rsync daemon module
+    (`[snapshots]`) on a free loopback port, reachable from `allow` alone; yields its
+    URL and stops the daemon by its PID. Its config goes in `work`."""
+    port = free_port("127.0.0.1")
+    conf = work / "rsyncd.conf"
+    conf.write_text(f"use chroot = no\n[snapshots]\n  path = {path}\n  read only = yes\n"
+                    "  list = yes\n  uid = root\n  gid = root\n"
+                    f"  hosts allow = {allow}\n  hosts deny = *\n")
+    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                               "--address=127.0.0.1", f"--port={port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not listening("127.0.0.1", port):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise BackupError(f"rsync --daemon for {path} did not start",
+                                  f"check {conf} and that rsync is installed "
+                                  "(scripts/setup.sh installs it)")
+            time.sleep(0.02)
+        yield f"rsync://127.0.0.1:{port}/snapshots"
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(timeout=5)

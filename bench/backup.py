@@ -26,7 +26,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,6 @@ from backup import btrfs, manifest, offsite  # noqa: E402
 from backup.snapshots import Snapshots  # noqa: E402
 from backup.volumes import VolumeStore  # noqa: E402
 from dbprovision.command import run  # noqa: E402
-from dbprovision.ports import free_port, listening  # noqa: E402
 
 MB = 1_000_000
 T0 = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
@@ -67,31 +65,6 @@ def loop_btrfs(size: str) -> Iterator[Path]:
             run(["losetup", "-d", device], timeout=10, check=False)
         shutil.rmtree(work, ignore_errors=True)
 
-
-@contextmanager
-def rsync_module(path: Path, work: Path) -> Iterator[str]:
-    """A read-only rsync daemon module of `path` on a free loopback port."""
-    port = free_port("127.0.0.1")
-    conf = work / "rsyncd.conf"
-    conf.write_text(f"use chroot = no\n[snapshots]\n  path = {path}\n  read only = yes\n"
-                    "  list = yes\n  uid = root\n  gid = root\n  hosts allow = 127.0.0.1\n")
-    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
-                               "--address=127.0.0.1", f"--port={port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not listening("127.0.0.1", port):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("rsync --daemon did not start")
-            time.sleep(0.02)
-        yield f"rsync://127.0.0.1:{port}/snapshots"
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=5)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -173,7 +146,7 @@ def bench_size(mb: int, served: Path, away: Path, rounds: int) -> list[str]:
     # the rsync flavour from a read-only daemon module, against plain rsync from it
     rcopies, rplain = away / f"rcopies{mb}", away / f"rplain{mb}"
     rcopies.mkdir(mode=0o700)
-    with rsync_module(store.snapshots_dir, away.parent) as source:
+    with offsite.read_only_module(store.snapshots_dir, away.parent) as source:
         r_s, _ = timed(lambda: offsite.pull(source, first.name, rcopies))
         rp_s, _ = timed(lambda: run(["rsync", "-a", f"{source}/{first.name}/", f"{rplain}/"],
                                     timeout=3600))

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +21,6 @@ from backup.snapshots import Snapshots
 from backup.volumes import LinkDestSnapshotter, VolumeStore
 from dbprovision.command import RunAs, run
 from dbprovision.errors import CommandFailed
-from dbprovision.ports import free_port, listening
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None,
                                 reason="rsync is not installed (scripts/setup.sh installs it)")
@@ -38,27 +35,10 @@ def served() -> Iterator[tuple[Snapshots, str, Path]]:
     root = Path(tempfile.mkdtemp(prefix="berth-offsite-", dir="/var/tmp"))
     root.chmod(0o711)
     store = VolumeStore(root / "served", LinkDestSnapshotter())
-    port = free_port("127.0.0.1")
-    conf = root / "rsyncd.conf"
-    conf.write_text(f"use chroot = no\n[snapshots]\n  path = {store.snapshots_dir}\n"
-                    "  read only = yes\n  list = yes\n  uid = root\n  gid = root\n"
-                    "  hosts allow = 127.0.0.1\n")
-    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
-                               "--address=127.0.0.1", f"--port={port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not listening("127.0.0.1", port):
-            assert daemon.poll() is None and time.monotonic() < deadline, "rsyncd did not start"
-            time.sleep(0.02)
-        yield Snapshots(store), f"rsync://127.0.0.1:{port}/snapshots", root
+        with offsite.read_only_module(store.snapshots_dir, root) as url:
+            yield Snapshots(store), url, root
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=5)
         shutil.rmtree(root, ignore_errors=True)
 
 

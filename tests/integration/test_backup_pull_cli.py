@@ -12,17 +12,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from backup import manifest
+from backup import manifest, offsite
 from backup.snapshots import Snapshots
 from backup.volumes import LinkDestSnapshotter, VolumeStore
-from dbprovision.ports import free_port, listening
 from tests.integration.test_backup_offsite import T0
 
 OFFSITE_ADDRESS = "127.0.0.9"          # the offsite host's own address
@@ -52,27 +50,11 @@ def served() -> Iterator[tuple[Snapshots, str, Path]]:
     root = Path(tempfile.mkdtemp(prefix="berth-served-", dir="/var/tmp"))
     root.chmod(0o711)
     store = VolumeStore(root / "served", LinkDestSnapshotter())
-    port = free_port("127.0.0.1")
-    conf = root / "rsyncd.conf"
-    conf.write_text(f"use chroot = no\n[snapshots]\n  path = {store.snapshots_dir}\n"
-                    "  read only = yes\n  list = yes\n  uid = root\n  gid = root\n"
-                    f"  hosts allow = {OFFSITE_ADDRESS}\n  hosts deny = *\n")
-    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
-                               "--address=127.0.0.1", f"--port={port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not listening("127.0.0.1", port):
-            assert daemon.poll() is None and time.monotonic() < deadline, "rsyncd did not start"
-            time.sleep(0.02)
-        yield Snapshots(store), f"rsync://127.0.0.1:{port}/snapshots", root
+        with offsite.read_only_module(store.snapshots_dir, root,
+                                      allow=OFFSITE_ADDRESS) as url:
+            yield Snapshots(store), url, root
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=5)
         shutil.rmtree(root, ignore_errors=True)
 
 
