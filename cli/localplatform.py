@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from balancer import settings as balancer_settings
+from cli import settings as cli_settings
 from config import Spec
 from controller import settings as controller_settings
 from messaging import curve
@@ -38,20 +39,15 @@ from messaging.channels import (
 from messaging.errors import BerthError
 from runner import settings as runner_settings
 
-# Ports handed to daemons are picked below the kernel's ephemeral range (32768 up): a
-# port picked there can be taken by an outgoing connection between the check and the
-# daemon's bind. BERTH_TEST_PORTS ("low-high") narrows the range, so two test runs
-# side by side (scripts/test.sh) never pick the same one.
-PORT_RANGE = (20000, 32000)
 _given: set[int] = set()
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A port free on `host` now and not handed out before by this process."""
-    low, high = PORT_RANGE
-    if os.environ.get("BERTH_TEST_PORTS"):
-        first, _, last = os.environ["BERTH_TEST_PORTS"].partition("-")
-        low, high = int(first), int(last)
+    """A port free on `host` now and not handed out before by this process, from the
+    CLI setting port_range (below the kernel's ephemeral range: a port picked there
+    can be taken by an outgoing connection between the check and the daemon's bind)."""
+    first, _, last = cli_settings.SPEC.load().port_range.partition("-")
+    low, high = int(first), int(last)
     for _ in range(1000):
         port = random.randint(low, high)
         if port not in _given and not port_in_use(host, port):

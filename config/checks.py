@@ -82,6 +82,14 @@ def networks(value: list[str]) -> None:
                           "list addresses or CIDRs such as 10.0.0.0/8") from exc
 
 
+@describe_check("low-high, two ports")
+def port_range(value: str) -> None:
+    low, _, high = value.partition("-")
+    if not (low.isdigit() and high.isdigit() and 1024 <= int(low) < int(high) <= 65535):
+        raise Invalid(f"is {value!r}, not a range of ports", "write it as low-high, e.g. "
+                      "20000-32000 (between 1024 and 65535)")
+
+
 @describe_check("a postgresql:// URL or empty")
 def postgres_url_or_empty(value: str) -> None:
     if value and not value.startswith(("postgresql://", "postgres://")):

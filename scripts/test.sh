@@ -5,7 +5,7 @@
 # the wall time on two cores (most tests wait on real processes rather than compute):
 # the unit tests with the balancer's integration tests (no runners, app users,
 # firewall or cgroups: nothing the other half touches), and everything else. Each
-# picks its ports from its own range (BERTH_TEST_PORTS), so they never collide. With
+# picks its ports from its own range (BERTH_CLI_PORT_RANGE), so they never collide. With
 # arguments it is one plain `pytest ARGS`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,11 @@ rest=()
 for path in "${first[@]}"; do rest+=(--ignore "$path"); done
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-BERTH_TEST_PORTS=20000-25999 .venv/bin/python -m pytest -p no:cacheprovider "${first[@]}" \
+BERTH_CLI_PORT_RANGE=20000-25999 .venv/bin/python -m pytest -p no:cacheprovider "${first[@]}" \
     > "$log" 2>&1 &
 first_pid=$!
 set +e
-BERTH_TEST_PORTS=26000-31999 .venv/bin/python -m pytest "${rest[@]}"
+BERTH_CLI_PORT_RANGE=26000-31999 .venv/bin/python -m pytest "${rest[@]}"
 rest_status=$?
 wait "$first_pid"
 first_status=$?
