@@ -139,6 +139,7 @@ class SlugStore:
         self.max_members = max_members
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self._busy: dict[str, int] = {}     # sha -> fetches/unpacks under way
 
     def ensure(self, app: str, sha: str, url: str, releases: Path, wrap: Wrap = unwrapped,
                owner: tuple[int, int] | None = None) -> tuple[Path, bool]:
@@ -150,13 +151,24 @@ class SlugStore:
         with self._lock(f"{app}/{sha}"):
             if dest.is_dir():
                 return dest, True
-            archive = fetch(url, sha, self.token, self.slugs_dir)
-            return unpack(archive, dest, max_bytes=self.max_bytes,
-                          max_members=self.max_members, wrap=wrap, owner=owner), False
+            with self._guard:
+                self._busy[sha] = self._busy.get(sha, 0) + 1
+            try:           # prune (another prepare's) leaves the archive until unpacked
+                archive = fetch(url, sha, self.token, self.slugs_dir)
+                return unpack(archive, dest, max_bytes=self.max_bytes,
+                              max_members=self.max_members, wrap=wrap, owner=owner), False
+            finally:
+                with self._guard:
+                    self._busy[sha] -= 1
+                    if not self._busy[sha]:
+                        del self._busy[sha]
 
     def prune(self, keep_shas: set[str]) -> list[str]:
-        """Remove archives no kept release uses any more."""
+        """Remove archives no kept release uses any more, and none being fetched or
+        unpacked (its release dir does not exist yet)."""
         gone = []
+        with self._guard:
+            keep_shas = keep_shas | set(self._busy)
         for archive in self.slugs_dir.glob("*.tar.gz"):
             if archive.name.removesuffix(".tar.gz") not in keep_shas:
                 archive.unlink(missing_ok=True)

@@ -6,9 +6,9 @@ import http.server
 import io
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 import pytest
 
@@ -154,3 +154,25 @@ def test_store_refuses_names_that_are_paths(tmp_path: Path) -> None:
         store.ensure("../other", "a" * 64, "http://127.0.0.1:1/", tmp_path / "rel")
     with pytest.raises(SlugError):
         store.ensure("demo", "../../x", "http://127.0.0.1:1/", tmp_path / "rel")
+
+
+def test_a_prune_between_fetch_and_unpack_leaves_the_archive(
+        server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another prepare's prune runs while this one's slug is fetched but not unpacked
+    yet (its release dir does not exist): the archive stays (a push once failed with
+    FileNotFoundError here)."""
+    import runner.slug as slug_module
+    url, blobs = server
+    data = tarball(tmp_path / "src.tar.gz", [("app.py", b"print(1)\n")]).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    blobs[sha] = data
+    store = SlugStore(tmp_path / "runner", TOKEN, 1 << 20, 100)
+    real_unpack = slug_module.unpack
+
+    def racing_unpack(archive: Path, *args: Any, **kwargs: Any) -> Path:
+        assert store.prune(set()) == []           # nothing kept... but this one is busy
+        return real_unpack(archive, *args, **kwargs)
+    monkeypatch.setattr(slug_module, "unpack", racing_unpack)
+    dest, had = store.ensure("app", sha, f"{url}/{sha}", tmp_path / "releases")
+    assert not had and (dest / "app.py").read_text() == "print(1)\n"
+    assert store.prune(set()) == [f"{sha}.tar.gz"]   # idle again: prunable
