@@ -1,7 +1,8 @@
 """Host failure and runner restart (issue 11, acceptances 5 and 8), with real processes.
 Run by hand, as root (runners isolate each app, as in production):
 
-    .venv/bin/python bench/failover.py [--death default,fast] [--apps 25,100,200]
+    .venv/bin/python bench/failover.py [--death default,slow,fast] [--apps 25,100,200]
+        [--no-takeover]
 
 1. Host death. A LocalPlatform (controller, two runners on 127.0.0.2 and 127.0.0.3, one
    balancer; no job workers), one app (a stdlib HTTP server, empty requirements) with
@@ -12,15 +13,22 @@ Run by hand, as root (runners isolate each app, as in production):
      - serving elsewhere: the route holds two backends again (the replacement started
        on the live host, health-checked and routed) and a GET through the balancer
        answers 200.
-   Once with each heartbeat setting asked for (`--death`): `default` (heartbeat_interval
-   1 s, dead_after 5, as shipped) and `fast` (0.25 s x 6 = 1.5 s), set on the controller
-   and the runners alike (BERTH_CONTROLLER_* / BERTH_RUNNER_* environment).
-2. Runner restart. bench/runner_restart.py's stand-in controller and one real runner,
+   Once with each heartbeat setting asked for (`--death`): `default` (as shipped,
+   messaging/heartbeat.py: 0.5 s x 3), `slow` (1 s x 5, the earlier default) and
+   `fast` (0.25 s x 6), set on the controller and the runners alike
+   (BERTH_CONTROLLER_* / BERTH_RUNNER_* environment).
+2. Controller takeover. The store on a real PostgreSQL (initdb into the work dir), a
+   leader and a standby controller, one runner, the app with two instances, GETs
+   through the balancer every 10 ms. kill -9 of the leader; recorded from the kill:
+   the standby's API answering, and its published route holding both backends again
+   (it learns them from the runner's heartbeats after its warm-up); failed GETs.
+3. Runner restart. bench/runner_restart.py's stand-in controller and one real runner,
    at each app count of `--apps` (one web instance each): every app RUNNING, then the
    runner is restarted (`--restart`, default term: SIGTERM stops every instance, so
    all of them are to start again), and recorded: time from launching the new runner
    until every app's instance is RUNNING again, and the longest gap between its
-   heartbeats (in heartbeat intervals) meanwhile. One work dir serves every count in
+   liveness messages (full heartbeats and beats, runner/beat.py), in heartbeat
+   intervals, meanwhile. One work dir serves every count in
    turn (its venvs are built once).
 
 Every wait is bounded (`--timeout`); everything started is stopped by PID; the apps'
@@ -51,10 +59,15 @@ import runner_restart as rr  # noqa: E402
 from cli.client import Client  # noqa: E402
 from cli.credentials import Credentials  # noqa: E402
 from cli.localplatform import LocalPlatform, Ports  # noqa: E402
+from dbprovision.pgcluster import PgCluster  # noqa: E402
+from dbprovision.ports import free_port  # noqa: E402
+from messaging import heartbeat  # noqa: E402
 
 ROUTES_TARGET = 2.0
 SERVING_TARGET = 10.0
-HEARTBEATS = {"default": (1.0, 5), "fast": (0.25, 6)}
+# `default` is what ships (messaging/heartbeat.py); `slow` the earlier default, 1 s x 5
+HEARTBEATS = {"default": (heartbeat.INTERVAL, heartbeat.DEAD_AFTER), "slow": (1.0, 5),
+              "fast": (0.25, 6)}
 APP = "fo"
 
 
@@ -194,6 +207,81 @@ def host_death(work: Path, setting: str, timeout: float) -> Death:
 
 
 @dataclass
+class Takeover:
+    api: float              # kill -> the standby's API answers
+    routes: float           # kill -> the new leader publishes the app's route whole
+    failed: int             # GETs through the balancer that failed meanwhile
+    sent: int
+
+
+def takeover(work: Path, timeout: float) -> Takeover:
+    """kill -9 of the leading controller, a standby on the same PostgreSQL store."""
+    from contextlib import closing
+    cluster = PgCluster(work / "store-pg", "127.0.0.1", free_port("127.0.0.1"))
+    cluster.init()
+    cluster.start()
+    platform: LocalPlatform | None = None
+    try:
+        with closing(cluster.connect()) as conn, conn.cursor() as cur:
+            cur.execute("CREATE DATABASE berth_store")
+        store_url = (f"postgresql:///berth_store?host={cluster.data}&port={cluster.port}"
+                     "&user=postgres")
+        platform = LocalPlatform(work / "platform-takeover", Ports.free(),
+                                 runners=[("runner-1", "127.0.0.2")],
+                                 wheel_cache_dir=str(work / "wheels"),
+                                 apps_dir=str(work / "apps-takeover"), drain_seconds=1.0,
+                                 jobs=False, store_url=store_url)
+        platform.start()
+        platform.start_standby_controller("controller-2")
+        cfg, src = work / "cli-takeover", work / "src-takeover"
+        src.mkdir()
+        (src / "app.py").write_bytes(rr.APP_PY)
+        (src / "requirements.txt").write_text("")
+        (src / "Procfile").write_text("web: python app.py\n")
+        berth(platform, cfg, "apps", "create", APP)
+        berth(platform, cfg, "push", str(src), "-a", APP, timeout=600)
+        berth(platform, cfg, "scale", "web=2", "-a", APP)
+        api = Client(Credentials(platform.api_url, platform.admin_token), timeout=2)
+
+        def backends() -> set[str]:
+            table = api.get("/v1/routes")["routes"].get(APP) or {}
+            return {b["id"] for b in table.get("backends", [])}
+        before = wait("two routed backends", lambda: len(b := backends()) == 2 and b,
+                      timeout)
+        results: list[bool] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            deadline = time.monotonic() + timeout
+            while not stop.is_set() and time.monotonic() < deadline:
+                results.append(get_200(platform.ports.balancer))
+                time.sleep(0.01)
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        time.sleep(1.0)
+        leader = platform.procs["controller"]
+        killed = time.monotonic()
+        os.kill(leader.pid, signal.SIGKILL)
+        leader.wait(10)
+        wait("the standby's API", lambda: api.get("/v1/health"), timeout, 0.02)
+        api_back = time.monotonic() - killed
+        wait("the new leader's route, whole", lambda: backends() == before, timeout, 0.02)
+        routes = time.monotonic() - killed
+        time.sleep(1.0)
+        stop.set()
+        loader.join(10)
+        print(f"controller takeover: API answering {api_back:.2f} s, route published "
+              f"{routes:.2f} s after the kill; {results.count(False)} of {len(results)} "
+              "requests failed", flush=True)
+        return Takeover(api_back, routes, results.count(False), len(results))
+    finally:
+        if platform is not None:
+            platform.stop()
+            rr.cleanup_apps(work / "apps-takeover" / "runner-1")
+        cluster.stop()
+
+
+@dataclass
 class Restart:
     apps: int
     first_start: float
@@ -234,12 +322,14 @@ def runner_restarts(work: Path, counts: list[int], modes: list[str],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--death", default="default,fast",
-                    help="heartbeat settings for the host death runs: default, fast "
-                         "(empty: none)")
+    ap.add_argument("--death", default="default,slow",
+                    help="heartbeat settings for the host death runs: default, slow, "
+                         "fast (empty: none)")
     ap.add_argument("--apps", default="25,100,200",
                     help="app counts for the runner restart runs (empty: none)")
     ap.add_argument("--restart", default="term", help="restart modes: term, kill")
+    ap.add_argument("--no-takeover", action="store_true",
+                    help="skip the standby controller takeover run")
     ap.add_argument("--timeout", type=float, default=600.0, help="bound on every wait")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args()
@@ -254,9 +344,12 @@ def main() -> None:
     work.chmod(0o711)
     deaths: list[Death] = []
     restarts: list[Restart] = []
+    took_over: Takeover | None = None
     try:
         for s in settings:
             deaths.append(host_death(work, s, args.timeout))
+        if not args.no_takeover:
+            took_over = takeover(work, args.timeout)
         if counts:
             restarts = runner_restarts(work, counts, args.restart.split(","), args.timeout)
     finally:
@@ -275,6 +368,14 @@ def main() -> None:
                   f"{d.interval * d.dead_after:g} s | {d.routes_updated:.2f} "
                   f"{'ok' if d.routes_updated < ROUTES_TARGET else 'MISSED'} | "
                   f"{d.serving:.2f} {'ok' if d.serving < SERVING_TARGET else 'MISSED'} |")
+        print()
+    if took_over is not None:
+        t = took_over
+        print("controller takeover (kill -9 of the leader; a standby on the same "
+              "PostgreSQL store), one app x 2 on one host, GETs through the balancer")
+        print("| standby API answering s | new leader's route published s | failed |")
+        print("|---:|---:|---:|")
+        print(f"| {t.api:.2f} | {t.routes:.2f} | {t.failed} of {t.sent} |")
         print()
     if restarts:
         print(f"runner restart, 1 web instance per app, heartbeat every {rr.INTERVAL:g} s "

@@ -4,7 +4,7 @@ each app, as in production):
 
     .venv/bin/python bench/runner_restart.py [--apps 100] [--restart term,kill]
 
-One real runner (`python -m runner`, on 127.0.0.5, heartbeat every second) against a
+One real runner (`python -m runner`, on 127.0.0.5, the shipped heartbeat interval) against a
 stand-in controller built from messaging/ (the control ROUTER, logs PULL and attach
 ROUTER as the controller binds them, plus an HTTP slug server), which plays the
 controller's part of reconciling: it wants one web instance per app and sends `start`
@@ -17,9 +17,10 @@ After every app is RUNNING, the runner is restarted, once per mode:
     is prepared (release and venv already on disk) and spawned again;
   - kill: SIGKILL (the instances are left running), then a new runner on the same data
     dir: what it does with what the killed one left.
-Recorded from the heartbeats the stand-in receives: the time from launching the new
-runner to its first heartbeat, the longest gap between heartbeats from then until every
-app's instance is RUNNING plus a few seconds (in seconds and in heartbeat intervals),
+Recorded from what the stand-in receives: the time from launching the new runner to
+its first heartbeat, the longest gap in its liveness (full heartbeats and the beat
+thread's beats, runner/beat.py) from then until every app's instance is RUNNING plus a
+few seconds (in seconds and in heartbeat intervals),
 the time until every instance is RUNNING, and how many of them were new (restarted
 rather than kept). Every wait is bounded; everything started is stopped by PID.
 """
@@ -48,12 +49,13 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from messaging import heartbeat  # noqa: E402
 from messaging.channels import bind  # noqa: E402
 from messaging.envelope import command, make, recv, send  # noqa: E402
 
 ADDRESS = "127.0.0.5"
 TOKEN = "bench-runner-token"
-INTERVAL = 1.0
+INTERVAL = heartbeat.INTERVAL          # as shipped
 RUNNER = os.environ.get("BENCH_RUNNER_ARGV", "-m runner").split()   # a profiling wrapper
 SETTLE = 3.0                # seconds of heartbeats still watched after all are RUNNING
 
@@ -121,6 +123,8 @@ class StandIn:
     slugs: SlugServer
     ctx: zmq.Context = field(default_factory=zmq.Context)
     beats: list[tuple[float, list[dict[str, Any]]]] = field(default_factory=list)
+    # when anything saying "alive" arrived: a full heartbeat or a beat
+    alive_at: list[float] = field(default_factory=list)
     started: set[str] = field(default_factory=set)      # instance ids sent in `start`
     pending: dict[str, float] = field(default_factory=dict)   # app -> start sent at
 
@@ -144,9 +148,13 @@ class StandIn:
                     sock.recv_multipart()
             while self.control in ready and self.control.poll(0):
                 identity, msg = recv(self.control)
+                now = time.monotonic()
+                if msg.type == "beat":      # liveness from the runner's beat thread
+                    self.alive_at.append(now)
+                    continue
                 if msg.type != "heartbeat":
                     continue
-                now = time.monotonic()
+                self.alive_at.append(now)
                 inventory = list(msg["inventory"])
                 self.beats.append((now, inventory))
                 send(self.control, make("heartbeat", "controller", host="controller",
@@ -238,6 +246,7 @@ def restart(work: Path, ctl: StandIn, proc: subprocess.Popen[bytes], mode: str,
     stop(proc, signal.SIGTERM if mode == "term" else signal.SIGKILL)
     ctl.pump(0.2)
     ctl.beats.clear()
+    ctl.alive_at.clear()
     ctl.pending.clear()         # starts sent to the old runner went nowhere
     launched = time.monotonic()
     proc = start_runner(work, ctl, extra)
@@ -250,7 +259,7 @@ def restart(work: Path, ctl: StandIn, proc: subprocess.Popen[bytes], mode: str,
     ctl.wait("every app RUNNING again", all_running, timeout)
     done = time.monotonic() - launched
     ctl.pump(SETTLE)
-    times = [t for t, _ in ctl.beats]
+    times = ctl.alive_at
     gap = max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
     after = ctl.running()
     kept = sum(1 for app, iid in after.items() if before.get(app) == iid)

@@ -45,7 +45,7 @@ def wait_for_release(client: Client, app: str, version: int, timeout: float) -> 
 
 
 def _report_crash(client: Client, app: str, version: int, inst: InventoryItem) -> None:
-    # the crash's last lines travel in heartbeats (every second) after the state
+    # the crash's last lines travel in heartbeats (every interval) after the state
     # change: keep reading until they have not grown for STABLE seconds, so the
     # traceback is whole; keep the fullest seen (a restart clears them)
     tail, changed, until = list(inst.last_output), time.monotonic(), time.monotonic() + TAIL_WAIT

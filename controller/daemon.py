@@ -226,6 +226,7 @@ class Controller:
                     else:
                         self._drain(sock)
                 now = time.monotonic()
+                self._reap(now)          # each turn: a dead host leaves the routes at once
                 if now >= next_beat:
                     self._beat(now)
                     next_beat = now + interval
@@ -293,6 +294,9 @@ class Controller:
                                                   "address": report.address})
                 self._wake.set()
             self.identities[report.host] = identity
+        elif msg.type == "beat":
+            # liveness only (runner/beat.py); identities stay the loop's sockets'
+            self.tracker.beat(msg["host"], msg["loop_age"])
         elif msg.type == "reply":
             self.commands.answered(msg)
 
@@ -308,12 +312,7 @@ class Controller:
         else:
             self.logs.append(msg["app"], {**msg.fields, "ts": msg.ts})
 
-    def _beat(self, now: float) -> None:
-        if self.lease is not None and not self.lease.held():
-            log.error("lost the leader lease (the store is unreachable); stepping down")
-            self.stepped_down = True
-            self.stop()
-            return
+    def _reap(self, now: float) -> None:
         for peer in self.tracker.reap(now):
             log.warning("runner lost", extra={"runner": peer.name})
             if isinstance(peer.payload, HostReport) and peer.payload.address:
@@ -325,6 +324,13 @@ class Controller:
                     self.fenced[item.instance] = (now, False)
             self.commands.host_lost(peer.name)
             self._wake.set()
+
+    def _beat(self, now: float) -> None:
+        if self.lease is not None and not self.lease.held():
+            log.error("lost the leader lease (the store is unreachable); stepping down")
+            self.stepped_down = True
+            self.stop()
+            return
         beat = make("heartbeat", self.settings.host_id, host=self.settings.host_id,
                     interval=self.settings.heartbeat_interval,
                     addon_ports=self.addon_ports)

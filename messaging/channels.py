@@ -60,11 +60,12 @@ class Channel:
 CHANNELS: dict[str, Channel] = {c.name: c for c in (
     Channel(
         "control", "ROUTER/DEALER", "controller", "ROUTER", "DEALER",
-        "control_endpoint", 8701, ("command", "reply", "heartbeat"),
+        "control_endpoint", 8701, ("command", "reply", "heartbeat", "beat"),
         "Commands with ids and replies (prepare, start, stop). Runners connect with "
         "identity = host id and send a heartbeat carrying their full inventory every "
         "interval; the controller answers heartbeats with its own so both sides see "
-        "liveness.",
+        "liveness. A runner's beat thread adds a `beat` every half interval on a "
+        "second DEALER of its own (messaging/heartbeat.py BEAT_SUFFIX).",
     ),
     Channel(
         "routes", "PUB/SUB", "controller", "PUB", "SUB",

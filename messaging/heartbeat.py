@@ -1,7 +1,10 @@
 """Liveness bookkeeping: a peer is dead after `dead_after` silent intervals.
 
 The heartbeat carries the peer's full state, so the last payload is also the last
-known inventory.
+known inventory. A runner also sends a `beat` every half interval from a thread of its
+own (runner/beat.py): liveness only, never late however busy its loop is, so gaps stay
+under one interval and the dead limit can be short enough to move routes off a dead
+host in under 2 s (bench/failover.py).
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ from typing import Any
 # the one declaration of liveness: a heartbeat every INTERVAL seconds, a peer dead
 # after DEAD_AFTER silent intervals (the controller's and runners' settings default
 # to these: config.checks.heartbeat_settings)
-INTERVAL = 1.0
-DEAD_AFTER = 5
+INTERVAL = 0.5
+DEAD_AFTER = 3
+# a runner's beat socket's identity is its host id with this suffix: the controller
+# keeps sending commands to the loop's own socket (identity = host id)
+BEAT_SUFFIX = "/beat"
 
 
 @dataclass
@@ -39,6 +45,16 @@ class PeerTracker:
         if payload is not None:
             peer.payload = payload
         return new
+
+    def beat(self, name: str, loop_age: float, now: float | None = None) -> bool:
+        """Count a liveness beat: only from a peer whose full heartbeat is known (the
+        beat carries no inventory) and whose loop stepped within the dead limit (a
+        wedged loop answers nothing). True when counted."""
+        peer = self.peers.get(name)
+        if peer is None or loop_age > self.interval * self.dead_after:
+            return False
+        peer.last_seen = time.monotonic() if now is None else now
+        return True
 
     def alive(self, now: float | None = None) -> list[Peer]:
         now = time.monotonic() if now is None else now

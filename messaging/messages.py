@@ -48,6 +48,14 @@ MESSAGE_TYPES: dict[str, MessageType] = {m.name: m for m in (
                     "carries `addon_ports`: the TCP ports of the addon servers (the "
                     "store's ready addons), which runners let apps reach on loopback "
                     "(runner/firewall.py)."),
+    MessageType("beat", {"host": str, "seq": int, "loop_age": (int, float)},
+                doc="Runner -> controller over control, from a thread of its own on a "
+                    "second DEALER (identity `<host>` + BEAT_SUFFIX), every half "
+                    "heartbeat interval: liveness only, so a loop busy starting "
+                    "hundreds of instances never looks dead. `loop_age`: seconds since "
+                    "the runner's loop last stepped; the controller counts a beat only "
+                    "from a host whose full heartbeat it knows and only while loop_age "
+                    "is under the dead limit (a wedged loop answers no command)."),
     MessageType("route_update", {"seq": int, "app": str}, {"route": _OPT_DICT},
                 doc="One app's route; route None means the app is gone. Route: "
                     "{hosts: [..], backends: [{id, address, port}], reason: str, "

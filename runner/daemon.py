@@ -48,6 +48,7 @@ from messaging.shapes import (
 from messaging.waker import Waker
 from runner import actions, adopt, leftovers
 from runner.addonports import AddonPorts
+from runner.beat import Beat
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.frameworks import Detected, Frameworks
 from runner.health import answers, wait_healthy
@@ -133,6 +134,8 @@ class Runner(Hooks):
         self._seq = 0
         self._next_heartbeat = 0.0
         self._log_files: dict[str, IO[str]] = {}
+        self.loop_at = time.monotonic()         # when the loop last stepped (for beats)
+        self.beat: Beat | None = None
         self._build_lines: dict[str, int] = {}      # build id -> lines sent
         self._destroying: dict[str, Message] = {}   # app -> destroy_app command
         # apps destroyed here: late output of their last processes must not bring
@@ -172,6 +175,9 @@ class Runner(Hooks):
         for sock in (self.control, self.attach, self.waker):
             self.poller.register(sock, zmq.POLLIN)
         self._adopt(adoptable)
+        self.beat = Beat(self.ctx, self.settings.control_endpoint, self.host,
+                         self.settings.heartbeat_interval, lambda: self.loop_at)
+        self.beat.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("runner started", extra={"address": self.settings.address,
@@ -251,6 +257,8 @@ class Runner(Hooks):
         self.runs.end(time.monotonic(), "the runner is shutting down", grace=grace)
 
     def close(self) -> None:
+        if self.beat is not None:
+            self.beat.stop()
         kill_builds()
         if self.static is not None:
             self.static.close()
@@ -267,6 +275,7 @@ class Runner(Hooks):
 
     # ---- the loop ----------------------------------------------------------------
     def step(self) -> None:
+        self.loop_at = time.monotonic()
         while self._signals:
             signum = self._signals.pop(0)
             # a second signal while shutting down: no more grace

@@ -3,8 +3,9 @@
 #
 # With no arguments the suite runs as two pytest processes side by side, which halves
 # the wall time on two cores (most tests wait on real processes rather than compute):
-# the unit tests with the balancer's integration tests (no runners, app users,
-# firewall or cgroups: nothing the other half touches), and everything else. Each
+# the unit tests with the integration tests that start no runner (the balancer's, the
+# database provisioner's, the API server's and the locks'; no app users, firewall or
+# cgroups: nothing the other half touches), and everything else. Each
 # picks its ports from its own range (BERTH_CLI_PORT_RANGE), so they never collide. With
 # arguments it is one plain `pytest ARGS`.
 set -euo pipefail
@@ -15,7 +16,12 @@ if [ "$#" -gt 0 ]; then
 fi
 first=(tests/unit tests/integration/test_balancer.py tests/integration/test_balancer_limits.py
        tests/integration/test_balancer_replication.py tests/integration/test_balancer_master.py
-       tests/integration/test_balancer_native.py)
+       tests/integration/test_balancer_native.py tests/integration/test_dbprovision_ha.py
+       tests/integration/test_dbprovision_pgdedicated.py
+       tests/integration/test_dbprovision_pgshared.py
+       tests/integration/test_dbprovision_redis.py
+       tests/integration/test_dbprovision_service.py
+       tests/integration/test_api_server.py tests/integration/test_locks.py)
 rest=()
 for path in "${first[@]}"; do rest+=(--ignore "$path"); done
 log=$(mktemp)
@@ -30,10 +36,10 @@ wait "$first_pid"
 first_status=$?
 set -e
 echo
-echo "======== unit and balancer tests (run beside the rest) ========"
+echo "======== unit tests and the integration tests without runners (run beside the rest) ========"
 cat "$log"
 if [ "$first_status" -ne 0 ] || [ "$rest_status" -ne 0 ]; then
-    echo "FAILED: unit/balancer half exited $first_status, the rest $rest_status" >&2
+    echo "FAILED: the first half (unit, no-runner integration) exited $first_status, the rest $rest_status" >&2
     exit 1
 fi
 echo "both halves passed"

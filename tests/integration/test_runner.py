@@ -118,6 +118,7 @@ class FakeController:
         self.logs_endpoint = self.logs.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.replies: dict[str, Message] = {}
         self.heartbeats: list[Message] = []
+        self.beats: list[Message] = []
         self.log_lines: list[Message] = []
         self.runner_identity: bytes | None = None
         self.pids: set[int] = set()
@@ -139,6 +140,9 @@ class FakeController:
             if self.control in ready:
                 while self.control.poll(0):
                     identity, msg = recv(self.control)
+                    if msg.type == "beat":      # the beat thread's own socket
+                        self.beats.append(msg)
+                        continue
                     self.runner_identity = identity
                     if msg.type == "heartbeat":
                         self.heartbeats.append(msg)
