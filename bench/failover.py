@@ -62,6 +62,7 @@ from cli.localplatform import LocalPlatform, Ports  # noqa: E402
 from dbprovision.pgcluster import PgCluster  # noqa: E402
 from dbprovision.ports import free_port  # noqa: E402
 from messaging import heartbeat  # noqa: E402
+from messaging.errors import BerthError  # noqa: E402
 
 ROUTES_TARGET = 2.0
 SERVING_TARGET = 10.0
@@ -88,7 +89,7 @@ def wait(what: str, done: Callable[[], Any], timeout: float, every: float = 0.2)
             last = done()
             if last:
                 return last
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, BerthError) as exc:
             last = exc
         time.sleep(every)
     raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}: last {last!r}")

@@ -20,7 +20,8 @@ After every app is RUNNING, the runner is restarted, once per mode:
 Recorded from what the stand-in receives: the time from launching the new runner to
 its first heartbeat, the longest gap in its liveness (full heartbeats and the beat
 thread's beats, runner/beat.py) from then until every app's instance is RUNNING plus a
-few seconds (in seconds and in heartbeat intervals),
+few seconds (in seconds and in heartbeat intervals; on the times the runner made them,
+so the stand-in's own reading speed is not counted),
 the time until every instance is RUNNING, and how many of them were new (restarted
 rather than kept). Every wait is bounded; everything started is stopped by PID.
 """
@@ -149,12 +150,14 @@ class StandIn:
             while self.control in ready and self.control.poll(0):
                 identity, msg = recv(self.control)
                 now = time.monotonic()
+                # when the runner made it (its timestamp): what the gap is about, not
+                # how fast this stand-in reads 200-instance inventories
                 if msg.type == "beat":      # liveness from the runner's beat thread
-                    self.alive_at.append(now)
+                    self.alive_at.append(msg.ts)
                     continue
                 if msg.type != "heartbeat":
                     continue
-                self.alive_at.append(now)
+                self.alive_at.append(msg.ts)
                 inventory = list(msg["inventory"])
                 self.beats.append((now, inventory))
                 send(self.control, make("heartbeat", "controller", host="controller",
@@ -238,6 +241,7 @@ class Result:
     all_running: float
     new: int
     kept: int
+    gap_at: float = 0.0     # when the longest gap began, seconds after the launch
 
 
 def restart(work: Path, ctl: StandIn, proc: subprocess.Popen[bytes], mode: str,
@@ -248,7 +252,7 @@ def restart(work: Path, ctl: StandIn, proc: subprocess.Popen[bytes], mode: str,
     ctl.beats.clear()
     ctl.alive_at.clear()
     ctl.pending.clear()         # starts sent to the old runner went nowhere
-    launched = time.monotonic()
+    launched, launched_wall = time.monotonic(), time.time()
     proc = start_runner(work, ctl, extra)
     ctl.wait("the new runner's first heartbeat", lambda: ctl.beats, timeout)
     first = ctl.beats[0][0] - launched
@@ -259,11 +263,13 @@ def restart(work: Path, ctl: StandIn, proc: subprocess.Popen[bytes], mode: str,
     ctl.wait("every app RUNNING again", all_running, timeout)
     done = time.monotonic() - launched
     ctl.pump(SETTLE)
-    times = ctl.alive_at
-    gap = max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    times = sorted(ctl.alive_at)
+    gap, gap_at = max(((b - a, a - launched_wall) for a, b in zip(times, times[1:],
+                                                                  strict=False)),
+                      default=(0.0, 0.0))
     after = ctl.running()
     kept = sum(1 for app, iid in after.items() if before.get(app) == iid)
-    return proc, Result(mode, first, gap, done, len(after) - kept, kept)
+    return proc, Result(mode, first, gap, done, len(after) - kept, kept, gap_at)
 
 
 def cleanup_apps(apps_dir: Path) -> None:

@@ -51,7 +51,7 @@ from runner.addonports import AddonPorts
 from runner.beat import Beat
 from runner.errors import BuildError, CommandError, RunnerError
 from runner.frameworks import Detected, Frameworks
-from runner.health import answers, wait_healthy
+from runner.health import HealthChecks, answers
 from runner.interpreters import Interpreters
 from runner.isolation import NOBODY, InstanceJail, Isolation
 from runner.jobs import JobDone, Jobs, OutputLine
@@ -109,6 +109,7 @@ class Runner(Hooks):
         self.waker = Waker()            # job threads and run readers end the poll early
         self.jobs = Jobs(self.events, self.waker.wake)
         self.spawns = self.jobs.pool("spawn", settings.max_parallel_spawns)
+        self.health = HealthChecks(self._health_done)
         self._cleaning: dict[str, int] = {}         # app -> instance cleanups running
         self.instances: dict[str, Instance] = {}
         # the host's static file server (runner/staticsup.py), and per instance the
@@ -743,6 +744,11 @@ class Runner(Hooks):
             SpawnResult(event.tag[2], error=repr(event.error))
         self.services.spawn_done(inst, result)
 
+    def _health_done(self, tag: tuple[Any, ...], healthy: bool) -> None:
+        """A health check's end (a HealthChecks thread): an event for the loop."""
+        self.jobs.post(JobDone(tag, result=healthy))
+        self.jobs.wake()
+
     def _done_health(self, event: JobDone) -> None:
         inst: Instance = event.tag[1]
         if event.result and self.instances.get(inst.id) is inst:
@@ -802,9 +808,9 @@ class Runner(Hooks):
                 _app_line, spec=spec, stream=stream))
         if spec.web and port is not None:
             host_header = spec.host_header or f"{self.settings.address}:{port}"
-            self.jobs.submit(
-                ("health", inst, generation), wait_healthy, self.settings.address, port,
-                host_header, self.settings.health_timeout,
+            self.health.add(
+                ("health", inst, generation), self.settings.address, port, host_header,
+                self.settings.health_timeout,
                 lambda: inst.generation == generation and inst.state is State.STARTING,
                 spec.manifest.healthcheck)
 
