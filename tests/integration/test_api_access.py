@@ -333,3 +333,20 @@ def test_berth_access_add_list_remove_through_the_cli(world):
     again = berth(world, "team-b", "access", "remove", "team-c", "-a", "beta", check=False)
     assert again.returncode != 0 and "team team-c has no grant on app 'beta'" in again.stderr
     assert "beta" not in berth(world, "team-c", "apps", "list").stdout
+
+
+def test_an_app_of_no_team_sends_a_team_to_the_admins_who_may_grant_it(world):
+    ctl, token_c = world["ctl"], world["tokens"]["team-c"]
+    assert ctl.request("POST", "/v1/apps", {"name": "platform-app"})[0] == 201
+    status, body = ctl.request("GET", "/v1/apps/platform-app/config", token=token_c)
+    assert status == 403 and body["error"]["message"] == \
+        "needs deployer on app 'platform-app'; team-c has no role on it"
+    assert body["error"]["hint"].startswith("ask an admin")
+    status, body = ctl.request("POST", "/v1/apps/platform-app/access",
+                               {"team": "team-c", "role": "deployer"})
+    assert status == 201 and body["before"] is None
+    assert ctl.request("GET", "/v1/apps/platform-app/config", token=token_c)[0] == 200
+    status, body = ctl.request("GET", "/v1/apps/platform-app/access", token=token_c)
+    assert body["owner"] is None and body["grants"][0]["role"] == "deployer"
+    assert ctl.request("DELETE", "/v1/apps/platform-app", token=token_c)[0] == 403
+    assert ctl.request("DELETE", "/v1/apps/platform-app")[0] == 200
