@@ -3,6 +3,7 @@ is its owner; the owner (or an admin) grants other teams viewer, deployer or own
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 from rich.table import Table
 
 from cli import appname
@@ -12,7 +13,12 @@ from controller.store import ROLES
 
 
 def _access_of(app: str | None) -> tuple[str, str]:
-    """The app's name (-a, $BERTH_APP or .berth-app) and its access endpoint."""
+    """The app's name (-a, $BERTH_APP or .berth-app) and its access endpoint; a
+    subcommand without its own -a takes the group's (`berth access -a APP add ...`)."""
+    ctx = click.get_current_context()
+    if ctx.parent is not None and ctx.get_parameter_source("app") is not \
+            ParameterSource.COMMANDLINE:
+        app = ctx.parent.params.get("app") or app
     name = appname.resolve(app)
     return name, f"/v1/apps/{name}/access"
 

@@ -311,7 +311,8 @@ def berth(world: dict[str, Any], team: str, *args: str, check: bool = True
 
 
 def test_berth_access_add_list_remove_through_the_cli(world):
-    out = berth(world, "team-b", "access", "add", "team-c", "--role", "viewer", "-a", "beta")
+    # the group's -a serves its subcommands too
+    out = berth(world, "team-b", "access", "-a", "beta", "add", "team-c", "--role", "viewer")
     assert "Team team-c is now viewer on beta" in out.stdout + out.stderr
     listed = berth(world, "team-c", "access", "-a", "beta").stdout
     rows = [line.split()[:2] for line in listed.splitlines()[1:]]
