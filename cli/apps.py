@@ -54,9 +54,10 @@ def list_(as_json: bool) -> None:
     if not data["apps"]:
         click.echo("No apps yet. Create one with `berth apps create NAME`.")
         return
-    table = Table("app", "release", "url", box=None)
+    table = Table("app", "release", "url", "role", box=None)
     for a in data["apps"]:
-        table.add_row(a["name"], f"v{a['release']}" if a["release"] else "-", a["url"])
+        table.add_row(a["name"], f"v{a['release']}" if a["release"] else "-", a["url"],
+                      a.get("role") or "-")
     console.print(table)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from cli import (
+    access,
     addons,
     admin,
     apps,
@@ -41,7 +42,7 @@ for command in (apps.login, apps.apps, deploy.push, deploy.releases, deploy.roll
                 ps.ps, ps.scale, configvars.config_group, logs.logs, domains.domains,
                 limits.maintenance, limits.limits, stats.stats, stats.hosts, run.run, up.up,
                 up.down, addons.addons, addons.psql, addons.redis_cli, tokens.tokens,
-                backup.backup, admin.admin, settings):
+                access.access, backup.backup, admin.admin, settings):
     cli.add_command(command)
 
 

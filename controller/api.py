@@ -37,7 +37,7 @@ from controller.pauses import (
     remember_formation,
 )
 from controller.runs import Attachment
-from controller.store import Release
+from controller.store import ROLES, Release, role_at_least
 from messaging import runframes
 from messaging.errors import BerthError
 
@@ -51,22 +51,29 @@ APP_STOP_SECONDS = 60.0
 SLUG_NAME = re.compile(r"^[0-9a-f]{64}$")
 ROUTES: list[tuple[str, re.Pattern[str], str]] = []
 # who may call each endpoint (by handler name), beyond a valid token:
-#   "app"    a team token only for its team's apps (the first path part is the app)
+#   "app"    a team token only for an app it has a role on (the first path part is
+#            the app), and only with at least the endpoint's role (ROLES_NEEDED)
 #   "build", "run", "addon"   the same, for the app the build, run or addon is of
-#   "any"    every token (the handler shows a team token only its team's things)
+#   "any"    every token (the handler shows a team token only the apps it has a role
+#            on, and their things)
 #   "admin"  admin tokens only: the platform's own views and tokens
-# An endpoint that declares nothing is "admin": a new one is closed until opened.
+# An endpoint that declares nothing is "admin": a new one is closed until opened; one
+# that declares a scope but no role needs "owner" (docs/architecture.md, Roles).
 SCOPES: dict[str, str] = {}
 SCOPE_KINDS = ("app", "build", "run", "addon", "any", "admin")
+ROLES_NEEDED: dict[str, str] = {}
+DEFAULT_ROLE = "owner"
 
 
-def route(method: str, pattern: str, scope: str = "admin"
+def route(method: str, pattern: str, scope: str = "admin", role: str = DEFAULT_ROLE
           ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     assert scope in SCOPE_KINDS, scope
+    assert role in ROLES, role
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         ROUTES.append((method, re.compile(f"^{pattern}$"), fn.__name__))
         SCOPES[fn.__name__] = scope
+        ROLES_NEEDED[fn.__name__] = role
         return fn
     return deco
 
@@ -182,9 +189,16 @@ class Handler(BoundedHandler):
             raise Forbidden("this endpoint is for the platform's admins",
                             f"your token is team {self.team}'s; ask an admin")
         app = self._app_of(scope, groups[0])
-        if app is not None and self.c.store.app_team(app) != self.team:
-            raise Forbidden(f"app '{app}' is not team {self.team}'s",
-                            "use a token of the app's team, or ask an admin")
+        if app is None:
+            return
+        need, have = ROLES_NEEDED[name], self.c.store.app_role(app, self.team)
+        if not role_at_least(have, need):
+            owner = self.c.store.app_team(app)
+            has = f"{self.team} is {have}" if have else f"{self.team} has no role on it"
+            who = f"the app's owner ({owner})" if owner else "an admin (the app is theirs)"
+            raise Forbidden(f"needs {need} on app '{app}'; {has}",
+                            f"ask {who}: `berth access add {self.team} --role {need} "
+                            f"-a {app}`")
 
     def _app_of(self, scope: str, key: str) -> str | None:
         """The app an endpoint's path names, or None when nothing by that id exists
@@ -198,9 +212,10 @@ class Handler(BoundedHandler):
         run = self.c.run_loop.runs.lookup(key)
         return run.app if run is not None else None
 
-    def _mine(self, app: str) -> bool:
-        """Whether the token may see `app` in a listing."""
-        return self.team is None or self.c.store.app_team(app) == self.team
+    def _mine(self) -> dict[str, str] | None:
+        """The token's role on each app it may see in a listing; None: an admin token,
+        which sees every app."""
+        return None if self.team is None else self.c.store.team_roles(self.team)
 
     def _auth(self, slug: bool = False) -> None:
         header = self.headers.get("Authorization", "")
@@ -321,7 +336,7 @@ class Handler(BoundedHandler):
     def all_stats(self) -> None:
         self._stats(None)
 
-    @route("GET", r"/v1/apps/([^/]+)/stats", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/stats", scope="app", role="viewer")
     def app_stats(self, app: str) -> None:
         self.c.store.require_app(app)
         self._stats(app)
@@ -374,13 +389,14 @@ class Handler(BoundedHandler):
 
     @route("GET", r"/v1/apps", scope="any")
     def list_apps(self) -> None:
-        apps = []
+        apps, mine = [], self._mine()
         for name in self.c.store.list_apps():
-            if not self._mine(name):
+            if mine is not None and name not in mine:
                 continue
             rel = self.c.store.current_release(name)
             apps.append({"name": name, "release": rel.version if rel else None,
-                         "url": self.c_url(name)})
+                         "url": self.c_url(name),
+                         "role": "admin" if mine is None else mine[name]})
         self._json(200, {"apps": apps})
 
     def c_url(self, app: str) -> str:
@@ -399,7 +415,7 @@ class Handler(BoundedHandler):
         self.c.wake()
         self._json(201, {**app, "url": self.c_url(app["name"])})
 
-    @route("GET", r"/v1/apps/([^/]+)", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)", scope="app", role="viewer")
     def get_app(self, app: str) -> None:
         self.c.store.require_app(app)
         rel = self.c.store.current_release(app)
@@ -407,13 +423,13 @@ class Handler(BoundedHandler):
                          "formation": self.c.store.formation(app), "url": self.c_url(app),
                          "domains": self.c.store.domains(app).get(app, [])})
 
-    @route("GET", r"/v1/apps/([^/]+)/limits", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/limits", scope="app", role="viewer")
     def get_limits(self, app: str) -> None:
         self._json(200, {**self.c.store.limits(app),
                          "default_max_body_mb": self.c.settings.default_max_body_mb})
         # memory_mb / pids_max null: each runner's own default applies
 
-    @route("PATCH", r"/v1/apps/([^/]+)/limits", scope="app")
+    @route("PATCH", r"/v1/apps/([^/]+)/limits", scope="app", role="deployer")
     def patch_limits(self, app: str) -> None:
         body = self._body()
         keys = {"maintenance", "max_body_mb", "memory_mb", "pids_max"}
@@ -434,7 +450,7 @@ class Handler(BoundedHandler):
         self.c.wake()
         self.get_limits(app)
 
-    @route("DELETE", r"/v1/apps/([^/]+)", scope="app")
+    @route("DELETE", r"/v1/apps/([^/]+)", scope="app", role="owner")
     def destroy_app(self, app: str) -> None:
         slugs = self.c.store.slugs_of(app)
         for addon in self.c.store.addons(app):   # their job: a final dump, then drop
@@ -450,7 +466,36 @@ class Handler(BoundedHandler):
         self.c.wake()
         self._json(200, {"destroyed": app})
 
-    @route("POST", r"/v1/apps/([^/]+)/builds", scope="app")
+    # -- access: the owner team and the other teams' roles on an app -------------
+    @route("GET", r"/v1/apps/([^/]+)/access", scope="app", role="viewer")
+    def get_access(self, app: str) -> None:
+        self._json(200, self.c.store.access(app))
+
+    @route("POST", r"/v1/apps/([^/]+)/access", scope="app", role="owner")
+    def grant_access(self, app: str) -> None:
+        """{team, role}: give another team viewer, deployer or owner on the app
+        (replacing the role it had)."""
+        body = self._body()
+        team, role = body.get("team"), body.get("role")
+        if not isinstance(team, str) or not team:
+            raise Invalid("give the team to grant a role to",
+                          f"`berth access add TEAM --role viewer -a {app}`")
+        if not isinstance(role, str) or role not in ROLES:
+            raise Invalid(f"unknown role {role!r}: give one of {', '.join(ROLES)}",
+                          f"`berth access add {team} --role viewer -a {app}`")
+        before = self.c.store.grant_access(app, team, role)
+        log.info("access granted", extra={"app": app, "team": team, "role": role,
+                                          "by": self.team})
+        self._json(200 if before else 201, {"app": app, "team": team, "role": role,
+                                            "before": before})
+
+    @route("DELETE", r"/v1/apps/([^/]+)/access/([^/]+)", scope="app", role="owner")
+    def revoke_access(self, app: str, team: str) -> None:
+        role = self.c.store.revoke_access(app, team)
+        log.info("access revoked", extra={"app": app, "team": team, "by": self.team})
+        self._json(200, {"app": app, "team": team, "revoked": role})
+
+    @route("POST", r"/v1/apps/([^/]+)/builds", scope="app", role="deployer")
     def create_build(self, app: str) -> None:
         self.c.store.require_app(app)
         if self.headers.get("Content-Length") is None:
@@ -474,11 +519,11 @@ class Handler(BoundedHandler):
         self.c.submit_build(build)
         self._json(201, {"build": build, "slug": sha, "procfile": checked.procfile})
 
-    @route("GET", r"/v1/builds/([0-9a-f]+)", scope="build")
+    @route("GET", r"/v1/builds/([0-9a-f]+)", scope="build", role="viewer")
     def get_build(self, build: str) -> None:
         self._json(200, self.c.store.build(build))
 
-    @route("GET", r"/v1/builds/([0-9a-f]+)/log", scope="build")
+    @route("GET", r"/v1/builds/([0-9a-f]+)/log", scope="build", role="viewer")
     def build_log(self, build: str) -> None:
         offset = self._int_query("offset", 0, 0)
         self.c.store.build(build)
@@ -492,14 +537,14 @@ class Handler(BoundedHandler):
                 break
         self._stream_end()
 
-    @route("GET", r"/v1/apps/([^/]+)/ps", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/ps", scope="app", role="viewer")
     def ps(self, app: str) -> None:
         self.c.store.require_app(app)
         self._json(200, {"instances": self.c.instances(app),
                          "formation": self.c.store.formation(app),
                          "runs": self.c.runs_of(app)})
 
-    @route("POST", r"/v1/apps/([^/]+)/runs", scope="app")
+    @route("POST", r"/v1/apps/([^/]+)/runs", scope="app", role="deployer")
     def create_run(self, app: str) -> None:
         """{command, tty?, cols?, rows?, detach?, term?} -> {run}: attach to it with
         GET /v1/runs/<run>/attach (an Upgrade) unless detached."""
@@ -527,7 +572,7 @@ class Handler(BoundedHandler):
         self._json(201, {"run": run.id, "app": app, "release": run.release,
                          "detach": run.detach, "proc": run.proc})
 
-    @route("GET", r"/v1/runs/([0-9a-f]+)/attach", scope="run")
+    @route("GET", r"/v1/runs/([0-9a-f]+)/attach", scope="run", role="deployer")
     def attach_run(self, run_id: str) -> None:
         """Upgrade to the run's frames (messaging/runframes.py) until it is over."""
         if self.headers.get("Upgrade", "").lower() != runframes.UPGRADE:
@@ -543,7 +588,7 @@ class Handler(BoundedHandler):
         self.close_connection = True
         attach.serve(self.connection, att, self.server.stopping)
 
-    @route("POST", r"/v1/apps/([^/]+)/formation", scope="app")
+    @route("POST", r"/v1/apps/([^/]+)/formation", scope="app", role="deployer")
     def scale(self, app: str) -> None:
         body = self._body()
         if not isinstance(body, dict) or not body:
@@ -552,13 +597,13 @@ class Handler(BoundedHandler):
         self.c.wake()
         self._json(200, {"formation": formation})
 
-    @route("GET", r"/v1/apps/([^/]+)/config", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/config", scope="app", role="deployer")
     def get_config(self, app: str) -> None:
         self.c.store.require_app(app)
         rel = self.c.store.current_release(app)
         self._json(200, {"config": rel.config if rel else {}})
 
-    @route("PATCH", r"/v1/apps/([^/]+)/config", scope="app")
+    @route("PATCH", r"/v1/apps/([^/]+)/config", scope="app", role="deployer")
     def patch_config(self, app: str) -> None:
         body = self._body()
         if not isinstance(body, dict) or not body:
@@ -567,13 +612,13 @@ class Handler(BoundedHandler):
         self.c.wake()
         self._json(200, {"release": rel.version, "config": rel.config})
 
-    @route("GET", r"/v1/apps/([^/]+)/releases", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/releases", scope="app", role="viewer")
     def releases(self, app: str) -> None:
         cur = self.c.store.current_release(app)
         self._json(200, {"releases": [r.public() for r in self.c.store.releases(app)],
                          "current": cur.version if cur else None})
 
-    @route("POST", r"/v1/apps/([^/]+)/rollback", scope="app")
+    @route("POST", r"/v1/apps/([^/]+)/rollback", scope="app", role="deployer")
     def rollback(self, app: str) -> None:
         version = self._body().get("version")
         if version is not None and not isinstance(version, int):
@@ -583,26 +628,26 @@ class Handler(BoundedHandler):
         self.c.wake()
         self._json(200, {"release": rel.public()})
 
-    @route("GET", r"/v1/apps/([^/]+)/domains", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/domains", scope="app", role="viewer")
     def list_domains(self, app: str) -> None:
         self.c.store.require_app(app)
         self._json(200, {"domains": self.c.store.domains(app).get(app, []),
                          "default": f"{app}.{self.c.settings.base_domain}"})
 
-    @route("POST", r"/v1/apps/([^/]+)/domains", scope="app")
+    @route("POST", r"/v1/apps/([^/]+)/domains", scope="app", role="owner")
     def add_domain(self, app: str) -> None:
         self.c.store.add_domain(app, str(self._body().get("hostname", "")),
                                 self.c.settings.base_domain)
         self.c.wake()
         self._json(201, {"domains": self.c.store.domains(app).get(app, [])})
 
-    @route("DELETE", r"/v1/apps/([^/]+)/domains/([^/]+)", scope="app")
+    @route("DELETE", r"/v1/apps/([^/]+)/domains/([^/]+)", scope="app", role="owner")
     def remove_domain(self, app: str, hostname: str) -> None:
         self.c.store.remove_domain(app, hostname)
         self.c.wake()
         self._json(200, {"domains": self.c.store.domains(app).get(app, [])})
 
-    @route("GET", r"/v1/apps/([^/]+)/logs", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/logs", scope="app", role="viewer")
     def app_logs(self, app: str) -> None:
         self.c.store.require_app(app)
         lines = self._int_query("lines", 100, 0, 5000)
@@ -622,17 +667,18 @@ class Handler(BoundedHandler):
     @route("GET", r"/v1/addons", scope="any")
     def list_addons(self) -> None:
         everything = self.query.get("all") in ("1", "true")
+        mine = self._mine()
         self._json(200, {"addons": [a.public() for a in self.c.store.addons(
-            with_destroyed=everything) if self._mine(a.app)]})
+            with_destroyed=everything) if mine is None or a.app in mine]})
 
-    @route("GET", r"/v1/apps/([^/]+)/addons", scope="app")
+    @route("GET", r"/v1/apps/([^/]+)/addons", scope="app", role="viewer")
     def app_addons(self, app: str) -> None:
         self.c.store.require_app(app)
         everything = self.query.get("all") in ("1", "true")
         self._json(200, {"addons": [a.public() for a in self.c.store.addons(
             app, with_destroyed=everything)]})
 
-    @route("POST", r"/v1/apps/([^/]+)/addons", scope="app")
+    @route("POST", r"/v1/apps/([^/]+)/addons", scope="app", role="owner")
     def create_addon(self, app: str) -> None:
         """{engine, plan, quota_mb?, as?} -> 202 the addon, PROVISIONING; a job worker
         makes it (GET /v1/addons/<id> shows its state and last step)."""
@@ -650,7 +696,7 @@ class Handler(BoundedHandler):
         self.c.jobqueue_poke()
         self._json(202, {"addon": addon.public()})
 
-    @route("GET", r"/v1/addons/([a-z0-9-]+)", scope="addon")
+    @route("GET", r"/v1/addons/([a-z0-9-]+)", scope="addon", role="viewer")
     def get_addon(self, addon_id: str) -> None:
         """The addon, and its servers as the runners supervising them report them."""
         addon = self.c.store.addon(addon_id).public()
@@ -665,7 +711,7 @@ class Handler(BoundedHandler):
         self._json(200, {"addon": addon.public(),
                          "release": release.version if release else None})
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/destroy", scope="addon")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/destroy", scope="addon", role="owner")
     def destroy_addon(self, addon_id: str) -> None:
         """{confirm: <the app's name>}: its variables leave the app at once (a new
         release), then a job worker drops it after a final dump."""
@@ -679,19 +725,19 @@ class Handler(BoundedHandler):
                                                    f"Destroy {addon_id}")
         self._addon_changed(addon, release, f"addon {addon_id} is being destroyed")
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/rotate", scope="addon")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/rotate", scope="addon", role="deployer")
     def rotate_addon(self, addon_id: str) -> None:
         self.c.require_jobs()
         addon, release = self.c.store.change_addon(addon_id, lambda a: a.rotate())
         self._addon_changed(addon, release, f"addon {addon_id} gets new credentials")
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/retry", scope="addon")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/retry", scope="addon", role="deployer")
     def retry_addon(self, addon_id: str) -> None:
         self.c.require_jobs()
         addon, release = self.c.store.change_addon(addon_id, lambda a: a.retry())
         self._addon_changed(addon, release, f"addon {addon_id} is provisioned again")
 
-    @route("POST", r"/v1/addons/([a-z0-9-]+)/attachments", scope="addon")
+    @route("POST", r"/v1/addons/([a-z0-9-]+)/attachments", scope="addon", role="deployer")
     def attach_addon(self, addon_id: str) -> None:
         """{as, style: url|split}: more names for the addon in its app's env."""
         body = self._body()
@@ -702,7 +748,8 @@ class Handler(BoundedHandler):
                                                    str(body.get("style") or "url"))
         self._addon_changed(addon, release, f"attached {addon_id} as {body['as']}")
 
-    @route("DELETE", r"/v1/addons/([a-z0-9-]+)/attachments/([A-Za-z0-9_]+)", scope="addon")
+    @route("DELETE", r"/v1/addons/([a-z0-9-]+)/attachments/([A-Za-z0-9_]+)", scope="addon",
+           role="deployer")
     def detach_addon(self, addon_id: str, name: str) -> None:
         addon, release = self.c.store.detach_addon(addon_id, name)
         self._addon_changed(addon, release, f"detached {addon_id} as {name}")

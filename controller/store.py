@@ -86,6 +86,14 @@ MIGRATIONS: list[list[str]] = [
         # messaging.shapes.ServiceSpec), as its job worker last reported them
         "ALTER TABLE addons ADD COLUMN services TEXT",
     ],
+    [
+        # per-app roles: other teams granted viewer, deployer or owner on one app (the
+        # app's own team is its owner without a row)
+        "CREATE TABLE app_access (app VARCHAR(64) NOT NULL, team VARCHAR(64) NOT NULL, "
+        "role VARCHAR(16) NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "PRIMARY KEY (app, team))",
+        "CREATE INDEX app_access_team ON app_access (team)",
+    ],
 ]
 
 APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,28}[a-z0-9]$")
@@ -125,6 +133,12 @@ def check_app_name(name: str) -> None:
 
 TEAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# a team's role on an app, least first: each may do what the ones before it may
+ROLES = ("viewer", "deployer", "owner")
+
+
+def role_at_least(have: str | None, need: str) -> bool:
+    return have is not None and ROLES.index(have) >= ROLES.index(need)
 
 
 def check_team(team: str) -> None:
@@ -284,10 +298,63 @@ class Store:
     def apps_of_team(self, team: str) -> set[str]:
         return {r[0] for r in self._q("SELECT name FROM apps WHERE team = ?", team)}
 
+    # -- access: the app's team owns it; grants give other teams a role on it ----
+    def app_role(self, app: str, team: str) -> str | None:
+        """`team`'s role on `app` (None: none); 404 for a missing app."""
+        if self.app_team(app) == team:
+            return "owner"
+        rows = self._q("SELECT role FROM app_access WHERE app = ? AND team = ?", app, team)
+        return str(rows[0][0]) if rows else None
+
+    def team_roles(self, team: str) -> dict[str, str]:
+        """Every app `team` has a role on, with the role."""
+        roles = {str(r[0]): str(r[1]) for r in self._q(
+            "SELECT app, role FROM app_access WHERE team = ?", team)}
+        return {**roles, **dict.fromkeys(self.apps_of_team(team), "owner")}
+
+    def access(self, app: str) -> dict[str, Any]:
+        """The owner team (None: the admins) and the grants on `app`."""
+        owner = self.app_team(app)
+        return {"app": app, "owner": owner, "grants": [
+            {"team": r[0], "role": r[1], "created_at": r[2]} for r in self._q(
+                "SELECT team, role, created_at FROM app_access WHERE app = ? "
+                "ORDER BY team", app)]}
+
+    def grant_access(self, app: str, team: str, role: str) -> str | None:
+        """Give `team` `role` on `app` (replacing its grant); the role it had before."""
+        if role not in ROLES:
+            raise Invalid(f"unknown role {role!r}", "give one of " + ", ".join(ROLES))
+        check_team(team)
+        with self._tx():
+            owner = self.app_team(app)
+            if owner == team:
+                raise Invalid(f"team {team} owns app '{app}' already",
+                              "grants are for other teams; the owner team keeps every right")
+            before = self.app_role(app, team)
+            if before is None:
+                self._q("INSERT INTO app_access (app, team, role, created_at) "
+                        "VALUES (?, ?, ?, ?)", app, team, role, time.time())
+            else:
+                self._q("UPDATE app_access SET role = ? WHERE app = ? AND team = ?",
+                        role, app, team)
+        return before
+
+    def revoke_access(self, app: str, team: str) -> str:
+        """Take `team`'s grant on `app` away; the role it had."""
+        with self._tx():
+            self.require_app(app)
+            rows = self._q("SELECT role FROM app_access WHERE app = ? AND team = ?", app,
+                           team)
+            if not rows:
+                raise NotFound(f"team {team} has no grant on app '{app}'",
+                               f"`berth access -a {app}` lists the teams that have one")
+            self._q("DELETE FROM app_access WHERE app = ? AND team = ?", app, team)
+        return str(rows[0][0])
+
     def destroy_app(self, name: str) -> None:
         self.require_app(name)
         with self._tx():
-            for table in ("releases", "formation", "builds", "domains"):
+            for table in ("releases", "formation", "builds", "domains", "app_access"):
                 self._q(f"DELETE FROM {table} WHERE app = ?", name)
             self._q("DELETE FROM apps WHERE name = ?", name)
 

@@ -22,8 +22,9 @@ def test_a_team_token_works_on_its_apps_and_is_refused_on_others(berth):
     berth("config", "set", "X=1", "-a", "team-a-app", env=as_a)
     refused = berth("config", "get", "-a", "admins-app", env=as_a, check=False)
     assert refused.returncode != 0
-    assert "Error: app 'admins-app' is not team team-a's" in refused.stderr
-    assert "Hint:" in refused.stderr
+    assert "Error: needs deployer on app 'admins-app'; team-a has no role on it" \
+        in refused.stderr
+    assert "Hint: ask an admin" in refused.stderr
     berth("tokens", "revoke", "dev-a")
     gone = berth("apps", "list", env=as_a, check=False)
     assert gone.returncode != 0 and "not recognized" in gone.stderr

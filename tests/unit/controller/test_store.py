@@ -134,3 +134,34 @@ def test_scale_refuses_release_unknown_types_and_counts_over_the_maximum(store):
         with pytest.raises(Invalid, match="cannot scale web"):
             store.scale("sc", {"web": bad}, maximum=4)
     assert store.scale("sc", {"web": 4}, maximum=4)["web"] == 4
+
+
+def test_grants_give_other_teams_a_role_and_leave_with_the_app(store, tmp_path):
+    store.create_app("shop", "team-a")
+    assert store.app_role("shop", "team-a") == "owner"
+    assert store.app_role("shop", "team-c") is None
+    assert store.grant_access("shop", "team-c", "viewer") is None
+    assert store.grant_access("shop", "team-c", "deployer") == "viewer"    # replaced
+    assert store.app_role("shop", "team-c") == "deployer"
+    assert store.team_roles("team-c") == {"shop": "deployer"}
+    assert store.team_roles("team-a") == {"shop": "owner"}
+    assert store.access("shop")["owner"] == "team-a"
+    assert [(g["team"], g["role"]) for g in store.access("shop")["grants"]] == [
+        ("team-c", "deployer")]
+    with pytest.raises(Invalid, match="unknown role"):
+        store.grant_access("shop", "team-c", "admin")
+    with pytest.raises(Invalid, match="owns app 'shop' already"):
+        store.grant_access("shop", "team-a", "viewer")
+    with pytest.raises(Invalid, match="invalid team name"):
+        store.grant_access("shop", "Team C", "viewer")
+    with pytest.raises(NotFound):
+        store.grant_access("ghost", "team-c", "viewer")
+    assert store.revoke_access("shop", "team-c") == "deployer"
+    with pytest.raises(NotFound, match="no grant"):
+        store.revoke_access("shop", "team-c")
+    store.grant_access("shop", "team-d", "owner")
+    store.destroy_app("shop")
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("SELECT COUNT(*) FROM app_access").fetchone()[0] == 0
+    store.create_app("shop", "team-a")                 # the same name: no old grants
+    assert store.team_roles("team-d") == {}
