@@ -46,8 +46,7 @@ def free_port(host: str = LOOPBACK) -> int:
     """A port free on `host` now and not handed out before by this process, from the
     CLI setting port_range (below the kernel's ephemeral range: a port picked there
     can be taken by an outgoing connection between the check and the daemon's bind)."""
-    first, _, last = cli_settings.SPEC.load().port_range.partition("-")
-    low, high = int(first), int(last)
+    low, high = port_range()
     for _ in range(1000):
         port = random.randint(low, high)
         if port not in _given and not port_in_use(host, port):
@@ -56,6 +55,12 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:             # the range is full: any free port
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_range() -> tuple[int, int]:
+    """The CLI setting port_range as (low, high)."""
+    first, _, last = cli_settings.SPEC.load().port_range.partition("-")
+    return int(first), int(last)
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -7,13 +7,17 @@ import random
 import subprocess
 import sys
 
-from cli.localplatform import free_port, port_in_use
+from cli.localplatform import free_port, port_in_use, port_range
 from tests.e2e.conftest import ROOT, request
 
 
 def free_block(size: int) -> int:
+    """`size` free ports in a row, in this process's port range (never the kernel's
+    ephemeral range, where an outgoing connection may take one before `berth up`
+    binds it: that failed once as "port 50116 ... is already in use")."""
+    low, high = port_range()
     for _ in range(200):
-        base = random.randint(20000, 60000)
+        base = random.randint(low, high - size)
         if not any(port_in_use("127.0.0.1", base + i) for i in range(size)):
             return base
     raise AssertionError("no block of free ports")
