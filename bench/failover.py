@@ -120,6 +120,19 @@ def get_200(port: int) -> bool:
         conn.close()
 
 
+def deploy_two(platform: LocalPlatform, work: Path, tag: str) -> None:
+    """The bench's app (a stdlib HTTP server, empty requirements) pushed through the
+    CLI and scaled to two web instances."""
+    cfg, src = work / f"cli-{tag}", work / f"src-{tag}"
+    src.mkdir()
+    (src / "app.py").write_bytes(rr.APP_PY)
+    (src / "requirements.txt").write_text("")
+    (src / "Procfile").write_text("web: python app.py\n")
+    berth(platform, cfg, "apps", "create", APP)
+    berth(platform, cfg, "push", str(src), "-a", APP, timeout=600)
+    berth(platform, cfg, "scale", "web=2", "-a", APP)
+
+
 def host_death(work: Path, setting: str, timeout: float) -> Death:
     interval, dead_after = HEARTBEATS[setting]
     knobs = {f"BERTH_{c}_{n}": str(v) for c in ("CONTROLLER", "RUNNER")
@@ -135,15 +148,7 @@ def host_death(work: Path, setting: str, timeout: float) -> Death:
     dead: Any = None
     try:
         platform.start()
-        cfg = work / f"cli-{setting}"
-        src = work / f"src-{setting}"
-        src.mkdir()
-        (src / "app.py").write_bytes(rr.APP_PY)
-        (src / "requirements.txt").write_text("")
-        (src / "Procfile").write_text("web: python app.py\n")
-        berth(platform, cfg, "apps", "create", APP)
-        berth(platform, cfg, "push", str(src), "-a", APP, timeout=600)
-        berth(platform, cfg, "scale", "web=2", "-a", APP)
+        deploy_two(platform, work, setting)
         api = Client(Credentials(platform.api_url, platform.admin_token), timeout=5)
 
         def instances() -> list[dict[str, Any]]:
@@ -234,14 +239,7 @@ def takeover(work: Path, timeout: float) -> Takeover:
                                  jobs=False, store_url=store_url)
         platform.start()
         platform.start_standby_controller("controller-2")
-        cfg, src = work / "cli-takeover", work / "src-takeover"
-        src.mkdir()
-        (src / "app.py").write_bytes(rr.APP_PY)
-        (src / "requirements.txt").write_text("")
-        (src / "Procfile").write_text("web: python app.py\n")
-        berth(platform, cfg, "apps", "create", APP)
-        berth(platform, cfg, "push", str(src), "-a", APP, timeout=600)
-        berth(platform, cfg, "scale", "web=2", "-a", APP)
+        deploy_two(platform, work, "takeover")
         api = Client(Credentials(platform.api_url, platform.admin_token), timeout=2)
 
         def backends() -> set[str]:
