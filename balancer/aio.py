@@ -370,7 +370,7 @@ class AioEngine:
     def plain_context(self, ctx: Any) -> zmq.Context:
         return zmq.Context.shadow(ctx.underlying)
 
-    async def zmq_recv(self, sock: Any) -> tuple[bytes, Message]:
+    async def zmq_recv(self, sock: Any) -> tuple[bytes | None, Message]:
         return await recv_async(sock)
 
     async def zmq_send(self, sock: Any, msg: Message) -> None:
