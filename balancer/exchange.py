@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,13 +49,15 @@ class Retry(Exception):
     """The backend connection died before any response byte reached the client."""
 
 
-@dataclass
 class Outcome:
-    status: int = 0
-    bytes: int = 0
-    backend: str = "-"
-    keep_alive: bool = False
-    bytes_in: int = 0          # request head and body bytes read from the client
+    """What became of one request (for the stats and the access log)."""
+
+    def __init__(self, bytes_in: int = 0) -> None:
+        self.status = 0
+        self.bytes = 0
+        self.backend = "-"
+        self.keep_alive = False
+        self.bytes_in = bytes_in       # request head and body bytes read from the client
 
 
 class PumpState:

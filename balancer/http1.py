@@ -81,13 +81,20 @@ MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 16384
 
 
-@dataclass
+# The message classes are dataclasses for their __eq__ and __repr__, with their own
+# __init__ (init=False): mypyc compiles that one, where the generated one would run
+# interpreted on every request.
+@dataclass(init=False)
 class Framing:
     """How a body is delimited: none, length (with `length`), chunked, or close
     (responses only: the body runs until the backend closes)."""
 
     kind: str
-    length: int = 0
+    length: int
+
+    def __init__(self, kind: str, length: int = 0) -> None:
+        self.kind = kind
+        self.length = length
 
     @property
     def has_body(self) -> bool:
@@ -158,7 +165,7 @@ def _tokens(values: list[str] | None) -> list[str]:
     return [p for p in out if p]
 
 
-@dataclass
+@dataclass(init=False)
 class Request:
     method: str
     target: str
@@ -167,15 +174,28 @@ class Request:
     host: str                  # Host header value as sent ("" when absent)
     framing: Framing
     keep_alive: bool
-    expect_continue: bool = False
-    upgrade: str = ""          # the Upgrade header when the client asks to switch
+    expect_continue: bool
+    upgrade: str               # the Upgrade header when the client asks to switch
+
+    def __init__(self, method: str, target: str, version: tuple[int, int],
+                 headers: Headers, host: str, framing: Framing, keep_alive: bool,
+                 expect_continue: bool = False, upgrade: str = "") -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.framing = framing
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
 
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
 
 
-@dataclass
+@dataclass(init=False)
 class Response:
     status: int
     reason: str
@@ -183,6 +203,15 @@ class Response:
     headers: Headers
     framing: Framing
     keep_alive: bool           # may the backend connection be reused after it
+
+    def __init__(self, status: int, reason: str, version: tuple[int, int],
+                 headers: Headers, framing: Framing, keep_alive: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.framing = framing
+        self.keep_alive = keep_alive
 
     @property
     def interim(self) -> bool:
