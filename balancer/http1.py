@@ -284,7 +284,8 @@ def _fast_fields(block: str) -> Headers | None:
     items = []
     index: dict[str, list[str]] = {}
     covered = 0
-    for name, raw in _FIELD.findall(block):
+    pairs: list[tuple[str, str]] = _FIELD.findall(block)   # typed: native str calls
+    for name, raw in pairs:
         covered += len(name) + len(raw) + 3
         value = raw.strip(" \t")
         items.append((name, value))
@@ -326,7 +327,8 @@ def parse_request(head: bytes) -> Request:
         headers = _fast_fields(text[m.end():-2])
     if m is None or headers is None:
         return _parse_request_lines(head)
-    return _request(m.group(1), m.group(2), (1, min(int(m.group(3)), 1)), headers)
+    method, target, minor = m.groups()
+    return _request(method, target, (1, min(int(minor), 1)), headers)
 
 
 def _parse_request_lines(head: bytes) -> Request:
@@ -451,8 +453,9 @@ def parse_response(head: bytes, method: str) -> Response:
     if m is not None and text.endswith("\r\n\r\n"):
         headers = _fast_fields(text[m.end():-2])
     if m is not None and headers is not None:
-        version = (1, min(int(m.group(1)), 1))
-        status, reason = int(m.group(2)), m.group(3) or ""
+        minor, code, reason_given = m.groups()
+        version = (1, min(int(minor), 1))
+        status, reason = int(code), reason_given or ""
     else:
         status, reason, version, headers = _parse_response_lines(head)
     framing = response_framing(method, status, headers)
