@@ -226,7 +226,8 @@ def find_head(buf: bytes, max_bytes: int) -> tuple[int, int] | None:
     blank line; None while incomplete. Raises 431 past `max_bytes`, 400 on a bare
     LF or CR (a line ending the backend might read differently)."""
     start = 0
-    while buf.startswith(CRLF, start):
+    size = len(buf)
+    while start + 1 < size and buf[start] == 13 and buf[start + 1] == 10:   # CRLF
         start += 2
     end = buf.find(b"\r\n\r\n", start)
     stop = end if end >= 0 else len(buf)
@@ -537,7 +538,7 @@ def request_id(headers: Headers) -> str:
     given = headers.index.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given[0]):
         return given[0]
-    return f"{_RID_PREFIX}{next(_RID_COUNTER):016x}"
+    return _RID_PREFIX + format(next(_RID_COUNTER), "016x")
 
 
 class TrustedProxies:
