@@ -329,7 +329,7 @@ def parse_request(head: bytes) -> Request:
     if m is None or headers is None:
         return _parse_request_lines(head)
     method, target, minor = m.groups()
-    return _request(method, target, (1, min(int(minor), 1)), headers)
+    return _request(method, target, (1, 0) if minor == "0" else (1, 1), headers)
 
 
 def _parse_request_lines(head: bytes) -> Request:
@@ -455,7 +455,7 @@ def parse_response(head: bytes, method: str) -> Response:
         headers = _fast_fields(text[m.end():-2])
     if m is not None and headers is not None:
         minor, code, reason_given = m.groups()
-        version = (1, min(int(minor), 1))
+        version = (1, 0) if minor == "0" else (1, 1)      # HTTP/1.0, else 1.1
         status, reason = int(code), reason_given or ""
     else:
         status, reason, version, headers = _parse_response_lines(head)
