@@ -108,11 +108,17 @@ class Headers:
     """Header fields in arrival order (`items`, for forwarding) with a
     lowercase-name -> values index built once (`index`, for lookups)."""
 
-    __slots__ = ("items", "index", "_connection")
+    __slots__ = ("items", "index", "_connection", "block", "cuts")
 
     def __init__(self, items: list[tuple[str, str]] | None = None,
-                 index: dict[str, list[str]] | None = None) -> None:
+                 index: dict[str, list[str]] | None = None, block: str = "",
+                 cuts: list[tuple[int, int, str]] | None = None) -> None:
         self.items = items if items is not None else []
+        # from the fast path: the header block as received, and where its lines
+        # that a head we send may drop are (start, end, lowercase name); the
+        # head builders then forward the rest of the block in a few slices
+        self.block = block
+        self.cuts = cuts
         if index is None:
             index = {}
             for name, value in self.items:
@@ -284,13 +290,17 @@ def _fast_fields(block: str) -> Headers | None:
     loop (which also builds the index); None unless every line is plainly valid."""
     items = []
     index: dict[str, list[str]] = {}
+    cuts: list[tuple[int, int, str]] = []
     covered = 0
     pairs: list[tuple[str, str]] = _FIELD.findall(block)   # typed: native str calls
     for name, raw in pairs:
+        start = covered
         covered += len(name) + len(raw) + 3
         value = raw.strip(" \t")
         items.append((name, value))
         low = name.lower()
+        if low in _DROP_TO_BACKEND:       # every name a head we send may drop
+            cuts.append((start, covered, low))
         values = index.get(low)
         if values is None:
             index[low] = [value]
@@ -298,7 +308,7 @@ def _fast_fields(block: str) -> Headers | None:
             values.append(value)
     if covered != len(block):
         return None
-    return Headers(items, index)
+    return Headers(items, index, block, cuts)
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -533,6 +543,26 @@ def _drop(base: frozenset[str], connection: list[str]) -> frozenset[str]:
     return base
 
 
+def _kept_fields(headers: Headers, drop: frozenset[str], parts: list[str],
+                 sliced: bool) -> None:
+    """Append the header lines not in `drop`: slices of the block as received
+    when there is one and `drop` holds no name past _DROP_TO_BACKEND (`sliced`:
+    no Connection token named another header), else one line per item."""
+    cuts = headers.cuts
+    if sliced and cuts is not None:
+        block = headers.block
+        pos = 0
+        for start, end, low in cuts:
+            if low in drop:
+                if start > pos:
+                    parts.append(block[pos:start])
+                pos = end
+        if pos < len(block):
+            parts.append(block[pos:])
+        return
+    parts += [f"{k}: {v}\r\n" for k, v in headers.items if k.lower() not in drop]
+
+
 def request_id(headers: Headers) -> str:
     """Keep a sane client X-Request-ID, otherwise make one."""
     given = headers.index.get("x-request-id")
@@ -619,7 +649,7 @@ def backend_request_head(req: Request, *, client_addr: str, port: int,
     (admission.static_target)."""
     drop = _drop(_DROP_TO_BACKEND, req.headers.connection)
     parts = [f"{req.method} {req.target} HTTP/1.1\r\nHost: {req.host}\r\n"]
-    parts += [f"{k}: {v}\r\n" for k, v in req.headers.items if k.lower() not in drop]
+    _kept_fields(req.headers, drop, parts, drop is _DROP_TO_BACKEND)
     if trusted:
         parts += [f"{k}: {v}\r\n" for k, v in forwarded_fields(
             req, client_addr=client_addr, port=port, trusted=trusted)]
@@ -649,7 +679,7 @@ def client_response_head(resp: Response, *, framing_out: str, keep_alive: bool,
     drop = _drop(base, resp.headers.connection)
     line = f"HTTP/1.1 {resp.status} {resp.reason}".rstrip(" ")
     parts = [f"{line}\r\n"]
-    parts += [f"{k}: {v}\r\n" for k, v in resp.headers.items if k.lower() not in drop]
+    _kept_fields(resp.headers, drop, parts, drop is base)
     if req_id and "x-request-id" not in resp.headers.index:
         parts.append(f"X-Request-ID: {req_id}\r\n")
     if framing_out == "chunked":
