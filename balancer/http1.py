@@ -230,32 +230,35 @@ def find_head(buf: bytes, max_bytes: int) -> tuple[int, int] | None:
     """Locate a complete head in `buf`: returns (start, end) where start skips the
     empty lines RFC 9112 allows before a request line and end is just past the
     blank line; None while incomplete. Raises 431 past `max_bytes`, 400 on a bare
-    LF or CR (a line ending the backend might read differently)."""
+    LF or CR (a line ending the backend might read differently): here for a head
+    still incomplete or too large, and for a complete one when it is parsed (the
+    fast path accepts only CRLF-ended lines with no other CR or LF; the line-by-
+    line parsers call check_line_endings first), so a head that arrived whole is
+    not counted through three more times."""
     start = 0
     size = len(buf)
     while start + 1 < size and buf[start] == 13 and buf[start + 1] == 10:   # CRLF
         start += 2
     end = buf.find(b"\r\n\r\n", start)
-    stop = end if end >= 0 else len(buf)
-    # counted in place (no copy of the head): every LF and every CR, less CRs at
-    # the very end (a CRLF still arriving), must belong to a CRLF
+    if end >= 0 and end + 4 - start <= max_bytes:
+        return start, end + 4
+    check_line_endings(buf, start, end if end >= 0 else size)
+    if end < 0 and size <= max_bytes:
+        return None
+    raise BadRequest("the request head is too large",
+                     f"keep headers under {max_bytes} bytes", status=431)
+
+
+def check_line_endings(buf: bytes, start: int, stop: int) -> None:
+    """400 unless every LF and every CR in buf[start:stop], less CRs at its very
+    end (a CRLF still arriving), belongs to a CRLF (counted in place, no copy)."""
     crlf = buf.count(b"\r\n", start, stop)
     trailing = stop
     while trailing > start and buf[trailing - 1] == 13:
         trailing -= 1
     if buf.count(b"\n", start, stop) != crlf or buf.count(b"\r", start, trailing) != crlf:
-        raise BadRequest("the request head has a bare LF or CR line ending",
-                         "end every header line with CRLF")
-    if end < 0:
-        if len(buf) > max_bytes:
-            raise BadRequest("the request head is too large",
-                             f"keep headers under {max_bytes} bytes", status=431)
-        return None
-    end += 4
-    if end - start > max_bytes:
-        raise BadRequest("the request head is too large",
-                         f"keep headers under {max_bytes} bytes", status=431)
-    return start, end
+        raise BadRequest("a line of the head ends in a bare LF or CR",
+                         "end every line of the head with CRLF")
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -323,6 +326,9 @@ def _version(text: str) -> tuple[int, int]:
 
 
 def _head_lines(head: bytes) -> list[bytes]:
+    """The lines of a complete head, for the line-by-line parsers; 400 on a bare
+    LF or CR (find_head leaves that check to the parsers for a complete head)."""
+    check_line_endings(head, 0, len(head))
     lines = head.split(CRLF)
     while lines and lines[-1] == b"":
         lines.pop()
