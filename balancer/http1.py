@@ -344,6 +344,9 @@ def parse_request(head: bytes) -> Request:
         headers = _fast_fields(text[m.end():-2])
     if m is None or headers is None:
         return _parse_request_lines(head)
+    method: str
+    target: str
+    minor: str
     method, target, minor = m.groups()
     return _request(method, target, (1, 0) if minor == "0" else (1, 1), headers)
 
@@ -470,6 +473,8 @@ def parse_response(head: bytes, method: str) -> Response:
     if m is not None and text.endswith("\r\n\r\n"):
         headers = _fast_fields(text[m.end():-2])
     if m is not None and headers is not None:
+        code: str
+        reason_given: str | None
         minor, code, reason_given = m.groups()
         version = (1, 0) if minor == "0" else (1, 1)      # HTTP/1.0, else 1.1
         status, reason = int(code), reason_given or ""
