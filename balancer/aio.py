@@ -42,6 +42,9 @@ class Stream(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0      # loop time at which the pending recv times out
+        self._timer: Any = None   # one timer per stream, re-armed lazily (_recv_timer)
+        self._timer_at = 0.0
         self._drain: asyncio.Future[None] | None = None
         self._pipe: _Pipe | None = None       # a body this stream is the source of
         self._feeding: _Pipe | None = None    # a body written into this stream
@@ -76,6 +79,9 @@ class Stream(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = self.eof = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for pipe in (self._pipe, self._feeding):
             if pipe is not None:
                 pipe.finish()
@@ -109,11 +115,14 @@ class Stream(asyncio.Protocol):
             loop = self.loop
             fut = loop.create_future()
             self._waiter = fut
-            handle = loop.call_later(max(timeout, 0.001), _expire, fut)
+            # No timer per wait: the stream's one timer fires at or before the
+            # deadline and is re-armed then if the wait has moved on (_recv_timer).
+            deadline = self._deadline = loop.time() + max(timeout, 0.001)
+            if self._timer is None or self._timer_at > deadline:
+                self._arm(deadline)
             try:
                 await fut
             finally:
-                handle.cancel()
                 if self._waiter is fut:
                     self._waiter = None
             if not self.chunks:
@@ -130,6 +139,24 @@ class Stream(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
         return data
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._recv_timer)
+
+    def _recv_timer(self) -> None:
+        """The stream's timer: time the pending recv out when its deadline has
+        passed, wait on when it is later; with no recv pending, stop."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self.closed:
+            return
+        if self._deadline - self.loop.time() <= 0.001:     # the loop's ms granularity
+            waiter.set_exception(TimeoutError())
+        else:
+            self._arm(self._deadline)
 
     def write(self, data: bytes) -> None:
         """Queue bytes; ConnectionResetError when the connection is gone. Callers
@@ -370,7 +397,7 @@ class AioEngine:
     def plain_context(self, ctx: Any) -> zmq.Context:
         return zmq.Context.shadow(ctx.underlying)
 
-    async def zmq_recv(self, sock: Any) -> tuple[bytes, Message]:
+    async def zmq_recv(self, sock: Any) -> tuple[bytes | None, Message]:
         return await recv_async(sock)
 
     async def zmq_send(self, sock: Any, msg: Message) -> None:

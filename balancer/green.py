@@ -195,7 +195,7 @@ class GreenEngine:
         """A pyzmq context on the same ZeroMQ context, for sends that never block."""
         return plain_zmq.Context.shadow(ctx.underlying)
 
-    async def zmq_recv(self, sock: Any) -> tuple[bytes, Message]:
+    async def zmq_recv(self, sock: Any) -> tuple[bytes | None, Message]:
         return recv(sock)
 
     async def zmq_send(self, sock: Any, msg: Message) -> None:

@@ -81,13 +81,20 @@ MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 16384
 
 
-@dataclass
+# The message classes are dataclasses for their __eq__ and __repr__, with their own
+# __init__ (init=False): mypyc compiles that one, where the generated one would run
+# interpreted on every request.
+@dataclass(init=False)
 class Framing:
     """How a body is delimited: none, length (with `length`), chunked, or close
     (responses only: the body runs until the backend closes)."""
 
     kind: str
-    length: int = 0
+    length: int
+
+    def __init__(self, kind: str, length: int = 0) -> None:
+        self.kind = kind
+        self.length = length
 
     @property
     def has_body(self) -> bool:
@@ -101,11 +108,17 @@ class Headers:
     """Header fields in arrival order (`items`, for forwarding) with a
     lowercase-name -> values index built once (`index`, for lookups)."""
 
-    __slots__ = ("items", "index", "_connection")
+    __slots__ = ("items", "index", "_connection", "block", "cuts")
 
     def __init__(self, items: list[tuple[str, str]] | None = None,
-                 index: dict[str, list[str]] | None = None) -> None:
+                 index: dict[str, list[str]] | None = None, block: str = "",
+                 cuts: list[tuple[int, int, str]] | None = None) -> None:
         self.items = items if items is not None else []
+        # from the fast path: the header block as received, and where its lines
+        # that a head we send may drop are (start, end, lowercase name); the
+        # head builders then forward the rest of the block in a few slices
+        self.block = block
+        self.cuts = cuts
         if index is None:
             index = {}
             for name, value in self.items:
@@ -158,7 +171,7 @@ def _tokens(values: list[str] | None) -> list[str]:
     return [p for p in out if p]
 
 
-@dataclass
+@dataclass(init=False)
 class Request:
     method: str
     target: str
@@ -167,15 +180,28 @@ class Request:
     host: str                  # Host header value as sent ("" when absent)
     framing: Framing
     keep_alive: bool
-    expect_continue: bool = False
-    upgrade: str = ""          # the Upgrade header when the client asks to switch
+    expect_continue: bool
+    upgrade: str               # the Upgrade header when the client asks to switch
+
+    def __init__(self, method: str, target: str, version: tuple[int, int],
+                 headers: Headers, host: str, framing: Framing, keep_alive: bool,
+                 expect_continue: bool = False, upgrade: str = "") -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.framing = framing
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
 
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
 
 
-@dataclass
+@dataclass(init=False)
 class Response:
     status: int
     reason: str
@@ -183,6 +209,15 @@ class Response:
     headers: Headers
     framing: Framing
     keep_alive: bool           # may the backend connection be reused after it
+
+    def __init__(self, status: int, reason: str, version: tuple[int, int],
+                 headers: Headers, framing: Framing, keep_alive: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.framing = framing
+        self.keep_alive = keep_alive
 
     @property
     def interim(self) -> bool:
@@ -195,31 +230,35 @@ def find_head(buf: bytes, max_bytes: int) -> tuple[int, int] | None:
     """Locate a complete head in `buf`: returns (start, end) where start skips the
     empty lines RFC 9112 allows before a request line and end is just past the
     blank line; None while incomplete. Raises 431 past `max_bytes`, 400 on a bare
-    LF or CR (a line ending the backend might read differently)."""
+    LF or CR (a line ending the backend might read differently): here for a head
+    still incomplete or too large, and for a complete one when it is parsed (the
+    fast path accepts only CRLF-ended lines with no other CR or LF; the line-by-
+    line parsers call check_line_endings first), so a head that arrived whole is
+    not counted through three more times."""
     start = 0
-    while buf.startswith(CRLF, start):
+    size = len(buf)
+    while start + 1 < size and buf[start] == 13 and buf[start + 1] == 10:   # CRLF
         start += 2
     end = buf.find(b"\r\n\r\n", start)
-    stop = end if end >= 0 else len(buf)
-    # counted in place (no copy of the head): every LF and every CR, less CRs at
-    # the very end (a CRLF still arriving), must belong to a CRLF
+    if end >= 0 and end + 4 - start <= max_bytes:
+        return start, end + 4
+    check_line_endings(buf, start, end if end >= 0 else size)
+    if end < 0 and size <= max_bytes:
+        return None
+    raise BadRequest("the request head is too large",
+                     f"keep headers under {max_bytes} bytes", status=431)
+
+
+def check_line_endings(buf: bytes, start: int, stop: int) -> None:
+    """400 unless every LF and every CR in buf[start:stop], less CRs at its very
+    end (a CRLF still arriving), belongs to a CRLF (counted in place, no copy)."""
     crlf = buf.count(b"\r\n", start, stop)
     trailing = stop
     while trailing > start and buf[trailing - 1] == 13:
         trailing -= 1
     if buf.count(b"\n", start, stop) != crlf or buf.count(b"\r", start, trailing) != crlf:
-        raise BadRequest("the request head has a bare LF or CR line ending",
-                         "end every header line with CRLF")
-    if end < 0:
-        if len(buf) > max_bytes:
-            raise BadRequest("the request head is too large",
-                             f"keep headers under {max_bytes} bytes", status=431)
-        return None
-    end += 4
-    if end - start > max_bytes:
-        raise BadRequest("the request head is too large",
-                         f"keep headers under {max_bytes} bytes", status=431)
-    return start, end
+        raise BadRequest("a line of the head ends in a bare LF or CR",
+                         "end every line of the head with CRLF")
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -254,12 +293,17 @@ def _fast_fields(block: str) -> Headers | None:
     loop (which also builds the index); None unless every line is plainly valid."""
     items = []
     index: dict[str, list[str]] = {}
+    cuts: list[tuple[int, int, str]] = []
     covered = 0
-    for name, raw in _FIELD.findall(block):
+    pairs: list[tuple[str, str]] = _FIELD.findall(block)   # typed: native str calls
+    for name, raw in pairs:
+        start = covered
         covered += len(name) + len(raw) + 3
         value = raw.strip(" \t")
         items.append((name, value))
         low = name.lower()
+        if low in _DROP_TO_BACKEND:       # every name a head we send may drop
+            cuts.append((start, covered, low))
         values = index.get(low)
         if values is None:
             index[low] = [value]
@@ -267,7 +311,7 @@ def _fast_fields(block: str) -> Headers | None:
             values.append(value)
     if covered != len(block):
         return None
-    return Headers(items, index)
+    return Headers(items, index, block, cuts)
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -282,6 +326,9 @@ def _version(text: str) -> tuple[int, int]:
 
 
 def _head_lines(head: bytes) -> list[bytes]:
+    """The lines of a complete head, for the line-by-line parsers; 400 on a bare
+    LF or CR (find_head leaves that check to the parsers for a complete head)."""
+    check_line_endings(head, 0, len(head))
     lines = head.split(CRLF)
     while lines and lines[-1] == b"":
         lines.pop()
@@ -297,7 +344,11 @@ def parse_request(head: bytes) -> Request:
         headers = _fast_fields(text[m.end():-2])
     if m is None or headers is None:
         return _parse_request_lines(head)
-    return _request(m.group(1), m.group(2), (1, min(int(m.group(3)), 1)), headers)
+    method: str
+    target: str
+    minor: str
+    method, target, minor = m.groups()
+    return _request(method, target, (1, 0) if minor == "0" else (1, 1), headers)
 
 
 def _parse_request_lines(head: bytes) -> Request:
@@ -422,8 +473,11 @@ def parse_response(head: bytes, method: str) -> Response:
     if m is not None and text.endswith("\r\n\r\n"):
         headers = _fast_fields(text[m.end():-2])
     if m is not None and headers is not None:
-        version = (1, min(int(m.group(1)), 1))
-        status, reason = int(m.group(2)), m.group(3) or ""
+        code: str
+        reason_given: str | None
+        minor, code, reason_given = m.groups()
+        version = (1, 0) if minor == "0" else (1, 1)      # HTTP/1.0, else 1.1
+        status, reason = int(code), reason_given or ""
     else:
         status, reason, version, headers = _parse_response_lines(head)
     framing = response_framing(method, status, headers)
@@ -500,12 +554,32 @@ def _drop(base: frozenset[str], connection: list[str]) -> frozenset[str]:
     return base
 
 
+def _kept_fields(headers: Headers, drop: frozenset[str], parts: list[str],
+                 sliced: bool) -> None:
+    """Append the header lines not in `drop`: slices of the block as received
+    when there is one and `drop` holds no name past _DROP_TO_BACKEND (`sliced`:
+    no Connection token named another header), else one line per item."""
+    cuts = headers.cuts
+    if sliced and cuts is not None:
+        block = headers.block
+        pos = 0
+        for start, end, low in cuts:
+            if low in drop:
+                if start > pos:
+                    parts.append(block[pos:start])
+                pos = end
+        if pos < len(block):
+            parts.append(block[pos:])
+        return
+    parts += [f"{k}: {v}\r\n" for k, v in headers.items if k.lower() not in drop]
+
+
 def request_id(headers: Headers) -> str:
     """Keep a sane client X-Request-ID, otherwise make one."""
     given = headers.index.get("x-request-id")
     if given and _REQUEST_ID.fullmatch(given[0]):
         return given[0]
-    return f"{_RID_PREFIX}{next(_RID_COUNTER):016x}"
+    return _RID_PREFIX + format(next(_RID_COUNTER), "016x")
 
 
 class TrustedProxies:
@@ -586,7 +660,7 @@ def backend_request_head(req: Request, *, client_addr: str, port: int,
     (admission.static_target)."""
     drop = _drop(_DROP_TO_BACKEND, req.headers.connection)
     parts = [f"{req.method} {req.target} HTTP/1.1\r\nHost: {req.host}\r\n"]
-    parts += [f"{k}: {v}\r\n" for k, v in req.headers.items if k.lower() not in drop]
+    _kept_fields(req.headers, drop, parts, drop is _DROP_TO_BACKEND)
     if trusted:
         parts += [f"{k}: {v}\r\n" for k, v in forwarded_fields(
             req, client_addr=client_addr, port=port, trusted=trusted)]
@@ -616,7 +690,7 @@ def client_response_head(resp: Response, *, framing_out: str, keep_alive: bool,
     drop = _drop(base, resp.headers.connection)
     line = f"HTTP/1.1 {resp.status} {resp.reason}".rstrip(" ")
     parts = [f"{line}\r\n"]
-    parts += [f"{k}: {v}\r\n" for k, v in resp.headers.items if k.lower() not in drop]
+    _kept_fields(resp.headers, drop, parts, drop is base)
     if req_id and "x-request-id" not in resp.headers.index:
         parts.append(f"X-Request-ID: {req_id}\r\n")
     if framing_out == "chunked":

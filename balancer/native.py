@@ -2,13 +2,13 @@
 (docs/performance.md: about half the Python time per request).
 
 `python -m balancer.native build` compiles MODULES (the sans-IO parsing and
-decisions and the exchange) with mypyc into a directory named by a fingerprint of
-their sources and the interpreter, under BERTH_NATIVE_DIR (default
-~/.cache/berth/balancer-native). A worker with `native: true` (the default) uses
-that build when one exists for the very sources it runs, and the pure Python
-modules otherwise, so an edited module is never shadowed by a stale build; the
-start log line says which. Building needs mypy (the test extra), a C compiler and
-the Python headers; running needs none of them.
+decisions, the exchange, and the asyncio engine's streams) with mypyc into a
+directory named by a fingerprint of their sources and the interpreter, under
+BERTH_NATIVE_DIR (default ~/.cache/berth/balancer-native). A worker with
+`native: true` (the default) uses that build when one exists for the very sources
+it runs, and the pure Python modules otherwise, so an edited module is never
+shadowed by a stale build; the start log line says which. Building needs mypy
+(the test extra), a C compiler and the Python headers; running needs none of them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import balancer
 
-MODULES = ("http1", "admission", "routes", "pool", "stats", "exchange")
+MODULES = ("http1", "admission", "routes", "pool", "stats", "exchange", "aio")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"

@@ -86,7 +86,12 @@ class Pool:
             return None if up_only else min(candidates, key=lambda b: b.down_until)
         if len(up) == 1:
             return up[0]
-        a, b = self.rng.sample(up, 2)
+        # two distinct ones at random, as rng.sample(up, 2) but without its
+        # interpreted Python (most of this function's cost, at two instances)
+        n = len(up)
+        i = int(self.rng.random() * n)
+        j = int(self.rng.random() * (n - 1))
+        a, b = up[i], up[j + 1 if j >= i else j]
         return b if b.outstanding < a.outstanding else a
 
     def mark_down(self, backend: Backend, now: float) -> float:

@@ -84,11 +84,12 @@ class Engine:
         return Memory([], RESPONSE)
 
 
-def run(requests: int) -> tuple[float, Proxy]:
+def run(requests: int, backends: int = 1) -> tuple[float, Proxy]:
     settings = SPEC.load(None)
     index = RouteIndex()
     index.update({"bench": {"hosts": ["bench.localhost"], "backends": [
-        {"id": "nginx", "address": "127.0.0.1", "port": 8080}]}})
+        {"id": f"nginx{i}", "address": "127.0.0.1", "port": 8080 + i}
+        for i in range(backends)]}})
     pool = Pool()
     pool.sync(index.routes)
     telemetry = Telemetry("bench", 1.0, SimpleNamespace())
@@ -106,18 +107,20 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=50000)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--backends", type=int, default=1,
+                   help="instances behind the route (the pool picks among them)")
     p.add_argument("--native", action="store_true",
                    help="the mypyc-compiled core (python -m balancer.native build)")
     a = p.parse_args()
-    run(1000)   # warm up
+    run(1000, a.backends)   # warm up
     if a.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run(a.requests)
+        run(a.requests, a.backends)
         prof.disable()
         pstats.Stats(prof).strip_dirs().sort_stats("tottime").print_stats(a.top)
         return 0
-    best = min(run(a.requests)[0] for _ in range(3))
+    best = min(run(a.requests, a.backends)[0] for _ in range(3))
     print(f"{1e6 * best / a.requests:.2f} CPU us per request "
           f"(exchange only, {'native' if a.native else 'pure Python'}, "
           f"best of 3 x {a.requests})")

@@ -183,6 +183,21 @@ def test_head_incomplete_then_too_large() -> None:
     assert info.value.status == 431
 
 
+def test_bare_lf_in_a_complete_head_is_refused_by_the_parser() -> None:
+    # find_head leaves a complete head's line endings to the parser (both paths)
+    req = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nX-B: 2\r\n\r\n"
+    assert http1.find_head(req, 65536) == (0, len(req))
+    with pytest.raises(BadRequest) as info:
+        http1.parse_request(req)
+    assert info.value.status == 400 and "bare LF" in info.value.message
+    # a backend's: the app's fault, answered 502
+    resp = b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 0\r\n\r\n"
+    assert http1.find_head(resp, 65536) == (0, len(resp))
+    with pytest.raises(BackendError) as info2:
+        http1.parse_response(resp, "GET")
+    assert info2.value.status == 502 and "bare LF" in info2.value.message
+
+
 def test_request_fields() -> None:
     req, body = decide(b"POST /p?q=1 HTTP/1.1\r\nHost: A.localhost:80\r\n"
                        b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\nabcEXTRA")
