@@ -9,8 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["messaging", "config", "controller", "runner", "balancer", "cli", "settings_templates",
             "dbprovision", "backup"]
+# balancer too: its core is compiled with mypyc, whose build fails on a type error (a
+# changed messaging signature once left workers on pure Python without a word)
 TYPED = ["messaging", "config", "controller", "cli", "settings_templates", "dbprovision",
-         "backup"]
+         "backup", "balancer", "runner"]
 
 
 def test_ruff_is_clean():
