@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from time import monotonic
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Final
 
 from balancer import admission, http1, pages
 from balancer.engines import Engine, Stream, Task
@@ -32,13 +32,13 @@ from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
-PUMP_GRACE = 2.0    # seconds the request body pump may lag behind a finished response
-FRESH_IDLE = 0.01   # seconds a pooled connection may idle and be reused unprobed
-SMALL_BODY = 65536  # a request body this small, all read, leaves with its head
-MAX_RESPONSE_HEAD = 1 << 20
+MAX_RETRIES: Final = 2     # resends of an idempotent bodiless request nothing answered
+PUMP_GRACE: Final = 2.0    # seconds the request body pump may lag behind a finished response
+FRESH_IDLE: Final = 0.01   # seconds a pooled connection may idle and be reused unprobed
+SMALL_BODY: Final = 65536  # a request body this small, all read, leaves with its head
+MAX_RESPONSE_HEAD: Final = 1 << 20
 
 
 class ClientGone(Exception):

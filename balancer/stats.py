@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-RESERVOIR = 1024
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-NO_APP = "-"          # requests no app took (unknown host, bad request)
+RESERVOIR: Final = 1024
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+NO_APP: Final = "-"          # requests no app took (unknown host, bad request)
 
 
 def status_class(status: int) -> str:
