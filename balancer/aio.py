@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
 
 from messaging.envelope import Message, recv_async, send_async
 
-READ_HIGH = 1 << 19      # buffered bytes past which the transport stops reading
-READ_LOW = 1 << 17       # ... and below which it reads again
-JOIN_MAX = 1 << 16       # buffered pieces up to this size are handed back joined
+READ_HIGH: Final = 1 << 19      # buffered bytes past which the transport stops reading
+READ_LOW: Final = 1 << 17       # ... and below which it reads again
+JOIN_MAX: Final = 1 << 16       # buffered pieces up to this size are handed back joined
 
 
 def _expire(fut: asyncio.Future[None]) -> None:

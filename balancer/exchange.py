@@ -20,10 +20,10 @@ choice, pages) are I/O-free in http1.py, admission.py, pool.py and pages.py.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
+from time import monotonic
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Final
 
 from balancer import admission, http1, pages
 from balancer.engines import Engine, Stream, Task
@@ -32,13 +32,13 @@ from balancer.pool import Backend, Pool
 from balancer.routes import RouteIndex
 from balancer.stats import Stats
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-MAX_RETRIES = 2     # resends of an idempotent bodiless request nothing answered
-PUMP_GRACE = 2.0    # seconds the request body pump may lag behind a finished response
-FRESH_IDLE = 0.01   # seconds a pooled connection may idle and be reused unprobed
-SMALL_BODY = 65536  # a request body this small, all read, leaves with its head
-MAX_RESPONSE_HEAD = 1 << 20
+MAX_RETRIES: Final = 2     # resends of an idempotent bodiless request nothing answered
+PUMP_GRACE: Final = 2.0    # seconds the request body pump may lag behind a finished response
+FRESH_IDLE: Final = 0.01   # seconds a pooled connection may idle and be reused unprobed
+SMALL_BODY: Final = 65536  # a request body this small, all read, leaves with its head
+MAX_RESPONSE_HEAD: Final = 1 << 20
 
 
 class ClientGone(Exception):
@@ -79,7 +79,7 @@ class ClientConn:
         self.addr = addr
         self.buf = b""
         self.busy = False
-        self.accepted = time.monotonic()
+        self.accepted = monotonic()
         self.app: str | None = None     # the app its latest request went to (stats)
         self.head_len = 0               # size of the latest request head
         self.bytes_out = 0              # every byte written to the client
@@ -91,6 +91,12 @@ class Proxy:
                  pool: Pool, access_log: Callable[[str, str], None] | None = None,
                  stats: Stats | None = None) -> None:
         self.s = settings
+        # the settings each request reads, as native attributes (a SimpleNamespace
+        # attribute is a generic lookup under mypyc); fixed for a worker's life
+        self.header_timeout = float(settings.header_timeout)
+        self.idle_timeout = float(settings.idle_timeout)
+        self.response_timeout = float(settings.response_timeout)
+        self.max_header_bytes = int(settings.max_header_bytes)
         self.engine = engine
         self.index = index
         self.pool = pool
@@ -157,31 +163,31 @@ class Proxy:
                             ) -> http1.Request | None:
         """The next request head; None when the client closed or idled out."""
         if first:
-            deadline = conn.accepted + self.s.header_timeout
+            deadline = conn.accepted + self.header_timeout
         else:
             if not conn.buf:
                 try:
-                    data = await conn.stream.recv(self.s.idle_timeout)
+                    data = await conn.stream.recv(self.idle_timeout)
                 except TimeoutError:
                     return None
                 if not data:
                     return None
                 conn.buf = data
-            deadline = time.monotonic() + self.s.header_timeout
+            deadline = monotonic() + self.header_timeout
         while True:
-            found = http1.find_head(conn.buf, self.s.max_header_bytes)
+            found = http1.find_head(conn.buf, self.max_header_bytes)
             if found:
                 start, end = found
                 head, conn.buf = conn.buf[start:end], conn.buf[end:]
                 conn.head_len = end
                 return http1.parse_request(head)
             try:
-                data = await conn.stream.recv(deadline - time.monotonic())
+                data = await conn.stream.recv(deadline - monotonic())
             except TimeoutError:
                 if conn.buf.strip(b"\r\n"):
                     raise BadRequest("the request head did not arrive in time",
                                      f"send the whole head within "
-                                     f"{self.s.header_timeout:g} seconds",
+                                     f"{self.header_timeout:g} seconds",
                                      status=408) from None
                 return None
             if not data:
@@ -199,7 +205,7 @@ class Proxy:
     async def _send_raw(self, conn: ClientConn, data: bytes) -> int:
         """Send an answer of our own; a client that went away is no error here."""
         try:
-            await conn.stream.send(data, self.s.idle_timeout)
+            await conn.stream.send(data, self.idle_timeout)
             conn.bytes_out += len(data)
         except OSError:
             pass
@@ -209,7 +215,7 @@ class Proxy:
 
     async def _exchange(self, conn: ClientConn, req: http1.Request) -> bool:
         """Answer one request; returns whether the client connection stays open."""
-        started = time.monotonic()
+        started = monotonic()
         req_id = http1.request_id(req.headers)
         out = Outcome(bytes_in=conn.head_len)
         sent_before = conn.bytes_out
@@ -229,7 +235,7 @@ class Proxy:
                                                 "request_id": req_id})
             self.stats.record(None, refusal.status, out.bytes_in,
                               conn.bytes_out - sent_before,
-                              (time.monotonic() - started) * 1000)
+                              (monotonic() - started) * 1000)
             return out.keep_alive
         conn.app = self.stats.attach(conn.app, match.app)
         try:
@@ -240,7 +246,7 @@ class Proxy:
             await self._forward(conn, req, match, req_id, out)
             return out.keep_alive
         finally:
-            ms = (time.monotonic() - started) * 1000
+            ms = (monotonic() - started) * 1000
             self.stats.record(match.app, out.status or 499, out.bytes_in,
                               conn.bytes_out - sent_before, ms)
             # ms to one decimal in integers: a format spec ({ms:.1f}) is a generic
@@ -267,7 +273,7 @@ class Proxy:
         retries = 0
         fresh_only = False
         while True:
-            backend = self.pool.choose(entries, tried, time.monotonic(),
+            backend = self.pool.choose(entries, tried, monotonic(),
                                        up_only=static is not None)
             if backend is None and static is not None:
                 # no static file server answers: the app's own instances do (Django's
@@ -305,7 +311,7 @@ class Proxy:
                     fresh_only = True
                 else:
                     tried.add(backend.key)
-                    self.pool.mark_down(backend, time.monotonic())
+                    self.pool.mark_down(backend, monotonic())
                 log.info("backend closed the connection before answering; retrying",
                          extra={"backend": backend.key, "reused": reused,
                                 "request_id": req_id})
@@ -320,7 +326,7 @@ class Proxy:
         if not fresh_only:
             while True:
                 bconn, idle_for, expired = self.pool.take_idle_aged(
-                    backend, time.monotonic())
+                    backend, monotonic())
                 for old in expired:
                     old.close()
                 if bconn is None:
@@ -336,7 +342,7 @@ class Proxy:
             bconn = await self.engine.connect(backend.address, backend.port,
                                               self.s.connect_timeout)
         except OSError as exc:      # TimeoutError included
-            backoff = self.pool.mark_down(backend, time.monotonic())
+            backoff = self.pool.mark_down(backend, monotonic())
             log.warning("backend unreachable; marked down",
                         extra={"backend": backend.key,
                                "error": str(exc) or type(exc).__name__,
@@ -350,7 +356,7 @@ class Proxy:
                        may_retry: bool, req_id: str, out: Outcome,
                        max_body: int = 0) -> None:
         retryable = may_retry and req.idempotent and not req.framing.has_body
-        state = PumpState(time.monotonic() + self.s.response_timeout)
+        state = PumpState(monotonic() + self.response_timeout)
         pump: Task | None = None
         reusable = False
         framing = req.framing
@@ -363,7 +369,7 @@ class Proxy:
             framing = http1.NO_BODY
         try:
             try:
-                await bconn.send(head, self.s.response_timeout)
+                await bconn.send(head, self.response_timeout)
             except OSError:
                 if retryable:
                     raise Retry() from None
@@ -381,7 +387,7 @@ class Proxy:
                 return
             while retryable and http1.hold_for_body(resp, len(rest)):
                 try:
-                    more = await bconn.recv(self.s.response_timeout)
+                    more = await bconn.recv(self.response_timeout)
                 except OSError:
                     more = b""
                 if not more:
@@ -409,7 +415,7 @@ class Proxy:
             if pump is not None:
                 pump.cancel()
             if reusable and not self.draining:
-                for extra in self.pool.put_idle(backend, bconn, time.monotonic()):
+                for extra in self.pool.put_idle(backend, bconn, monotonic()):
                     extra.close()
             else:
                 bconn.close()
@@ -450,14 +456,14 @@ class Proxy:
                 while remaining:
                     data, conn.buf = conn.buf, b""
                     if not data:
-                        data = await client.recv(self.s.idle_timeout)
+                        data = await client.recv(self.idle_timeout)
                         if not data:
                             raise ClientGone()
                     piece, conn.buf = data[:remaining], data[remaining:] + conn.buf
                     remaining -= len(piece)
                     state.body_bytes += len(piece)
-                    await bconn.send(piece, self.s.response_timeout)
-                    state.deadline = time.monotonic() + self.s.response_timeout
+                    await bconn.send(piece, self.response_timeout)
+                    state.deadline = monotonic() + self.response_timeout
             else:
                 decoder = http1.ChunkedDecoder()
                 data, conn.buf = conn.buf, b""
@@ -472,11 +478,11 @@ class Proxy:
                             out += http1.LAST_CHUNK
                             conn.buf = decoder.leftover
                         if out:
-                            await bconn.send(out, self.s.response_timeout)
-                            state.deadline = time.monotonic() + self.s.response_timeout
+                            await bconn.send(out, self.response_timeout)
+                            state.deadline = monotonic() + self.response_timeout
                         if decoder.done:
                             break
-                    data = await client.recv(self.s.idle_timeout)
+                    data = await client.recv(self.idle_timeout)
                     if not data:
                         raise ClientGone()
             state.done = True
@@ -513,11 +519,11 @@ class Proxy:
                             resp, framing_out="none", keep_alive=True, req_id=""))
                     continue
                 return resp, buf
-            remaining = state.deadline - time.monotonic()
+            remaining = state.deadline - monotonic()
             if remaining <= 0:
                 raise BackendError("the app did not answer in time",
                                    f"the app must start its response within "
-                                   f"{self.s.response_timeout:g} seconds; look for "
+                                   f"{self.response_timeout:g} seconds; look for "
                                    "slow requests in `berth logs`", status=504)
             try:
                 data = await bconn.recv(min(remaining, 1.0))
@@ -563,7 +569,7 @@ class Proxy:
                 await self._to_client(conn, rest)
                 out.bytes += len(rest)
             moved, clean = await bconn.pipe(conn.stream, remaining,
-                                            self.s.response_timeout, self.s.idle_timeout)
+                                            self.response_timeout, self.idle_timeout)
             out.bytes += moved
             conn.bytes_out += moved
             if moved < remaining:
@@ -613,7 +619,7 @@ class Proxy:
         await self._to_client(conn, http1.client_response_head(
             resp, framing_out="none", keep_alive=True, req_id=""))
         idle = self.s.ws_idle_timeout
-        last = [time.monotonic()]
+        last = [monotonic()]
         counts = [0, 0]
 
         async def copy(src: Stream, dst: Stream, first: bytes, slot: int) -> None:
@@ -623,11 +629,11 @@ class Proxy:
                     if data:
                         await dst.send(data, idle)  # a peer not reading for `idle` ends it
                         counts[slot] += len(data)
-                        last[0] = time.monotonic()
+                        last[0] = monotonic()
                     try:
-                        data = await src.recv(last[0] + idle - time.monotonic())
+                        data = await src.recv(last[0] + idle - monotonic())
                     except TimeoutError:
-                        if time.monotonic() - last[0] < idle:
+                        if monotonic() - last[0] < idle:
                             data = b""
                             continue      # the other direction kept it alive
                         return
@@ -655,13 +661,13 @@ class Proxy:
 
     async def _from_backend(self, bconn: Stream) -> bytes:
         try:
-            return await bconn.recv(self.s.response_timeout)
+            return await bconn.recv(self.response_timeout)
         except OSError:
             raise ClientGone() from None   # head already sent: all we can do is close
 
     async def _to_client(self, conn: ClientConn, data: bytes) -> None:
         try:
-            await conn.stream.send(data, self.s.idle_timeout)
+            await conn.stream.send(data, self.idle_timeout)
             conn.bytes_out += len(data)
         except OSError:
             raise ClientGone() from None

@@ -24,20 +24,21 @@ import itertools
 import os
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from balancer.errors import BackendError, BadRequest
 
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")      # CTLs except HTAB
-_TARGET = re.compile(r"[\x21-\x7e]+")
-_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
-_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
-_DIGITS = re.compile(r"[0-9]{1,18}")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9\-_.:+/=]{1,200}")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")      # CTLs except HTAB
+_TARGET: Final = re.compile(r"[\x21-\x7e]+")
+_VERSION: Final = re.compile(r"HTTP/([0-9])\.([0-9])")
+_HOST: Final = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
+_DIGITS: Final = re.compile(r"[0-9]{1,18}")
+_HEX: Final = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9\-_.:+/=]{1,200}")
 
 # The fast path: one regex pass splits a header block into (name, raw value) pairs
 # where every name is a token and every value holds only HTAB, SP, VCHAR and
@@ -47,14 +48,14 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9\-_.:+/=]{1,200}")
 # path accepts a subset of what the slow path accepts, never more.
 _TCHARS = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _VCHARS = r"\x21-\x7e\x80-\xff"
-_FIELD = re.compile(rf"([{_TCHARS}]+):([\t\x20{_VCHARS}]*)\r\n")
-_REQUEST_LINE = re.compile(rf"([{_TCHARS}]+) ([\x21-\x7e]+) HTTP/1\.([0-9])\r\n")
-_STATUS_LINE = re.compile(rf"HTTP/1\.([0-9]) ([0-9]{{3}})(?: ([\t\x20{_VCHARS}]*))?\r\n")
+_FIELD: Final = re.compile(rf"([{_TCHARS}]+):([\t\x20{_VCHARS}]*)\r\n")
+_REQUEST_LINE: Final = re.compile(rf"([{_TCHARS}]+) ([\x21-\x7e]+) HTTP/1\.([0-9])\r\n")
+_STATUS_LINE: Final = re.compile(rf"HTTP/1\.([0-9]) ([0-9]{{3}})(?: ([\t\x20{_VCHARS}]*))?\r\n")
 
 # Generated request ids: a random per-process prefix and a counter, 32 hex digits
 # like a uuid4 and a fraction of its cost; the prefix is redrawn after fork.
 _RID_PREFIX = os.urandom(8).hex()
-_RID_COUNTER = itertools.count(1)
+_RID_COUNTER: Final = itertools.count(1)
 
 
 def _reseed_request_ids() -> None:
@@ -64,21 +65,21 @@ def _reseed_request_ids() -> None:
 
 os.register_at_fork(after_in_child=_reseed_request_ids)
 
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-connection",
 })
 # headers the balancer owns on the way to the backend (X-Berth-Static: which app and
 # release a static file server serves; never a client's word)
-FORWARDED = frozenset({
+FORWARDED: Final = frozenset({
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
     "x-request-id", "content-length", "host", "x-berth-static",
 })
-_DROP_TO_BACKEND = HOP_BY_HOP | FORWARDED
-_DROP_TO_CLIENT_REFRAMED = HOP_BY_HOP | {"content-length"}
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-MAX_CHUNK_LINE = 4096
-MAX_TRAILERS = 16384
+_DROP_TO_BACKEND: Final = HOP_BY_HOP | FORWARDED
+_DROP_TO_CLIENT_REFRAMED: Final = HOP_BY_HOP | {"content-length"}
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+MAX_CHUNK_LINE: Final = 4096
+MAX_TRAILERS: Final = 16384
 
 
 # The message classes are dataclasses for their __eq__ and __repr__, with their own
@@ -101,7 +102,7 @@ class Framing:
         return self.kind != "none" and not (self.kind == "length" and self.length == 0)
 
 
-NO_BODY = Framing("none")
+NO_BODY: Final = Framing("none")
 
 
 class Headers:
@@ -528,7 +529,7 @@ def response_framing(method: str, status: int, headers: Headers) -> Framing:
 
 # -- forwarding ---------------------------------------------------------------------
 
-HOLD_LIMIT = 65536   # small bodies of retryable requests are held whole before sending
+HOLD_LIMIT: Final = 65536   # small bodies of retryable requests are held whole before sending
 
 
 def hold_for_body(resp: Response, have: int) -> bool:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from messaging import shapes
 from messaging.shapes import Route
 
-BASE_BACKOFF = 0.5      # seconds down after the first failure, doubled after each
-MAX_BACKOFF = 30.0
-MAX_IDLE = 64           # idle keep-alive connections kept per backend
-IDLE_TTL = 4.0          # seconds an idle backend connection may be reused
+BASE_BACKOFF: Final = 0.5      # seconds down after the first failure, doubled after each
+MAX_BACKOFF: Final = 30.0
+MAX_IDLE: Final = 64           # idle keep-alive connections kept per backend
+IDLE_TTL: Final = 4.0          # seconds an idle backend connection may be reused
 
 
 @dataclass

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from messaging.errors import ProtocolError
 from messaging.shapes import Backend, Route
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
 
 def normalize_host(host: str) -> str:

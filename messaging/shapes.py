@@ -11,6 +11,7 @@ This module imports no pyzmq: the CLI and the balancer's pure modules use it.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -114,7 +115,10 @@ class Backend:
     address: str
     port: int
 
-    @property
+    # computed once per instance (the balancer asks for it on every request; a
+    # property re-formats it each time): the instance is frozen, so it cannot go
+    # stale, and it is no field (not compared, hashed or sent)
+    @functools.cached_property
     def key(self) -> str:
         return f"{self.address}:{self.port}"
 

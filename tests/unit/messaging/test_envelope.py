@@ -12,6 +12,20 @@ def test_roundtrip_keeps_fields_and_envelope():
     assert back.id == msg.id
 
 
+
+def test_non_ascii_and_lone_surrogates_roundtrip_as_ascii_json():
+    # the body stays ASCII JSON (\u escapes): valid UTF-8 for every receiver, a
+    # lone surrogate (a surrogateescape'd file name) included, which a UTF-8 body
+    # (ensure_ascii=False) could not even encode; and on ASCII-heavy batches such
+    # as the access log's it is also the faster encoder (docs/performance.md)
+    line = "method=GET path=/caf\u00e9/\u65e5\u672c status=200 ms=0.3 \udcff"
+    entries = [{"app": "a", "line": line, "proc": "router", "host": "h"}]
+    frames = envelope.encode(envelope.make("log_batch", "h", entries=entries))
+    assert frames[1].isascii()
+    frames[1].decode("utf-8")
+    assert envelope.decode(frames)["entries"] == entries
+
+
 @pytest.mark.parametrize("frames,needle", [
     ([b"log"], "frames"),
     ([b"log", b"not json"], "not JSON"),
