@@ -9,7 +9,7 @@ from rich.table import Table
 from cli import appname
 from cli.client import Client
 from cli.output import console, step
-from controller.store import ROLES
+from messaging.shapes import ROLES
 
 
 def _access_of(app: str | None) -> tuple[str, str]:

@@ -37,9 +37,10 @@ from controller.pauses import (
     remember_formation,
 )
 from controller.runs import Attachment
-from controller.store import ROLES, Release, role_at_least
+from controller.store import Release
 from messaging import runframes
 from messaging.errors import BerthError
+from messaging.shapes import ROLES, role_at_least
 
 if TYPE_CHECKING:
     from controller.daemon import Controller

@@ -23,7 +23,7 @@ from controller import addons as addon_rules
 from controller.addons import Addon, AddonState, Attachment
 from controller.errors import Conflict, Invalid, NotFound, app_not_found
 from messaging.manifest import Manifest
-from messaging.shapes import ServiceSpec
+from messaging.shapes import ROLES, ServiceSpec
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -133,12 +133,6 @@ def check_app_name(name: str) -> None:
 
 TEAM_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# a team's role on an app, least first: each may do what the ones before it may
-ROLES = ("viewer", "deployer", "owner")
-
-
-def role_at_least(have: str | None, need: str) -> bool:
-    return have is not None and ROLES.index(have) >= ROLES.index(need)
 
 
 def check_team(team: str) -> None:

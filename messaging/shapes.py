@@ -254,6 +254,15 @@ class Limits:
 # what a host may run: app instances, one-off runs and builds ("app"); addon database
 # servers ("db"). A runner declares its roles (runner setting `roles`).
 HOST_ROLES = ("app", "db")
+# a team's role on an app, least first: each may do what the ones before it may (the
+# API's access endpoints and `berth access` speak these names)
+ROLES = ("viewer", "deployer", "owner")
+
+
+def role_at_least(have: str | None, need: str) -> bool:
+    return have is not None and ROLES.index(have) >= ROLES.index(need)
+
+
 SERVICE_KINDS = ("postgres", "pgbouncer", "redis", "sentinel")
 STOP_SIGNALS = ("TERM", "INT", "QUIT")
 

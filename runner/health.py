@@ -65,10 +65,6 @@ class HealthChecks:
                 threading.Thread(target=self._work, name=f"health-{self._started}",
                                  daemon=True).start()
 
-    @property
-    def pending(self) -> int:
-        return len(self._due)
-
     def _push(self, at: float, check: _Check) -> None:
         with self._cv:
             heapq.heappush(self._due, (at, next(self._seq), check))

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from controller.api import ROLES_NEEDED, ROUTES, SCOPES
-from controller.store import ROLES, Store, role_at_least
+from controller.store import Store
+from messaging.shapes import ROLES, role_at_least
 from tests.integration.controllerproc import ROOT, ControllerProc, running_controller
 
 SLUG = "0" * 64
