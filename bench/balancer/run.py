@@ -381,14 +381,24 @@ class Bench:
                       native=str(ENGINES[target][1]).lower(),
                       processes=self.args.workers)
         py = sys.executable
-        if profiler == "cprofile":
+        ready_timeout = 20.0
+        if profiler == "callgrind":
+            # one worker binding the port itself (no master), its instructions counted
+            valgrind = shutil.which("valgrind")
+            if valgrind is None:
+                raise RuntimeError("--profile callgrind needs valgrind: apt-get install valgrind")
+            cmd = [valgrind, "--tool=callgrind", "--collect-systime=no",
+                   f"--callgrind-out-file={self.prefix / 'callgrind.out.%p'}",
+                   py, "-m", "balancer", "--worker", "--config", str(conf)]
+            ready_timeout = 180.0
+        elif profiler == "cprofile":
             cmd = [py, "-m", "cProfile", "-o", str(self.prefix / "balancer.prof"),
                    "-m", "balancer", "--config", str(conf)]
         else:
             cmd = [py, "-m", "balancer", "--config", str(conf)]
         child = self.spawn(target if profiler is None else f"{target}-{profiler}",
                            cmd, cwd=ROOT)
-        self._ready(child, port)
+        self._ready(child, port, ready_timeout)
         self.ports[target] = port
         self.procs[target] = child
         return child
@@ -401,10 +411,10 @@ class Bench:
         self.ports[name] = port
         self.procs[name] = child
 
-    def _ready(self, child: Child, port: int) -> None:
+    def _ready(self, child: Child, port: int, timeout: float = 20.0) -> None:
         try:
-            wait_http(port, alive=child.alive)
-            body = wait_http(port, "/1m", alive=child.alive)
+            wait_http(port, timeout=timeout, alive=child.alive)
+            body = wait_http(port, "/1m", timeout=timeout, alive=child.alive)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{child.name} did not start: {exc}\n{child.tail()}") from None
         if len(body) != BIG:
@@ -450,6 +460,8 @@ class Result:
     cpu_us: float = float("nan")      # their CPU microseconds per request
     sys_pct: float = float("nan")     # the kernel's share of that CPU time
     load: str = "?"                   # 1-minute load average when the run ended
+    time_wait: int = -1               # TIME_WAIT sockets on the machine as it began
+    ratio: float = float("nan")       # req/s against HAProxy's in the same round
 
     UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
@@ -474,42 +486,85 @@ class Result:
 
 # -- the run -----------------------------------------------------------------------
 
+def time_wait() -> int:
+    """TIME_WAIT sockets on the machine: a `Connection: close` run leaves tens of
+    thousands for 60 s, and the run after it pays for them in the kernel."""
+    try:
+        m = re.search(r"\btw (\d+)", Path("/proc/net/sockstat").read_text())
+    except OSError:
+        return -1
+    return int(m.group(1)) if m else -1
+
+
 def measure(bench: Bench, targets: list[str], cases: list[Case]
-            ) -> dict[tuple[str, str], Result]:
+            ) -> dict[tuple[str, str], list[Result]]:
+    """Every target on every case, `--rounds` times. Odd rounds take the targets in
+    reverse order, so no target always runs after another's TIME_WAIT sockets or
+    first on a cool machine; each run's ratio is against HAProxy's in its round."""
     a = bench.args
-    results: dict[tuple[str, str], Result] = {}
-    for case in cases:
-        for target in targets:
-            if a.warmup > 0:
-                bench.wrk(target, case, a.warmup)
-            time.sleep(a.pause)
-            r = bench.wrk(target, case, a.duration)
-            results[(target, case.name)] = r
-            note = f"  errors={r.errors}" if r.errors else ""
-            print(f"       {target:8} {case.name:12} {r.rps:10.0f} req/s  "
-                  f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
-                  f"cpu {r.cpu_share:4.2f} cores {r.cpu_us:6.1f} us/req "
-                  f"({r.sys_pct:2.0f}% sys)  "
-                  f"load {loadavg()}{note}", flush=True)
-            time.sleep(a.pause)
+    results: dict[tuple[str, str], list[Result]] = {}
+    for rnd in range(a.rounds):
+        for case in cases:
+            order = targets if rnd % 2 == 0 else targets[::-1]
+            done: dict[str, Result] = {}
+            for target in order:
+                if a.warmup > 0:
+                    bench.wrk(target, case, a.warmup)
+                time.sleep(a.pause)
+                tw = time_wait()
+                r = bench.wrk(target, case, a.duration)
+                r.time_wait = tw
+                done[target] = r
+                results.setdefault((target, case.name), []).append(r)
+                note = f"  errors={r.errors}" if r.errors else ""
+                print(f"       {target:8} {case.name:12} {r.rps:10.0f} req/s  "
+                      f"p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
+                      f"cpu {r.cpu_share:4.2f} cores {r.cpu_us:6.1f} us/req "
+                      f"({r.sys_pct:2.0f}% sys)  load {loadavg()}  "
+                      f"time-wait {tw}{note}", flush=True)
+                time.sleep(a.pause)
+            base = done.get("haproxy")
+            for r in done.values():
+                if base is not None and base.rps:
+                    r.ratio = r.rps / base.rps
+            if a.rounds > 1 and base is not None:
+                print(f"       round {rnd + 1} {case.name}: " + ", ".join(
+                    f"{t} {done[t].ratio:.2f}" for t in targets if t != "haproxy"),
+                    flush=True)
     return results
 
 
-def table(results: dict[tuple[str, str], Result], targets: list[str],
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median ratio to HAProxy (else the median req/s): its
+    figures are shown together, as measured."""
+    key = (lambda r: r.ratio) if not any(r.ratio != r.ratio for r in runs) \
+        else (lambda r: r.rps)
+    return sorted(runs, key=key)[(len(runs) - 1) // 2]
+
+
+def table(results: dict[tuple[str, str], list[Result]], targets: list[str],
           cases: list[Case]) -> str:
-    rows = ["| target | case | req/s | p50 ms | p99 ms | vs HAProxy | CPU cores | "
-            "CPU us/req | kernel % | errors | load |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per target and case: the median round's run; with more than one
+    round, every round's ratio beside it."""
+    rounds = max((len(v) for v in results.values()), default=1)
+    rows = ["| target | case | req/s | p50 ms | p99 ms | vs HAProxy | "
+            + ("ratio each round | " if rounds > 1 else "")
+            + "CPU cores | CPU us/req | kernel % | errors | load |",
+            "|---|---|---:|---:|---:|---:|" + ("---|" if rounds > 1 else "")
+            + "---:|---:|---:|---:|---:|"]
     for case in cases:
-        base = results.get(("haproxy", case.name))
         for target in targets:
-            r = results.get((target, case.name))
-            if r is None:
+            runs = results.get((target, case.name))
+            if not runs:
                 continue
-            ratio = f"{r.rps / base.rps:.2f}" if base and base.rps else "-"
+            r = median_run(runs)
+            ratio = f"{r.ratio:.2f}" if r.ratio == r.ratio else "-"
+            each = (" " + ", ".join(f"{x.ratio:.2f}" for x in runs) + " |"
+                    if rounds > 1 else "")
+            errors = sum(x.errors for x in runs)
             rows.append(f"| {target} | {case.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
-                        f"{r.p99_ms:.2f} | {ratio} | {r.cpu_share:.2f} | "
-                        f"{r.cpu_us:.1f} | {r.sys_pct:.0f} | {r.errors} | {r.load} |")
+                        f"{r.p99_ms:.2f} | {ratio} |{each} {r.cpu_share:.2f} | "
+                        f"{r.cpu_us:.1f} | {r.sys_pct:.0f} | {errors} | {r.load} |")
     return "\n".join(rows)
 
 
@@ -522,7 +577,11 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
     old = next((c for c in bench.children if c.name == target), None)
     if old is not None:
         bench.stop_child(old)
-    child = bench.start_berth("cprofile" if tool_name == "cprofile" else None, target)
+    child = bench.start_berth(tool_name if tool_name in ("cprofile", "callgrind")
+                              else None, target)
+    if tool_name == "callgrind":
+        callgrind_per_request(bench, child, case)
+        return
     spy = None
     if tool_name == "py-spy":
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -553,6 +612,30 @@ def profile(bench: Bench, tool_name: str, case: Case) -> None:
         stats.sort_stats("tottime").print_stats(a.profile_top)
         print("       top by cumulative time (greenlet switches blur these):")
         stats.sort_stats("cumulative").print_stats(a.profile_top)
+
+
+def callgrind_per_request(bench: Bench, child: Child, case: Case) -> None:
+    """User-space instructions per request of one worker under callgrind, counted
+    from zero after a warm-up to a dump after the wrk run: a figure that, unlike
+    CPU time, does not move with the machine's load (kernel time is not in it)."""
+    a = bench.args
+    control = shutil.which("callgrind_control") or "callgrind_control"
+    bench.wrk(a.profile_target, case, max(a.warmup, 2))
+    subprocess.run([control, "--zero", str(child.pid)], check=True, capture_output=True)
+    r = bench.wrk(a.profile_target, case, a.duration)
+    subprocess.run([control, "--dump", str(child.pid)], check=True, capture_output=True)
+    dumps = sorted(bench.prefix.glob(f"callgrind.out.{child.pid}.*"))
+    if not dumps:
+        raise RuntimeError(f"no callgrind dump in {bench.prefix}")
+    text = dumps[-1].read_text(errors="replace")
+    total = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    if total is None or not r.requests:
+        raise RuntimeError(f"no instruction total in {dumps[-1]} or no requests")
+    ir = int(total.group(1))
+    print(f"       under callgrind, {case.name}: {r.requests} requests, "
+          f"{ir / r.requests:,.0f} instructions per request (user space, the "
+          f"worker's threads; {dumps[-1]})", flush=True)
+    bench.stop_child(child)
 
 
 def worker_pid(pid: int) -> int:
@@ -642,11 +725,11 @@ def _version(dist: str) -> str:
         return "-"
 
 
-def failures(results: dict[tuple[str, str], Result]) -> list[str]:
+def failures(results: dict[tuple[str, str], list[Result]]) -> list[str]:
     """Targets whose run had errors (socket errors, timeouts, non-2xx): their
     figures are not comparable and the run fails."""
-    return [f"{target} {case}: {r.errors} errors" for (target, case), r in results.items()
-            if r.errors or not r.requests]
+    return [f"{target} {case}: {r.errors} errors" for (target, case), runs in results.items()
+            for r in runs if r.errors or not r.requests]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -656,6 +739,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="seconds of unrecorded wrk before each run (0: none)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds between runs")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times, odd rounds in reverse target "
+                        "order; the table shows the median round and each ratio")
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="wrk threads")
     p.add_argument("--workers", type=int, default=1,
@@ -664,8 +750,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run only this case (repeatable)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS + EXTRA_TARGETS)}")
-    p.add_argument("--profile", choices=("py-spy", "cprofile"),
-                   help="after the table, profile the balancer during one wrk run")
+    p.add_argument("--profile", choices=("py-spy", "cprofile", "callgrind"),
+                   help="after the table, profile the balancer during one wrk run "
+                        "(callgrind: one worker's instructions per request)")
     p.add_argument("--profile-case", choices=sorted(CASES), default="small-ka")
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--profile-native", action="store_true",
@@ -688,6 +775,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.target_list = [t for t in every if t in targets]
     if args.duration <= 0 or args.duration > 600:
         p.error("--duration must be 1 to 600 seconds")
+    if args.rounds < 1 or args.rounds > 20:
+        p.error("--rounds must be 1 to 20")
     if args.warmup < 0 or args.warmup > 60:
         p.error("--warmup must be 0 to 60 seconds")
     return args
