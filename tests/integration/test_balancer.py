@@ -4,6 +4,7 @@ and `python -m balancer` on a free port. No mocks; every process started here is
 stopped here by its PID (gunicorn by the process group it was started in)."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import queue
@@ -636,37 +637,53 @@ def test_route_changes_reach_a_running_balancer(balancer, publisher, backends):
 
 def test_killing_one_of_two_backends_fails_no_get(tmp, balancer, publisher):
     one, two = Backend(tmp, "gamma"), Backend(tmp, "gamma")
+    failures: list = []
+    statuses: list[int] = []
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def load() -> None:
+        c: Client | None = None
+        while not stop.is_set():
+            try:
+                if c is None:
+                    c = Client(balancer.port)
+                c.send(b"GET /sleep?0.01 HTTP/1.1\r\nHost: gamma.localhost\r\n\r\n")
+                statuses.append(c.response()[0])
+            except Exception as exc:     # any: a thread that dies unheard hides the cause
+                failures.append(exc)
+                if c is not None:
+                    c.close()
+                c = None
+                time.sleep(0.05)        # no busy loop of refused connections
+        if c is not None:
+            c.close()
+
+    def state() -> str:
+        """What the load saw, what each backend got, and the balancer's log: said
+        whenever a wait below runs out (it once did with nothing said)."""
+        return (f"answers {collections.Counter(statuses)}; failures "
+                f"{[repr(f) for f in failures[:5]]}; requests at one "
+                f"{len(one.requests())}, at two {len(two.requests())}; balancer log:\n"
+                + balancer.stderr.read_text(errors="replace")[-4000:])
+
     try:
         publisher.set("gamma", {"hosts": ["gamma.localhost"],
                                 "backends": [one.entry, two.entry], "reason": ""})
         wait_routed(balancer.port, "gamma.localhost")
-        failures: list = []
-        statuses: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            c = Client(balancer.port)
-            while not stop.is_set():
-                try:
-                    c.send(b"GET /sleep?0.01 HTTP/1.1\r\nHost: gamma.localhost\r\n\r\n")
-                    statuses.append(c.response()[0])
-                except OSError as exc:
-                    failures.append(exc)
-                    c.close()
-                    time.sleep(0.05)        # no busy loop of refused connections
-                    c = Client(balancer.port)
-            c.close()
-
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
         # the load reaches both backends before one of them dies...
-        wait_for(lambda: ("GET /sleep" in one.requests() and "GET /sleep" in two.requests())
-                 or failures, timeout=30.0, what="load on both backends")  # busy machine
+        try:
+            wait_for(lambda: ("GET /sleep" in one.requests()
+                              and "GET /sleep" in two.requests()) or failures,
+                     timeout=30.0, what="load on both backends")  # busy machine
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {state()}") from None
         # before the kill nothing may fail: say what did (it was once refused
         # connections at the balancer's port, with no more said)
-        assert not failures, ([repr(f) for f in failures[:5]],
-                              balancer.stderr.read_text(errors="replace")[-3000:])
+        assert not failures, state()
         one.kill()
         # ...and keeps going until the balancer has found it dead twice: marked down,
         # tried again when that backoff (0.5 s) ran out, and marked down for 1 s
@@ -683,9 +700,12 @@ def test_killing_one_of_two_backends_fails_no_get(tmp, balancer, publisher):
         stop.set()
         for t in threads:
             t.join(10)
-        assert not failures, [repr(f) for f in failures]
+        assert not failures, state()
         assert statuses and set(statuses) == {200}, sorted(set(statuses))
     finally:
+        stop.set()              # the load threads never outlive the test
+        for t in threads:
+            t.join(15)
         one.stop()
         two.stop()
         publisher.set("gamma", None)
