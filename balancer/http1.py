@@ -236,8 +236,10 @@ def find_head(buf: bytes, max_bytes: int) -> tuple[int, int] | None:
     fast path accepts only CRLF-ended lines with no other CR or LF; the line-by-
     line parsers call check_line_endings first), so a head that arrived whole is
     not counted through three more times."""
-    start = 0
     size = len(buf)
+    if not size:
+        return None     # a new connection's first look, before any byte: nothing to count
+    start = 0
     while start + 1 < size and buf[start] == 13 and buf[start + 1] == 10:   # CRLF
         start += 2
     end = buf.find(b"\r\n\r\n", start)
