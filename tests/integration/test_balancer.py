@@ -163,6 +163,19 @@ class Publisher:
         self._thread.join(5)
 
 
+def write_app(path: Path) -> None:
+    """The test app's module, written once and atomically. Rewriting it in place
+    for every backend raced a gunicorn worker importing it: a worker that read the
+    file truncated found no `app`, failed to boot, and its gunicorn exited, so one
+    of two backends went quietly dead (the two-backends kill test then waited in
+    vain for load on both)."""
+    if path.exists() and path.read_text() == APP:
+        return
+    part = path.with_name(path.name + ".part")
+    part.write_text(APP)
+    os.replace(part, path)
+
+
 class Backend:
     """One gunicorn serving the test app as `name` on 127.0.0.2."""
 
@@ -171,7 +184,7 @@ class Backend:
         self.port = free_port(BACKEND_HOST)
         self.reqlog = tmp / f"{name}-{self.port}.log"
         self.reqlog.write_text("")
-        (tmp / "berthtestapp.py").write_text(APP)
+        write_app(tmp / "berthtestapp.py")
         env = dict(os.environ, APP_NAME=name, REQLOG=str(self.reqlog))
         self.proc = subprocess.Popen(
             [GUNICORN, "--bind", f"{BACKEND_HOST}:{self.port}", "--no-control-socket",
