@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
+import math
 import os
 import pstats
 import re
@@ -57,6 +58,7 @@ from messaging.envelope import recv, send  # noqa: E402
 HOST = "bench.localhost"
 BIG = 1 << 20
 APT_PACKAGES = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx"}
+READY_TIMEOUT = 20.0    # seconds a proxy has to answer after its start (callgrind: more)
 TOOL_PATHS = {"wrk": "/usr/bin/wrk", "haproxy": "/usr/sbin/haproxy", "nginx": "/usr/sbin/nginx"}
 
 
@@ -381,7 +383,7 @@ class Bench:
                       native=str(ENGINES[target][1]).lower(),
                       processes=self.args.workers)
         py = sys.executable
-        ready_timeout = 20.0
+        ready_timeout = READY_TIMEOUT
         if profiler == "callgrind":
             # one worker binding the port itself (no master), its instructions counted
             valgrind = shutil.which("valgrind")
@@ -411,7 +413,7 @@ class Bench:
         self.ports[name] = port
         self.procs[name] = child
 
-    def _ready(self, child: Child, port: int, timeout: float = 20.0) -> None:
+    def _ready(self, child: Child, port: int, timeout: float = READY_TIMEOUT) -> None:
         try:
             wait_http(port, timeout=timeout, alive=child.alive)
             body = wait_http(port, "/1m", timeout=timeout, alive=child.alive)
@@ -524,8 +526,8 @@ def measure(bench: Bench, targets: list[str], cases: list[Case]
                       f"time-wait {tw}{note}", flush=True)
                 time.sleep(a.pause)
             base = done.get("haproxy")
-            for r in done.values():
-                if base is not None and base.rps:
+            if base is not None and base.rps:
+                for r in done.values():
                     r.ratio = r.rps / base.rps
             if a.rounds > 1 and base is not None:
                 print(f"       round {rnd + 1} {case.name}: " + ", ".join(
@@ -537,9 +539,9 @@ def measure(bench: Bench, targets: list[str], cases: list[Case]
 def median_run(runs: list[Result]) -> Result:
     """The run with the median ratio to HAProxy (else the median req/s): its
     figures are shown together, as measured."""
-    key = (lambda r: r.ratio) if not any(r.ratio != r.ratio for r in runs) \
-        else (lambda r: r.rps)
-    return sorted(runs, key=key)[(len(runs) - 1) // 2]
+    if any(math.isnan(r.ratio) for r in runs):
+        return sorted(runs, key=lambda r: r.rps)[(len(runs) - 1) // 2]
+    return sorted(runs, key=lambda r: r.ratio)[(len(runs) - 1) // 2]
 
 
 def table(results: dict[tuple[str, str], list[Result]], targets: list[str],
@@ -558,7 +560,7 @@ def table(results: dict[tuple[str, str], list[Result]], targets: list[str],
             if not runs:
                 continue
             r = median_run(runs)
-            ratio = f"{r.ratio:.2f}" if r.ratio == r.ratio else "-"
+            ratio = "-" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
             each = (" " + ", ".join(f"{x.ratio:.2f}" for x in runs) + " |"
                     if rounds > 1 else "")
             errors = sum(x.errors for x in runs)

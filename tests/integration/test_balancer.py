@@ -166,9 +166,9 @@ class Publisher:
 def write_app(path: Path) -> None:
     """The test app's module, written once and atomically. Rewriting it in place
     for every backend raced a gunicorn worker importing it: a worker that read the
-    file truncated found no `app`, failed to boot, and its gunicorn exited, so one
-    of two backends went quietly dead (the two-backends kill test then waited in
-    vain for load on both)."""
+    file truncated would find no `app` and fail to boot, and its gunicorn exit, so
+    one of two backends could go quietly dead (the likely cause of the two-backends
+    kill test's rare wait in vain for load on both)."""
     if path.exists() and path.read_text() == APP:
         return
     part = path.with_name(path.name + ".part")
