@@ -9,6 +9,7 @@ made them)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -99,7 +100,11 @@ def test_200_starts_leave_no_liveness_gap_over_one_interval(tmp_path: Path,
             f"{INSTANCES} instances started")
         # every beat was one the controller counts: the loop never stalled that long
         assert loop_age < INTERVAL * heartbeat.DEAD_AFTER, loop_age
-        assert all(i["restarts"] == 0 for i in ctl.inventory()), ctl.inventory()
+        restarted = [i for i in ctl.inventory() if i["restarts"] != 0]
+        assert not restarted, (   # which ones, on what port, and what the runner said
+            [(i["instance"], i["restarts"], i["port"]) for i in restarted],
+            [line for line in runner.log_text().splitlines()
+             if any(re.search(rf"\b{i['instance']}\b", line) for i in restarted)][-20:])
         assert len(ctl.inventory()) == INSTANCES
     finally:
         code = runner.terminate(60)
